@@ -1,0 +1,8 @@
+//! Device models of a keyhold partition.
+//!
+//! Each device answers guest accesses through [`bus::BusDevice`]; the VMM routes port and MMIO
+//! exits to them through a [`bus::Bus`] per partition.
+
+pub mod bus;
+pub mod console;
+pub mod exit_port;

@@ -1,0 +1,104 @@
+//! Builds the guest programs of `guest/` as part of the ordinary `cargo build`.
+//!
+//! The guest workspace needs its own rustflags (`guest/.cargo/config.toml`), which apply only
+//! when cargo runs inside it, so this script runs a nested cargo there with a target directory
+//! of its own and an environment cleaned of the outer build's flags (../shared/MACHINE.md says
+//! why each variable must go). Each program is then copied to `target/fixtures/<name>.elf`.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Variables of the outer build that would override the guest's own flags or target dir.
+const OUTER_BUILD_VARS: &[&str] = &[
+    "CARGO_ENCODED_RUSTFLAGS",
+    "RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "CARGO_TARGET_DIR",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "RUSTC_WRAPPER",
+    "CARGO_BUILD_TARGET",
+];
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let guest_dir = manifest_dir.join("guest");
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir.join("../target"));
+    let guest_target_dir = target_dir.join("fixture-build");
+    let fixtures_dir = target_dir.join("fixtures");
+
+    build_guests(&guest_dir, &guest_target_dir);
+    let names = program_names(&guest_dir.join("src/bin"));
+    fs::create_dir_all(&fixtures_dir).expect("create target/fixtures");
+    let built = guest_target_dir.join("x86_64-unknown-linux-gnu/release");
+    for name in &names {
+        install(&built.join(name), &fixtures_dir.join(format!("{name}.elf")));
+    }
+    write_index(&names, &fixtures_dir);
+
+    for watched in [
+        "guest/src",
+        "guest/Cargo.toml",
+        "guest/build.rs",
+        "guest/link.ld",
+    ] {
+        println!("cargo:rerun-if-changed={watched}");
+    }
+    println!("cargo:rerun-if-changed=guest/.cargo/config.toml");
+    println!("cargo:rerun-if-changed=../guest-agent/src");
+    println!("cargo:rerun-if-changed=../guest-agent/Cargo.toml");
+}
+
+fn build_guests(guest_dir: &Path, guest_target_dir: &Path) {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(guest_dir)
+        .args(["build", "--release", "--target-dir"])
+        .arg(guest_target_dir);
+    for var in OUTER_BUILD_VARS {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("run cargo for the guest programs");
+    assert!(
+        status.success(),
+        "building the guest programs in {guest_dir:?} failed"
+    );
+}
+
+/// The guest programs are the files of `guest/src/bin`, one binary each.
+fn program_names(bin_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(bin_dir)
+        .expect("read guest/src/bin")
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            (path.extension()? == "rs").then(|| path.file_stem()?.to_str().map(str::to_owned))?
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Copies by write-then-rename, so a concurrent debug and release build never see half a file.
+fn install(from: &Path, to: &Path) {
+    let tmp = to.with_extension(format!("elf.tmp{}", std::process::id()));
+    fs::copy(from, &tmp).unwrap_or_else(|e| panic!("copy {from:?}: {e}"));
+    fs::rename(&tmp, to).unwrap_or_else(|e| panic!("install {to:?}: {e}"));
+}
+
+/// Tells the library where the images are and which exist.
+fn write_index(names: &[String], fixtures_dir: &Path) {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("index.rs");
+    let dir = fixtures_dir
+        .canonicalize()
+        .expect("canonical target/fixtures");
+    let code = format!(
+        "/// Directory holding `<name>.elf` for every fixture.\n\
+         pub const DIR: &str = {dir:?};\n\
+         /// Names of all fixtures, sorted.\n\
+         pub const NAMES: &[&str] = &{names:?};\n"
+    );
+    fs::write(out, code).expect("write fixture index");
+}

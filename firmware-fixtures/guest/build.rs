@@ -1,0 +1,15 @@
+//! Links every program as a static bare-metal image with `link.ld` (../../shared/MACHINE.md).
+
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    for arg in [
+        "-nostartfiles",
+        "-nostdlib",
+        "-static",
+        "-Wl,--build-id=none",
+        &format!("-Wl,-T,{dir}/link.ld"),
+    ] {
+        println!("cargo:rustc-link-arg-bins={arg}");
+    }
+    println!("cargo:rerun-if-changed=link.ld");
+}

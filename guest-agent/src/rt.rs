@@ -1,0 +1,118 @@
+//! The bare-metal runtime: entry, panic handler and the libc symbols `core` needs.
+//!
+//! Firmware is built for the host target with `#![no_std] #![no_main]` and linked without any C
+//! runtime (see `firmware-fixtures/guest`), so this module provides what a C library otherwise
+//! would. The VMM enters at `_start` in 64-bit mode at CPL 3 with `RDI` = boot-info address and
+//! `RSP` aligned as if `_start` had been called.
+
+use core::panic::PanicInfo;
+
+use crate::boot_info::BootInfo;
+use crate::exit::exit;
+use crate::platform::{BAD_BOOT_INFO_EXIT_STATUS, PANIC_EXIT_STATUS};
+
+/// Defines the firmware entry point `_start`, which validates the boot-info block, calls
+/// `$main(&BootInfo) -> u32` and exits with the status it returns.
+#[macro_export]
+macro_rules! entry {
+    ($main:path) => {
+        /// Firmware entry point, placed first in the image by the linker script.
+        #[no_mangle]
+        #[link_section = ".text.entry"]
+        pub extern "C" fn _start(boot_info: *const $crate::boot_info::BootInfo) -> ! {
+            $crate::rt::start(boot_info, $main)
+        }
+    };
+}
+
+/// Runs `main` on the boot-info block at `boot_info` and exits with its status.
+pub fn start(boot_info: *const BootInfo, main: fn(&'static BootInfo) -> u32) -> ! {
+    // SAFETY: the VMM passes the guest-physical address of a boot-info block in guest RAM, and
+    // guest RAM is identity-mapped, so the pointer is valid and aligned for reads for the whole
+    // run; nothing writes the block after boot. Its contents are checked before use below.
+    let info: &'static BootInfo = unsafe { &*boot_info };
+    if let Err(e) = info.validate() {
+        crate::println!("guest-agent: bad boot-info block: {e:?}");
+        exit(BAD_BOOT_INFO_EXIT_STATUS);
+    }
+    exit(main(info))
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    crate::println!("panic: {info}");
+    exit(PANIC_EXIT_STATUS)
+}
+
+// The memory functions below are written with `rep movsb`/`rep stosb` and volatile reads so that
+// the compiler cannot recognise them as the very functions they define and call themselves.
+
+/// # Safety
+/// As C's `memcpy`: `dst` and `src` valid for `n` bytes and not overlapping.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges; the direction flag is clear (System V ABI).
+    unsafe {
+        core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _,
+            inout("rsi") src => _, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// As C's `memmove`: `dst` and `src` valid for `n` bytes; they may overlap.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize).wrapping_sub(src as usize) >= n {
+        // No harmful overlap: dst is below src, or past its end. A forward copy is safe.
+        // SAFETY: the caller guarantees both ranges.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // dst overlaps the tail of src: copy backwards, from the last byte down.
+    // SAFETY: the caller guarantees both ranges; `std` is undone by `cld` before returning, as
+    // the ABI requires the direction flag clear at calls and returns.
+    unsafe {
+        core::arch::asm!("std", "rep movsb", "cld", inout("rcx") n => _,
+            inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+            options(nostack));
+    }
+    dst
+}
+
+/// # Safety
+/// As C's `memset`: `dst` valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees the range; the direction flag is clear.
+    unsafe {
+        core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _,
+            in("al") value as u8, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// As C's `memcmp`: `a` and `b` valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: `i < n` and the caller guarantees both ranges.
+        let (x, y) = unsafe { (a.add(i).read_volatile(), b.add(i).read_volatile()) };
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+    }
+    0
+}
+
+/// # Safety
+/// As C's `bcmp`: `a` and `b` valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as `memcmp`.
+    unsafe { memcmp(a, b, n) }
+}
+
+/// Never called (firmware aborts on panic), but the precompiled `core` refers to it.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

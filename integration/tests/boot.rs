@@ -1,0 +1,170 @@
+//! Booting fixtures with the real `keyhold run` under real KVM.
+
+use keyhold_integration::{fixture, keyhold, require_kvm};
+
+fn arg(path: std::path::PathBuf) -> String {
+    path.display().to_string()
+}
+
+#[test]
+fn hello_greets_with_its_partition_id_and_ram_size() {
+    require_kvm!();
+    let out = keyhold([
+        "run",
+        "--firmware",
+        &arg(fixture("hello")),
+        "--partition-id",
+        "42",
+        "--memory",
+        "64",
+    ]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(out.stdout, "hello from partition 42\nram: 64 MiB\n");
+    assert_eq!(out.stderr, "");
+}
+
+#[test]
+fn panic_prints_its_message_and_exits_101() {
+    require_kvm!();
+    let out = keyhold(["run", "--firmware", &arg(fixture("panic"))]);
+    assert_eq!(out.code(), 101, "{out:#?}");
+    assert!(out.stdout.contains("panic: panicked at"), "{out:#?}");
+    assert!(
+        out.stdout.contains("fixture panic in partition 1"),
+        "{out:#?}"
+    );
+    assert_eq!(
+        out.stderr.trim(),
+        "keyhold: partition 1 stopped: exited with status 101"
+    );
+}
+
+#[test]
+fn several_partitions_boot_concurrently_with_prefixed_consoles() {
+    require_kvm!();
+    let hello = arg(fixture("hello"));
+    let out = keyhold([
+        "run",
+        "--firmware",
+        &hello,
+        "--firmware",
+        &hello,
+        "--partition",
+        &format!("9={hello}"),
+        "--partition",
+        &format!("5={}", arg(fixture("panic"))),
+    ]);
+    assert_eq!(out.code(), 101, "the only non-zero status: {out:#?}");
+    for id in [1, 2, 9] {
+        assert!(
+            out.stdout
+                .contains(&format!("[p{id}] hello from partition {id}\n")),
+            "{out:#?}"
+        );
+        assert!(
+            out.stdout.contains(&format!("[p{id}] ram: 32 MiB\n")),
+            "{out:#?}"
+        );
+    }
+    assert!(
+        out.stdout.contains("[p5] fixture panic in partition 5\n"),
+        "{out:#?}"
+    );
+    // Every line belongs to one partition: none is torn by another partition's output.
+    assert!(out.stdout.lines().all(|l| l.starts_with("[p")), "{out:#?}");
+}
+
+#[test]
+fn a_crashing_partition_does_not_stop_the_others() {
+    require_kvm!();
+    let out = keyhold([
+        "run",
+        "--partition",
+        &format!("1={}", arg(fixture("fault"))),
+        "--partition",
+        &format!("2={}", arg(fixture("spin"))),
+        "--partition",
+        &format!("3={}", arg(fixture("hello"))),
+        "--timeout",
+        "1",
+    ]);
+    // The fault stops first, so its status is the process's.
+    assert_eq!(out.code(), 121, "{out:#?}");
+    assert!(
+        out.stdout.contains("[p3] hello from partition 3"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stderr.contains("partition 1 stopped: triple fault"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stderr
+            .contains("partition 2 stopped: still running at the --timeout limit"),
+        "{out:#?}"
+    );
+    assert!(
+        !out.stderr.contains("partition 3"),
+        "hello exits cleanly: {out:#?}"
+    );
+}
+
+#[test]
+fn console_goes_to_a_file_when_asked() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let out = keyhold([
+        "run",
+        "--firmware",
+        &arg(fixture("hello")),
+        "--console",
+        &console.display().to_string(),
+    ]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(out.stdout, "");
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "hello from partition 1\nram: 32 MiB\n"
+    );
+}
+
+#[test]
+fn verbose_run_logs_start_up_times() {
+    require_kvm!();
+    let out = keyhold(["-v", "run", "--firmware", &arg(fixture("hello"))]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(
+        out.stderr.contains("partition 1: entering guest"),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains("ms after process start"), "{out:#?}");
+    assert!(out.stderr.contains("partition 1: stopped"), "{out:#?}");
+}
+
+#[test]
+fn every_fixture_boots_and_stops_as_designed() {
+    require_kvm!();
+    // (fixture, expected exit status); `spin` needs the timeout.
+    let expected = [
+        ("hello", 0),
+        ("panic", 101),
+        ("fault", 121),
+        ("emulation-failure", 122),
+        ("stray-port", 123),
+        ("stray-mmio", 123),
+        ("spin", 124),
+    ];
+    let names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
+    for name in firmware_fixtures::NAMES {
+        assert!(
+            names.contains(name),
+            "fixture {name} has no expectation here"
+        );
+    }
+    for (name, status) in expected {
+        let out = keyhold(["run", "--firmware", &arg(fixture(name)), "--timeout", "0.5"]);
+        assert_eq!(out.code(), status, "{name}: {out:#?}");
+        out.assert_no_panic();
+    }
+}

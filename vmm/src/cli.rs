@@ -1,0 +1,118 @@
+//! The command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// keyhold: a minimal KVM VMM whose partitions talk over secure channels.
+#[derive(Debug, Parser)]
+#[command(name = "keyhold", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// More log output (-v: info, -vv: debug). RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot one or more bare-metal partitions and wait until all have stopped.
+    Run(RunArgs),
+}
+
+const RUN_AFTER_HELP: &str = "\
+Each partition is a KVM VM with its own RAM and one vCPU, entered in 64-bit mode at CPL 3 with
+RDI pointing at the boot-info block (docs/GUEST.md). Its console is a 16550 UART at port 0x3f8;
+firmware ends by writing a 32-bit status to port 0xf4. With several partitions, each console
+line is prefixed with [p<ID>].
+
+Exit status:
+  0-119  the firmware status (with several partitions: the first non-zero one)
+  120    the firmware wrote a status above 119 (the report gives it)
+  121    triple fault: the guest took an exception it has no handler for
+  122    KVM could not emulate a guest instruction (internal-error exit)
+  123    the guest touched an I/O port or MMIO address where no device is
+  124    the partition ran past --timeout
+  125    the VMM failed while running the partition, or KVM exited unexpectedly
+  2      bad input: arguments, firmware file, memory size, /dev/kvm missing or not permitted
+  1      the host refused a resource (memory, threads) before boot
+
+Needs read-write access to /dev/kvm (root, or membership of its group).";
+
+/// Arguments of `keyhold run`.
+#[derive(Debug, Args)]
+#[command(after_help = RUN_AFTER_HELP)]
+pub struct RunArgs {
+    /// Firmware image (static ELF64) of a partition; repeat for more partitions, numbered
+    /// from --partition-id upwards in the order given.
+    #[arg(long, value_name = "PATH")]
+    pub firmware: Vec<PathBuf>,
+    /// A partition with an explicit ID; may be repeated and mixed with --firmware.
+    #[arg(long, value_name = "ID=PATH", value_parser = parse_partition)]
+    pub partition: Vec<(u32, PathBuf)>,
+    /// ID of the first --firmware partition.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub partition_id: u32,
+    /// Guest RAM per partition, in MiB (2 to 3072, and no more than the host has).
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
+    pub memory: u64,
+    /// Write the consoles to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<PathBuf>,
+    /// Stop any partition still running after SECS seconds (fractions allowed).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+}
+
+fn parse_partition(arg: &str) -> Result<(u32, PathBuf), String> {
+    let (id, path) = arg
+        .split_once('=')
+        .ok_or("expected ID=PATH, for example 3=target/fixtures/hello.elf")?;
+    let id = id
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("partition ID {id:?} is not a number from 0 to {}", u32::MAX))?;
+    if path.is_empty() {
+        return Err("the firmware path after '=' is empty".into());
+    }
+    Ok((id, PathBuf::from(path)))
+}
+
+fn parse_timeout(arg: &str) -> Result<Duration, String> {
+    let secs: f64 = arg
+        .trim()
+        .parse()
+        .map_err(|_| format!("{arg:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 1e9) {
+        return Err(format!("{arg} must be more than 0 and at most 1e9 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn partitions_and_timeouts_parse_strictly() {
+        assert_eq!(parse_partition("3=a.elf"), Ok((3, PathBuf::from("a.elf"))));
+        assert!(parse_partition("a.elf").is_err());
+        assert!(parse_partition("x=a.elf").is_err());
+        assert!(parse_partition("-1=a.elf").is_err());
+        assert!(parse_partition("3=").is_err());
+        assert_eq!(parse_timeout("0.5"), Ok(Duration::from_millis(500)));
+        for bad in ["0", "-1", "nan", "inf", "1e10", "soon"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! `keyhold run`: boot the partitions named on the command line and wait for all of them.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use keyhold_devices::console::{shared_output, LineSink, SharedOutput};
+use thiserror::Error;
+
+use crate::cli::RunArgs;
+use crate::host::{self, HostError};
+use crate::partition::{self, PartitionConfig, PartitionError};
+use crate::supervisor::{self, SupervisorError};
+
+/// Exit status for bad input.
+pub const STATUS_BAD_INPUT: u8 = 2;
+/// Exit status for a host that refused a resource.
+pub const STATUS_HOST_FAILURE: u8 = 1;
+
+/// Why `keyhold run` could not boot its partitions.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// Neither --firmware nor --partition.
+    #[error("no partition to run: give --firmware PATH or --partition ID=PATH")]
+    NoPartitions,
+    /// Two partitions with one ID.
+    #[error("partition ID {0} is used more than once")]
+    DuplicateId(u32),
+    /// --partition-id plus the number of --firmware images overflows.
+    #[error("--partition-id {0} leaves no room for {1} partitions below 2^32")]
+    IdOverflow(u32, usize),
+    /// The console file cannot be written.
+    #[error("cannot open console file {}: {source}", path.display())]
+    ConsoleFile {
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The host cannot run partitions.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A partition could not be built.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    /// The partitions could not be supervised.
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+}
+
+impl LaunchError {
+    /// The process exit status for this error.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Self::Partition(e) if !e.is_bad_input() => STATUS_HOST_FAILURE,
+            Self::Host(HostError::KvmOpen(_)) | Self::Supervisor(_) => STATUS_HOST_FAILURE,
+            _ => STATUS_BAD_INPUT,
+        }
+    }
+}
+
+/// The partitions the arguments ask for, with their IDs checked.
+pub fn partition_configs(args: &RunArgs) -> Result<Vec<PartitionConfig>, LaunchError> {
+    let mut configs = Vec::with_capacity(args.firmware.len() + args.partition.len());
+    for (i, firmware) in args.firmware.iter().enumerate() {
+        let id = u32::try_from(i)
+            .ok()
+            .and_then(|i| args.partition_id.checked_add(i))
+            .ok_or(LaunchError::IdOverflow(
+                args.partition_id,
+                args.firmware.len(),
+            ))?;
+        configs.push(config(id, firmware.clone(), args.memory));
+    }
+    for (id, firmware) in &args.partition {
+        configs.push(config(*id, firmware.clone(), args.memory));
+    }
+    if configs.is_empty() {
+        return Err(LaunchError::NoPartitions);
+    }
+    let mut seen = BTreeSet::new();
+    if let Some(dup) = configs.iter().find(|c| !seen.insert(c.id)) {
+        return Err(LaunchError::DuplicateId(dup.id));
+    }
+    Ok(configs)
+}
+
+fn config(id: u32, firmware: PathBuf, memory_mib: u64) -> PartitionConfig {
+    PartitionConfig {
+        id,
+        firmware,
+        memory_mib,
+        node_id: 0,
+    }
+}
+
+/// Boots the partitions and returns the process exit status: the first non-zero status of a
+/// partition, in the order they stopped, or 0.
+pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
+    let configs = partition_configs(args)?;
+    let firmware = configs
+        .iter()
+        .map(PartitionConfig::open_firmware)
+        .collect::<Result<Vec<_>, _>>()?;
+    let kvm = host::open_kvm()?;
+    let output = console_output(args)?;
+    let prefixed = configs.len() > 1;
+    let mut partitions = Vec::with_capacity(configs.len());
+    for (config, firmware) in configs.iter().zip(firmware) {
+        let prefix = if prefixed {
+            format!("[p{}] ", config.id)
+        } else {
+            String::new()
+        };
+        let console = LineSink::new(prefix, output.clone());
+        partitions.push(partition::create(&kvm, config, firmware, console)?);
+    }
+    let stops = supervisor::run(partitions, args.timeout, process_start, |stopped| {
+        if let Some(report) = stopped.report() {
+            eprintln!("keyhold: {report}");
+        }
+    })?;
+    Ok(stops
+        .iter()
+        .map(|s| s.exit_status())
+        .find(|&s| s != 0)
+        .unwrap_or(0))
+}
+
+fn console_output(args: &RunArgs) -> Result<SharedOutput, LaunchError> {
+    let out: Box<dyn Write + Send> = match &args.console {
+        Some(path) => Box::new(
+            File::create(path).map_err(|source| LaunchError::ConsoleFile {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => Box::new(io::stdout()),
+    };
+    Ok(shared_output(out))
+}

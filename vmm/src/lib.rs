@@ -1,0 +1,19 @@
+//! keyhold: a minimal KVM virtual machine monitor that hosts guest partitions.
+//!
+//! The binary's subcommands live in [`cli`]; [`launch`] boots partitions for `keyhold run`.
+//! A partition is built by [`partition`] from a firmware image ([`loader`]), identity page
+//! tables ([`page_tables`]) and a 64-bit CPL-3 entry state ([`cpu`]), laid out as [`layout`]
+//! says, then run by its vCPU thread ([`vcpu`]) under the [`supervisor`].
+
+pub mod cli;
+pub mod cpu;
+pub mod host;
+pub mod kick;
+pub mod launch;
+pub mod layout;
+pub mod loader;
+pub mod page_tables;
+pub mod partition;
+pub mod stop;
+pub mod supervisor;
+pub mod vcpu;

@@ -1,0 +1,266 @@
+//! A partition: one KVM VM with its own guest RAM, devices and a single vCPU.
+//!
+//! Nothing of the host process but the partition's own RAM is mapped into the VM: one memory
+//! slot, covering exactly the RAM mmap'd for it.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use guest_agent::boot_info::BootInfo;
+use guest_agent::platform::{CONSOLE_PORT, CONSOLE_PORT_COUNT, EXIT_PORT};
+use keyhold_devices::bus::{Bus, BusError};
+use keyhold_devices::console::{Console, LineSink};
+use keyhold_devices::exit_port::ExitPort;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::{BOOT_INFO, MAX_RAM, MIN_RAM};
+use crate::loader::{Firmware, FirmwareError};
+use crate::stop::Stopped;
+use crate::vcpu::Vcpu;
+use crate::{cpu, host, page_tables};
+
+/// What the operator asked for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionConfig {
+    /// The partition's ID, unique within the node.
+    pub id: u32,
+    /// The firmware image.
+    pub firmware: PathBuf,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The node the partition runs on (0 outside a cluster).
+    pub node_id: u32,
+}
+
+/// Why a partition could not be created.
+#[derive(Debug, Error)]
+pub enum PartitionError {
+    /// The firmware file is unusable.
+    #[error("partition {id}: firmware {}: {source}", path.display())]
+    Firmware {
+        /// The partition.
+        id: u32,
+        /// The firmware path.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: FirmwareError,
+    },
+    /// The memory size is out of range.
+    #[error(
+        "partition {id}: memory size {mib} MiB is out of range: it must be {min} to {max} MiB{why}"
+    )]
+    MemorySize {
+        /// The partition.
+        id: u32,
+        /// The size asked for.
+        mib: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed on this host.
+        max: u64,
+        /// What limits the maximum, if the host does.
+        why: &'static str,
+    },
+    /// A KVM call failed.
+    #[error("partition {id}: {what} failed: {source}")]
+    Kvm {
+        /// The partition.
+        id: u32,
+        /// The call.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// A device could not be placed on its bus.
+    #[error("partition {id}: device set-up: {source}")]
+    Device {
+        /// The partition.
+        id: u32,
+        /// The bus error.
+        source: BusError,
+    },
+    /// Guest RAM could not be mapped or written.
+    #[error("partition {id}: guest memory: {reason}")]
+    GuestMemory {
+        /// The partition.
+        id: u32,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl PartitionError {
+    /// Whether the operator's input caused the error (as opposed to the host refusing).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::Firmware { .. } | Self::MemorySize { .. })
+    }
+}
+
+/// A partition ready to run; dropping it tears the VM down.
+pub struct Partition {
+    /// Its vCPU, devices and run state (declared first so it drops before the memory).
+    vcpu: Vcpu,
+    _vm: VmFd,
+    _memory: GuestMemoryMmap,
+}
+
+impl Partition {
+    /// The partition's ID.
+    pub fn id(&self) -> u32 {
+        self.vcpu.partition
+    }
+
+    /// The flag the supervisor sets when the partition runs past its time limit.
+    pub fn timed_out_flag(&self) -> Arc<AtomicBool> {
+        self.vcpu.timed_out.clone()
+    }
+
+    /// Runs the guest until it stops. Takes the whole partition so that the VM and its RAM
+    /// live exactly as long as the vCPU runs.
+    pub fn run(self, process_start: Instant) -> Stopped {
+        let Self { vcpu, _vm, _memory } = self;
+        vcpu.run(process_start)
+    }
+}
+
+impl PartitionConfig {
+    /// Guest RAM in bytes, checked against the layout and the host.
+    pub fn ram_bytes(&self) -> Result<u64, PartitionError> {
+        let host_max = host::total_memory();
+        let (max, why) = if host_max < MAX_RAM {
+            (host_max, " (this host's memory)")
+        } else {
+            (MAX_RAM, "")
+        };
+        let bytes = self
+            .memory_mib
+            .checked_mul(1 << 20)
+            .filter(|b| (MIN_RAM..=max).contains(b));
+        bytes.ok_or(PartitionError::MemorySize {
+            id: self.id,
+            mib: self.memory_mib,
+            min: MIN_RAM >> 20,
+            max: max >> 20,
+            why,
+        })
+    }
+}
+
+impl PartitionConfig {
+    /// Opens and checks the firmware, so that bad input is reported before any VM exists.
+    pub fn open_firmware(&self) -> Result<Firmware, PartitionError> {
+        Firmware::open(&self.firmware, self.ram_bytes()?)
+            .map_err(|source| self.firmware_error(source))
+    }
+
+    fn firmware_error(&self, source: FirmwareError) -> PartitionError {
+        PartitionError::Firmware {
+            id: self.id,
+            path: self.firmware.clone(),
+            source,
+        }
+    }
+}
+
+/// Builds a partition: creates the VM and its RAM, loads the image, lays out page tables, GDT
+/// and boot info, and sets the vCPU up to enter at the image's entry.
+pub fn create(
+    kvm: &Kvm,
+    config: &PartitionConfig,
+    firmware: Firmware,
+    console: LineSink,
+) -> Result<Partition, PartitionError> {
+    let id = config.id;
+    let ram = config.ram_bytes()?;
+
+    let kvm_error = |what| move |source| PartitionError::Kvm { id, what, source };
+    let vm = kvm.create_vm().map_err(kvm_error("creating the VM"))?;
+    let memory = guest_memory(&vm, id, ram)?;
+    let layout = firmware
+        .load(&memory)
+        .map_err(|source| config.firmware_error(source))?;
+
+    let memory_error = |e: vm_memory::GuestMemoryError| PartitionError::GuestMemory {
+        id,
+        reason: e.to_string(),
+    };
+    let cr3 = page_tables::write(&memory).map_err(memory_error)?;
+    cpu::write_gdt(&memory).map_err(memory_error)?;
+    let free_ram_start = layout.end.next_multiple_of(0x1000);
+    let info = BootInfo::new(ram, config.node_id, id, free_ram_start);
+    memory
+        .write_slice(info.as_bytes(), GuestAddress(BOOT_INFO))
+        .map_err(memory_error)?;
+
+    let fd = vm.create_vcpu(0).map_err(kvm_error("creating the vCPU"))?;
+    let sregs = fd
+        .get_sregs()
+        .map_err(kvm_error("reading the vCPU's special registers"))?;
+    fd.set_sregs(&cpu::boot_sregs(sregs, cr3))
+        .map_err(kvm_error("setting special registers"))?;
+    fd.set_regs(&cpu::boot_regs(layout.entry))
+        .map_err(kvm_error("setting registers"))?;
+    fd.set_fpu(&cpu::boot_fpu())
+        .map_err(kvm_error("setting FPU state"))?;
+
+    let console = Arc::new(Mutex::new(Console::new(console)));
+    let mut pio = Bus::new();
+    let bus_error = |source| PartitionError::Device { id, source };
+    pio.insert(
+        u64::from(CONSOLE_PORT),
+        u64::from(CONSOLE_PORT_COUNT),
+        Box::new(console.clone()),
+    )
+    .map_err(bus_error)?;
+    pio.insert(u64::from(EXIT_PORT), 4, Box::new(ExitPort))
+        .map_err(bus_error)?;
+
+    let vcpu = Vcpu {
+        partition: id,
+        fd,
+        pio,
+        mmio: Bus::new(),
+        console,
+        timed_out: Arc::new(AtomicBool::new(false)),
+    };
+    Ok(Partition {
+        vcpu,
+        _vm: vm,
+        _memory: memory,
+    })
+}
+
+/// Maps `ram` bytes of anonymous memory and gives them to the VM as slot 0 at guest-physical 0.
+fn guest_memory(vm: &VmFd, id: u32, ram: u64) -> Result<GuestMemoryMmap, PartitionError> {
+    let error = |reason: String| PartitionError::GuestMemory { id, reason };
+    let size = usize::try_from(ram).map_err(|e| error(e.to_string()))?;
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| error(format!("cannot map {ram} bytes: {e}")))?;
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|e| error(e.to_string()))?;
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the returned value keeps
+        // alive for as long as the VM (both end up in the same `Partition`, VM dropped first).
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| {
+            PartitionError::Kvm {
+                id,
+                what: "registering guest memory",
+                source,
+            }
+        })?;
+    }
+    Ok(memory)
+}

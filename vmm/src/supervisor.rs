@@ -1,0 +1,201 @@
+//! Runs a set of partitions concurrently, one vCPU thread each, until all have stopped.
+//!
+//! The calling thread runs an event loop (event-manager) over one eventfd per partition, which
+//! its vCPU thread signals when it stops, and a timerfd for `--timeout`. A stopped partition is
+//! reported at once; the others run on.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use thiserror::Error;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::kick;
+use crate::partition::Partition;
+use crate::stop::{StopReason, Stopped};
+
+/// Why the supervisor could not run the partitions.
+#[derive(Debug, Error)]
+pub enum SupervisorError {
+    /// Setting up the event loop, an eventfd, the timer or a thread failed.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn setup_error(what: &'static str) -> impl Fn(std::io::Error) -> SupervisorError {
+    move |source| SupervisorError::Setup { what, source }
+}
+
+/// One running partition as the supervisor sees it.
+struct Running {
+    id: u32,
+    stopped_evt: EventFd,
+    thread: Option<JoinHandle<Stopped>>,
+    timed_out: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The event-loop subscriber: collects stops in the order they happen.
+struct Supervisor {
+    running: Vec<Running>,
+    timer: Option<TimerFd>,
+    stops: Vec<Stopped>,
+    on_stop: Box<dyn FnMut(&Stopped) + Send>,
+}
+
+const TIMER_DATA: u32 = u32::MAX;
+
+impl Supervisor {
+    fn all_stopped(&self) -> bool {
+        self.running.iter().all(|r| r.thread.is_none())
+    }
+
+    fn reap(&mut self, index: usize, ops: &mut EventOps) {
+        let Some(running) = self.running.get_mut(index) else {
+            return;
+        };
+        let Some(thread) = running.thread.take() else {
+            return;
+        };
+        // The thread signalled just before returning, so this join does not wait long.
+        let stopped = thread.join().unwrap_or_else(|_| Stopped {
+            partition: running.id,
+            reason: StopReason::VmmFailure("the vCPU thread panicked".into()),
+            registers: None,
+            last_line: String::new(),
+        });
+        if let Err(e) = ops.remove(Events::empty(&running.stopped_evt)) {
+            log::warn!("partition {}: removing its stop event: {e:?}", running.id);
+        }
+        (self.on_stop)(&stopped);
+        self.stops.push(stopped);
+    }
+
+    fn time_out_all(&mut self) {
+        for running in self.running.iter().filter(|r| r.thread.is_some()) {
+            running.timed_out.store(true, Ordering::Release);
+            if let Some(thread) = &running.thread {
+                if let Err(e) = thread.kill(kick::kick_signal()) {
+                    log::warn!("partition {}: kicking its vCPU: {e}", running.id);
+                }
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Supervisor {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, running) in self.running.iter().enumerate() {
+            let events = Events::with_data(&running.stopped_evt, index as u32, EventSet::IN);
+            if let Err(e) = ops.add(events) {
+                log::error!("partition {}: watching its stop event: {e:?}", running.id);
+            }
+        }
+        if let Some(timer) = &self.timer {
+            if let Err(e) = ops.add(Events::with_data(timer, TIMER_DATA, EventSet::IN)) {
+                log::error!("watching the timeout timer: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.data() == TIMER_DATA {
+            if let Some(mut timer) = self.timer.take() {
+                let _ = timer.wait();
+                let _ = ops.remove(Events::empty(&timer));
+            }
+            self.time_out_all();
+        } else {
+            self.reap(events.data() as usize, ops);
+        }
+    }
+}
+
+/// Boots every partition and returns how each stopped, in the order they stopped.
+/// `on_stop` runs on the calling thread as each one stops.
+pub fn run(
+    partitions: Vec<Partition>,
+    timeout: Option<Duration>,
+    process_start: Instant,
+    on_stop: impl FnMut(&Stopped) + Send + 'static,
+) -> Result<Vec<Stopped>, SupervisorError> {
+    kick::install_handler().map_err(setup_error("installing the vCPU kick signal handler"))?;
+    let mut event_manager =
+        EventManager::<Arc<Mutex<Supervisor>>>::new().map_err(|e| SupervisorError::Setup {
+            what: "creating the event loop",
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
+    let timer = timeout
+        .map(|limit| -> Result<TimerFd, SupervisorError> {
+            let mut timer =
+                TimerFd::new().map_err(|e| setup_error("creating the timeout timer")(e.into()))?;
+            timer
+                .reset(limit, None)
+                .map_err(|e| setup_error("arming the timeout timer")(e.into()))?;
+            Ok(timer)
+        })
+        .transpose()?;
+
+    let mut running = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        running.push(spawn(partition, process_start)?);
+    }
+    let supervisor = Arc::new(Mutex::new(Supervisor {
+        running,
+        timer,
+        stops: Vec::new(),
+        on_stop: Box::new(on_stop),
+    }));
+    event_manager.add_subscriber(supervisor.clone());
+    while !lock(&supervisor).all_stopped() {
+        event_manager.run().map_err(|e| SupervisorError::Setup {
+            what: "waiting for partitions",
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
+    }
+    let stops = std::mem::take(&mut lock(&supervisor).stops);
+    Ok(stops)
+}
+
+fn lock(supervisor: &Mutex<Supervisor>) -> std::sync::MutexGuard<'_, Supervisor> {
+    supervisor
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Starts the vCPU thread of one partition.
+fn spawn(partition: Partition, process_start: Instant) -> Result<Running, SupervisorError> {
+    let id = partition.id();
+    let stopped_evt =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(setup_error("creating a stop eventfd"))?;
+    let signal = stopped_evt
+        .try_clone()
+        .map_err(setup_error("cloning a stop eventfd"))?;
+    let timed_out = partition.timed_out_flag();
+    let thread = std::thread::Builder::new()
+        .name(format!("p{id}-vcpu"))
+        .spawn(move || {
+            let stopped = partition.run(process_start);
+            if let Err(e) = signal.write(1) {
+                log::error!("partition {id}: signalling its stop: {e}");
+            }
+            stopped
+        })
+        .map_err(setup_error("starting a vCPU thread"))?;
+    Ok(Running {
+        id,
+        stopped_evt,
+        thread: Some(thread),
+        timed_out,
+    })
+}
