@@ -1,6 +1,7 @@
 //! Bad operator input: each case gets one line naming the problem and exit status 2, never a
 //! panic or a backtrace, and no partition is booted.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,15 +43,10 @@ fn unreadable_firmware() {
         eprintln!("skipped: needs root to run keyhold as another user");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let dir = world_readable_dir();
     let path = patched_hello(dir.path(), "secret.elf", |_| {});
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
-    let out = as_nobody(&["run", "--firmware", &path.display().to_string()]);
+    std::fs::set_permissions(&path, PermissionsExt::from_mode(0o000)).unwrap();
+    let out = as_nobody(&dir, &["run", "--firmware", &path.display().to_string()]);
     out.assert_bad_input("cannot read it: Permission denied");
 }
 
@@ -178,15 +174,33 @@ fn dev_kvm_without_permission() {
         eprintln!("skipped: needs root to run keyhold as another user");
         return;
     }
-    let out = as_nobody(&["run", "--firmware", &fixture("hello").display().to_string()]);
+    let dir = world_readable_dir();
+    let hello = patched_hello(dir.path(), "hello.elf", |_| {});
+    let out = as_nobody(&dir, &["run", "--firmware", &hello.display().to_string()]);
     out.assert_bad_input("permission denied opening /dev/kvm");
 }
 
-/// Runs keyhold as user `nobody`, who may neither read root's 0600 files nor open /dev/kvm.
-fn as_nobody(args: &[&str]) -> Outcome {
-    let mut full = vec!["--reuid=65534", "--regid=65534", "--clear-groups"];
-    let bin = keyhold_bin().display().to_string();
-    full.push(&bin);
+/// A scratch directory any user may read, for files that `nobody` must reach (the checkout
+/// itself may sit under a directory only root can enter).
+fn world_readable_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Runs a copy of keyhold, placed in `dir`, as user `nobody`, who may neither read root's
+/// 0600 files nor open /dev/kvm.
+fn as_nobody(dir: &tempfile::TempDir, args: &[&str]) -> Outcome {
+    let bin = dir.path().join("keyhold");
+    std::fs::copy(keyhold_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, PermissionsExt::from_mode(0o755)).unwrap();
+    let bin = bin.display().to_string();
+    let mut full = vec![
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        bin.as_str(),
+    ];
     full.extend_from_slice(args);
     run_with_deadline("setpriv".as_ref(), full, Duration::from_secs(30))
 }
