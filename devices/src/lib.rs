@@ -1,8 +1,10 @@
 //! Device models of a keyhold partition.
 //!
 //! Each device answers guest accesses through [`bus::BusDevice`]; the VMM routes port and MMIO
-//! exits to them through a [`bus::Bus`] per partition.
+//! exits to them through a [`bus::Bus`] per partition. Virtio devices ([`virtio`]) split into a
+//! transport on the vCPU thread and a backend on the node's device thread.
 
 pub mod bus;
 pub mod console;
 pub mod exit_port;
+pub mod virtio;

@@ -9,8 +9,11 @@
 pub mod boot_info;
 pub mod console;
 pub mod exit;
+pub mod mmio;
+pub mod pages;
 pub mod platform;
 mod port_io;
+pub mod virtio;
 
 #[cfg(feature = "rt")]
 pub mod rt;

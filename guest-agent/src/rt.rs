@@ -35,6 +35,7 @@ pub fn start(boot_info: *const BootInfo, main: fn(&'static BootInfo) -> u32) -> 
         crate::println!("guest-agent: bad boot-info block: {e:?}");
         exit(BAD_BOOT_INFO_EXIT_STATUS);
     }
+    crate::pages::init(info);
     exit(main(info))
 }
 

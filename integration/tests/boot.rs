@@ -148,6 +148,7 @@ fn every_fixture_boots_and_stops_as_designed() {
     // (fixture, expected exit status); `spin` needs the timeout.
     let expected = [
         ("hello", 0),
+        ("rng", 0),
         ("panic", 101),
         ("fault", 121),
         ("emulation-failure", 122),
@@ -167,4 +168,12 @@ fn every_fixture_boots_and_stops_as_designed() {
         assert_eq!(out.code(), status, "{name}: {out:#?}");
         out.assert_no_panic();
     }
+}
+
+#[test]
+fn rng_fixture_reads_host_entropy_through_virtio_rng() {
+    require_kvm!();
+    let out = keyhold(["run", "--firmware", &arg(fixture("rng"))]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(out.stdout.contains("rng: ok"), "{out:#?}");
 }

@@ -10,8 +10,9 @@ use keyhold_devices::console::{shared_output, LineSink, SharedOutput};
 use thiserror::Error;
 
 use crate::cli::RunArgs;
+use crate::device_thread::DeviceThread;
 use crate::host::{self, HostError};
-use crate::partition::{self, PartitionConfig, PartitionError};
+use crate::partition::{self, Partition, PartitionConfig, PartitionError};
 use crate::supervisor::{self, SupervisorError};
 
 /// Exit status for bad input.
@@ -39,6 +40,9 @@ pub enum LaunchError {
         /// The OS error.
         source: io::Error,
     },
+    /// The device thread could not start.
+    #[error("starting the device thread: {0}")]
+    DeviceThread(io::Error),
     /// The host cannot run partitions.
     #[error(transparent)]
     Host(#[from] HostError),
@@ -55,7 +59,9 @@ impl LaunchError {
     pub fn exit_status(&self) -> u8 {
         match self {
             Self::Partition(e) if !e.is_bad_input() => STATUS_HOST_FAILURE,
-            Self::Host(HostError::KvmOpen(_)) | Self::Supervisor(_) => STATUS_HOST_FAILURE,
+            Self::Host(HostError::KvmOpen(_)) | Self::Supervisor(_) | Self::DeviceThread(_) => {
+                STATUS_HOST_FAILURE
+            }
             _ => STATUS_BAD_INPUT,
         }
     }
@@ -117,6 +123,11 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         let console = LineSink::new(prefix, output.clone());
         partitions.push(partition::create(&kvm, config, firmware, console)?);
     }
+    let backends = partitions
+        .iter_mut()
+        .flat_map(Partition::take_backends)
+        .collect();
+    let _device_thread = DeviceThread::start(backends).map_err(LaunchError::DeviceThread)?;
     let stops = supervisor::run(partitions, args.timeout, process_start, |stopped| {
         if let Some(report) = stopped.report() {
             eprintln!("keyhold: {report}");

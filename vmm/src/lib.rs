@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod cpu;
+pub mod device_thread;
 pub mod host;
 pub mod kick;
 pub mod launch;
@@ -14,6 +15,7 @@ pub mod layout;
 pub mod loader;
 pub mod page_tables;
 pub mod partition;
+pub mod partition_devices;
 pub mod stop;
 pub mod supervisor;
 pub mod vcpu;

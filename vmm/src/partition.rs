@@ -18,8 +18,10 @@ use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::device_thread::Backend;
 use crate::layout::{BOOT_INFO, MAX_RAM, MIN_RAM};
 use crate::loader::{Firmware, FirmwareError};
+use crate::partition_devices::{AttachError, DeviceSet};
 use crate::stop::Stopped;
 use crate::vcpu::Vcpu;
 use crate::{cpu, host, page_tables};
@@ -76,6 +78,14 @@ pub enum PartitionError {
         /// The error.
         source: kvm_ioctls::Error,
     },
+    /// A virtio device could not be attached.
+    #[error("partition {id}: devices: {source}")]
+    Devices {
+        /// The partition.
+        id: u32,
+        /// What failed.
+        source: AttachError,
+    },
     /// A device could not be placed on its bus.
     #[error("partition {id}: device set-up: {source}")]
     Device {
@@ -105,11 +115,18 @@ impl PartitionError {
 pub struct Partition {
     /// Its vCPU, devices and run state (declared first so it drops before the memory).
     vcpu: Vcpu,
+    /// Device backends for the device thread, taken by [`Partition::take_backends`].
+    backends: Vec<Backend>,
     _vm: VmFd,
     _memory: GuestMemoryMmap,
 }
 
 impl Partition {
+    /// The device backends, for the device thread.
+    pub fn take_backends(&mut self) -> Vec<Backend> {
+        std::mem::take(&mut self.backends)
+    }
+
     /// The partition's ID.
     pub fn id(&self) -> u32 {
         self.vcpu.partition
@@ -123,7 +140,13 @@ impl Partition {
     /// Runs the guest until it stops. Takes the whole partition so that the VM and its RAM
     /// live exactly as long as the vCPU runs.
     pub fn run(self, process_start: Instant) -> Stopped {
-        let Self { vcpu, _vm, _memory } = self;
+        let Self {
+            vcpu,
+            backends,
+            _vm,
+            _memory,
+        } = self;
+        drop(backends);
         vcpu.run(process_start)
     }
 }
@@ -181,6 +204,11 @@ pub fn create(
     let kvm_error = |what| move |source| PartitionError::Kvm { id, what, source };
     let vm = kvm.create_vm().map_err(kvm_error("creating the VM"))?;
     let memory = guest_memory(&vm, id, ram)?;
+    // The in-kernel irqchip carries the devices' irqfd interrupts; it must exist before the
+    // vCPU. Created after the memory slot: the other order makes registering the slot take
+    // milliseconds on the development machines.
+    vm.create_irq_chip()
+        .map_err(kvm_error("creating the in-kernel irqchip"))?;
     let layout = firmware
         .load(&memory)
         .map_err(|source| config.firmware_error(source))?;
@@ -192,7 +220,11 @@ pub fn create(
     let cr3 = page_tables::write(&memory).map_err(memory_error)?;
     cpu::write_gdt(&memory).map_err(memory_error)?;
     let free_ram_start = layout.end.next_multiple_of(0x1000);
-    let info = BootInfo::new(ram, config.node_id, id, free_ram_start);
+    let mut info = BootInfo::new(ram, config.node_id, id, free_ram_start);
+    let mut mmio = Bus::new();
+    let device_error = |source| PartitionError::Devices { id, source };
+    let mut devices = DeviceSet::new(&vm, &memory, &mut mmio, &mut info);
+    let backends = vec![devices.attach_rng().map_err(device_error)?];
     memory
         .write_slice(info.as_bytes(), GuestAddress(BOOT_INFO))
         .map_err(memory_error)?;
@@ -224,12 +256,13 @@ pub fn create(
         partition: id,
         fd,
         pio,
-        mmio: Bus::new(),
+        mmio,
         console,
         timed_out: Arc::new(AtomicBool::new(false)),
     };
     Ok(Partition {
         vcpu,
+        backends,
         _vm: vm,
         _memory: memory,
     })

@@ -1,0 +1,64 @@
+//! State a virtio device shares between its transport (vCPU thread) and its backend (device
+//! thread): the queues once the driver has set them up, and the interrupt line.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Interrupt status bit: the device used buffers.
+pub const INT_USED_BUFFER: u32 = 1;
+/// Interrupt status bit: the configuration (or device status) changed.
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+/// Where the device is in its life cycle.
+#[derive(Debug)]
+pub enum Activation {
+    /// Not (yet) set up by the driver, or reset.
+    Inactive,
+    /// DRIVER_OK was set with valid queues: the backend may use them.
+    Active {
+        /// The queues, in queue-index order.
+        queues: Vec<Queue>,
+    },
+    /// The device hit an error it cannot recover from: the driver must reset it.
+    NeedsReset,
+}
+
+/// The shared part of one virtio device.
+#[derive(Debug)]
+pub struct DeviceShared {
+    /// Queue state; the backend holds the lock while it processes a batch.
+    pub activation: Mutex<Activation>,
+    /// ISR bits not yet acknowledged by the driver.
+    pub interrupt_status: AtomicU32,
+    /// Signals the guest's interrupt line (an irqfd).
+    pub irq: EventFd,
+}
+
+impl DeviceShared {
+    /// A device with its interrupt line.
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            activation: Mutex::new(Activation::Inactive),
+            interrupt_status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Raises `bits` in the interrupt status and signals the line.
+    pub fn signal(&self, bits: u32) {
+        self.interrupt_status.fetch_or(bits, Ordering::AcqRel);
+        if let Err(e) = self.irq.write(1) {
+            log::warn!("virtio interrupt: {e}");
+        }
+    }
+
+    /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver.
+    pub fn fail(&self, why: &str) {
+        log::warn!("virtio device needs reset: {why}");
+        *crate::bus::lock(&self.activation) = Activation::NeedsReset;
+        self.signal(INT_CONFIG_CHANGE);
+    }
+}

@@ -1,0 +1,166 @@
+//! Puts virtio devices into a partition: an MMIO window and interrupt line each, an ioeventfd
+//! per queue, the transport on the MMIO bus, an entry in the boot info, and a backend for the
+//! device thread.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use guest_agent::boot_info::{BootInfo, DeviceInfo, DeviceKind};
+use keyhold_devices::bus::{Bus, BusError};
+use keyhold_devices::virtio::mmio::{reg, DeviceDescription, MmioTransport, WINDOW_SIZE};
+use keyhold_devices::virtio::rng::{self, Rng};
+use keyhold_devices::virtio::shared::DeviceShared;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device_thread::Backend;
+use crate::layout::{MMIO_BASE, MMIO_SIZE};
+
+/// First interrupt line given to devices: IOAPIC pins from 16 up are not shared with the PIC
+/// and start masked, so a guest that polls is never interrupted.
+pub const FIRST_GSI: u32 = 16;
+
+/// Why a device could not be attached.
+#[derive(Debug, Error)]
+pub enum AttachError {
+    /// A KVM call failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// The call.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// An eventfd could not be made.
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The MMIO window is taken.
+    #[error("MMIO bus: {0}")]
+    Bus(#[from] BusError),
+    /// Too many devices for the window or the boot info.
+    #[error("no room for another device")]
+    Full,
+}
+
+/// Devices being added to one partition.
+pub struct DeviceSet<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    mmio: &'a mut Bus,
+    info: &'a mut BootInfo,
+    count: u32,
+}
+
+/// A device just attached: what its backend needs.
+pub struct Attached {
+    /// State shared with the transport.
+    pub shared: Arc<DeviceShared>,
+    /// One eventfd per queue, signalled by the guest's notifications.
+    pub queue_evts: Vec<EventFd>,
+}
+
+impl<'a> DeviceSet<'a> {
+    /// Starts adding devices to a partition.
+    pub fn new(
+        vm: &'a VmFd,
+        mem: &'a GuestMemoryMmap,
+        mmio: &'a mut Bus,
+        info: &'a mut BootInfo,
+    ) -> Self {
+        Self {
+            vm,
+            mem,
+            mmio,
+            info,
+            count: 0,
+        }
+    }
+
+    /// Attaches a virtio device described by `desc`.
+    pub fn attach(
+        &mut self,
+        kind: DeviceKind,
+        desc: DeviceDescription,
+    ) -> Result<Attached, AttachError> {
+        let base = MMIO_BASE + u64::from(self.count) * WINDOW_SIZE;
+        if base + WINDOW_SIZE > MMIO_BASE + MMIO_SIZE {
+            return Err(AttachError::Full);
+        }
+        let gsi = FIRST_GSI + self.count;
+        let kvm = |what| move |source| AttachError::Kvm { what, source };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(AttachError::EventFd)?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(kvm("registering an irqfd"))?;
+        let mut queue_evts = Vec::with_capacity(desc.queue_sizes.len());
+        for index in 0..desc.queue_sizes.len() as u32 {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(AttachError::EventFd)?;
+            let addr = IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
+            self.vm
+                .register_ioevent(&evt, &addr, index)
+                .map_err(kvm("registering an ioeventfd"))?;
+            queue_evts.push(evt);
+        }
+        let shared = Arc::new(DeviceShared::new(irq));
+        let transport = MmioTransport::new(desc, shared.clone(), self.mem.clone());
+        self.mmio.insert(base, WINDOW_SIZE, Box::new(transport))?;
+        let entry = DeviceInfo {
+            kind: kind as u32,
+            irq: gsi,
+            mmio_base: base,
+            mmio_size: WINDOW_SIZE,
+        };
+        if !self.info.push_device(entry) {
+            return Err(AttachError::Full);
+        }
+        self.count += 1;
+        Ok(Attached { shared, queue_evts })
+    }
+
+    /// Attaches a virtio-rng and returns its backend.
+    pub fn attach_rng(&mut self) -> Result<Backend, AttachError> {
+        let attached = self.attach(DeviceKind::VirtioRng, rng::description())?;
+        let rng = Rng::new(attached.shared, self.mem.clone());
+        Ok(Arc::new(Mutex::new(RngBackend {
+            rng,
+            queue_evts: attached.queue_evts,
+        })))
+    }
+}
+
+/// virtio-rng on the device thread.
+struct RngBackend {
+    rng: Rng,
+    queue_evts: Vec<EventFd>,
+}
+
+impl MutEventSubscriber for RngBackend {
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.queue_evts {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                log::error!("virtio-rng: watching a queue: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _: &mut EventOps) {
+        if let Some(evt) = self.queue_evts.iter().find(|e| e.as_raw_fd_eq(events.fd())) {
+            let _ = evt.read();
+        }
+        self.rng.process();
+    }
+}
+
+/// Matches an eventfd to the fd an event came from.
+trait RawFdEq {
+    fn as_raw_fd_eq(&self, fd: std::os::fd::RawFd) -> bool;
+}
+
+impl RawFdEq for EventFd {
+    fn as_raw_fd_eq(&self, fd: std::os::fd::RawFd) -> bool {
+        std::os::fd::AsRawFd::as_raw_fd(self) == fd
+    }
+}
