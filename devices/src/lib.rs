@@ -5,6 +5,8 @@
 //! transport on the vCPU thread and a backend on the node's device thread.
 
 pub mod bus;
+pub mod cmm;
 pub mod console;
+pub mod entropy;
 pub mod exit_port;
 pub mod virtio;

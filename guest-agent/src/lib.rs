@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod boot_info;
+pub mod channel;
 pub mod console;
 pub mod exit;
 pub mod mmio;

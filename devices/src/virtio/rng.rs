@@ -91,7 +91,7 @@ fn fill(out: &mut impl Write) -> io::Result<usize> {
     let mut total = 0;
     while total < MAX_REQUEST {
         let want = buf.len().min(MAX_REQUEST - total);
-        getrandom(&mut buf[..want])?;
+        crate::entropy::fill(&mut buf[..want])?;
         let n = out.write(&buf[..want])?;
         total += n;
         if n < want {
@@ -100,24 +100,4 @@ fn fill(out: &mut impl Write) -> io::Result<usize> {
     }
     buf.fill(0);
     Ok(total)
-}
-
-/// Fills `buf` from the kernel's CSPRNG.
-pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: `rest` is valid for writes of `rest.len()` bytes; the kernel writes at most
-        // that many and returns how many.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        done += n as usize;
-    }
-    Ok(())
 }

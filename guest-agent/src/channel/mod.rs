@@ -1,0 +1,3 @@
+//! The secure-channel device: its interface ([`abi`]) and the guest driver and API ([`driver`]).
+
+pub mod abi;
