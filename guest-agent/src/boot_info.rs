@@ -8,7 +8,9 @@
 /// `"KHBI"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KHBI");
 /// Layout version of [`BootInfo`].
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// Longest argument string the VMM passes.
+pub const MAX_ARGS: usize = 1024;
 /// Most devices a partition can be given.
 pub const MAX_DEVICES: usize = 8;
 
@@ -65,6 +67,12 @@ pub struct BootInfo {
     pub partition_id: u32,
     /// Guest-physical start of the RAM the firmware may use freely (above its image).
     pub free_ram_start: u64,
+    /// Guest-physical address of the partition's argument string (UTF-8, not terminated).
+    pub args_addr: u64,
+    /// Its length in bytes (at most [`MAX_ARGS`]).
+    pub args_len: u32,
+    /// The TSC frequency in kHz, so firmware can turn `rdtsc` into time (0 if unknown).
+    pub tsc_khz: u32,
     /// The partition's devices; the first `device_count` are valid.
     pub devices: [DeviceInfo; MAX_DEVICES],
 }
@@ -73,7 +81,7 @@ pub struct BootInfo {
 pub const SIZE: usize = core::mem::size_of::<BootInfo>();
 
 // The layout is an ABI: no padding may creep in (every byte of it is initialised by `new`).
-const _: () = assert!(SIZE == 4 + 2 + 2 + 8 + 4 + 4 + 8 + MAX_DEVICES * 24);
+const _: () = assert!(SIZE == 4 + 2 + 2 + 8 + 4 + 4 + 8 + 8 + 4 + 4 + MAX_DEVICES * 24);
 const _: () = assert!(core::mem::size_of::<DeviceInfo>() == 24);
 
 /// Why a boot-info block was refused.
@@ -98,6 +106,9 @@ impl BootInfo {
             node_id,
             partition_id,
             free_ram_start,
+            args_addr: 0,
+            args_len: 0,
+            tsc_khz: 0,
             devices: [DeviceInfo::default(); MAX_DEVICES],
         }
     }
@@ -132,6 +143,34 @@ impl BootInfo {
         &self.devices[..count]
     }
 
+    /// The argument string (empty if none or not valid UTF-8).
+    pub fn args(&self) -> &str {
+        if self.args_addr == 0 || self.args_len as usize > MAX_ARGS {
+            return "";
+        }
+        // SAFETY: the VMM wrote `args_len` bytes at `args_addr` in identity-mapped guest RAM
+        // and never changes them; the length is bounded above.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(self.args_addr as *const u8, self.args_len as usize)
+        };
+        core::str::from_utf8(bytes).unwrap_or("")
+    }
+
+    /// The value of `key=value` in the argument string (words separated by spaces).
+    pub fn arg(&self, key: &str) -> Option<&str> {
+        self.args()
+            .split(' ')
+            .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    /// `key=N` as a number, or `default` if absent; `None` if present but not a number.
+    pub fn arg_u64(&self, key: &str, default: u64) -> Option<u64> {
+        match self.arg(key) {
+            None => Some(default),
+            Some(v) => v.parse().ok(),
+        }
+    }
+
     /// The first device of `kind`, if the partition has one.
     pub fn find_device(&self, kind: DeviceKind) -> Option<&DeviceInfo> {
         self.devices().iter().find(|d| d.kind == kind as u32)
@@ -159,18 +198,18 @@ mod tests {
             mmio_size: 0x1000,
         }));
         let bytes = info.as_bytes();
-        assert_eq!(bytes.len(), 224);
+        assert_eq!(bytes.len(), 240);
         assert_eq!(&bytes[0..4], b"KHBI");
-        assert_eq!(&bytes[4..6], &1u16.to_le_bytes());
         assert_eq!(&bytes[6..8], &1u16.to_le_bytes());
         assert_eq!(&bytes[8..16], &0x0400_0000u64.to_le_bytes());
         assert_eq!(&bytes[16..20], &7u32.to_le_bytes());
         assert_eq!(&bytes[20..24], &3u32.to_le_bytes());
         assert_eq!(&bytes[24..32], &0x20_0000u64.to_le_bytes());
-        assert_eq!(&bytes[32..36], &1u32.to_le_bytes());
-        assert_eq!(&bytes[36..40], &5u32.to_le_bytes());
-        assert_eq!(&bytes[40..48], &0xd000_0000u64.to_le_bytes());
-        assert_eq!(&bytes[48..56], &0x1000u64.to_le_bytes());
+        assert_eq!(&bytes[4..6], &2u16.to_le_bytes());
+        assert_eq!(&bytes[48..52], &1u32.to_le_bytes());
+        assert_eq!(&bytes[52..56], &5u32.to_le_bytes());
+        assert_eq!(&bytes[56..64], &0xd000_0000u64.to_le_bytes());
+        assert_eq!(&bytes[64..72], &0x1000u64.to_le_bytes());
     }
 
     #[test]

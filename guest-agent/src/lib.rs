@@ -14,6 +14,7 @@ pub mod mmio;
 pub mod pages;
 pub mod platform;
 mod port_io;
+pub mod time;
 pub mod virtio;
 
 #[cfg(feature = "rt")]

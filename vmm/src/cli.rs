@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// A partition with an explicit ID; may be repeated and mixed with --firmware.
     #[arg(long, value_name = "ID=PATH", value_parser = parse_partition)]
     pub partition: Vec<(u32, PathBuf)>,
+    /// The argument string of partition ID (firmware reads it from its boot info, as
+    /// space-separated key=value words); may be repeated for other partitions.
+    #[arg(long, value_name = "ID=TEXT", value_parser = parse_partition_arg)]
+    pub arg: Vec<(u32, String)>,
     /// ID of the first --firmware partition.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub partition_id: u32,
@@ -68,14 +72,25 @@ pub struct RunArgs {
     pub timeout: Option<Duration>,
 }
 
+fn parse_partition_arg(arg: &str) -> Result<(u32, String), String> {
+    let (id, text) = arg
+        .split_once('=')
+        .ok_or("expected ID=TEXT, for example 2=\"peer=0:1:7\"")?;
+    let id = parse_id(id)?;
+    Ok((id, text.to_owned()))
+}
+
+fn parse_id(id: &str) -> Result<u32, String> {
+    id.trim()
+        .parse::<u32>()
+        .map_err(|_| format!("partition ID {id:?} is not a number from 0 to {}", u32::MAX))
+}
+
 fn parse_partition(arg: &str) -> Result<(u32, PathBuf), String> {
     let (id, path) = arg
         .split_once('=')
         .ok_or("expected ID=PATH, for example 3=target/fixtures/hello.elf")?;
-    let id = id
-        .trim()
-        .parse::<u32>()
-        .map_err(|_| format!("partition ID {id:?} is not a number from 0 to {}", u32::MAX))?;
+    let id = parse_id(id)?;
     if path.is_empty() {
         return Err("the firmware path after '=' is empty".into());
     }

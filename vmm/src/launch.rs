@@ -10,10 +10,19 @@ use keyhold_devices::console::{shared_output, LineSink, SharedOutput};
 use thiserror::Error;
 
 use crate::cli::RunArgs;
-use crate::device_thread::DeviceThread;
+use std::sync::{Arc, Mutex};
+
+use keyhold_devices::cmm::audit::Audit;
+use keyhold_devices::cmm::{Cmm, Limits};
+use keyhold_devices::virtio::secure_channel::ChannelNode;
+
+use crate::device_thread::{Backend, DeviceThread};
 use crate::host::{self, HostError};
 use crate::partition::{self, Partition, PartitionConfig, PartitionError};
 use crate::supervisor::{self, SupervisorError};
+
+/// Channels one node's CMM can hold, across all its partitions.
+pub const CMM_CAPACITY: usize = 1024;
 
 /// Exit status for bad input.
 pub const STATUS_BAD_INPUT: u8 = 2;
@@ -26,6 +35,9 @@ pub enum LaunchError {
     /// Neither --firmware nor --partition.
     #[error("no partition to run: give --firmware PATH or --partition ID=PATH")]
     NoPartitions,
+    /// --arg for a partition that is not there.
+    #[error("--arg names partition {0}, which is not being run")]
+    ArgsForNobody(u32),
     /// Two partitions with one ID.
     #[error("partition ID {0} is used more than once")]
     DuplicateId(u32),
@@ -40,6 +52,9 @@ pub enum LaunchError {
         /// The OS error.
         source: io::Error,
     },
+    /// The CMM's key table could not be allocated.
+    #[error("allocating the key table: {0}")]
+    Cmm(io::Error),
     /// The device thread could not start.
     #[error("starting the device thread: {0}")]
     DeviceThread(io::Error),
@@ -59,9 +74,10 @@ impl LaunchError {
     pub fn exit_status(&self) -> u8 {
         match self {
             Self::Partition(e) if !e.is_bad_input() => STATUS_HOST_FAILURE,
-            Self::Host(HostError::KvmOpen(_)) | Self::Supervisor(_) | Self::DeviceThread(_) => {
-                STATUS_HOST_FAILURE
-            }
+            Self::Host(HostError::KvmOpen(_))
+            | Self::Supervisor(_)
+            | Self::DeviceThread(_)
+            | Self::Cmm(_) => STATUS_HOST_FAILURE,
             _ => STATUS_BAD_INPUT,
         }
     }
@@ -90,6 +106,13 @@ pub fn partition_configs(args: &RunArgs) -> Result<Vec<PartitionConfig>, LaunchE
     if let Some(dup) = configs.iter().find(|c| !seen.insert(c.id)) {
         return Err(LaunchError::DuplicateId(dup.id));
     }
+    for (id, args) in &args.arg {
+        let config = configs
+            .iter_mut()
+            .find(|c| c.id == *id)
+            .ok_or(LaunchError::ArgsForNobody(*id))?;
+        config.args.clone_from(args);
+    }
     Ok(configs)
 }
 
@@ -99,6 +122,7 @@ fn config(id: u32, firmware: PathBuf, memory_mib: u64) -> PartitionConfig {
         firmware,
         memory_mib,
         node_id: 0,
+        args: String::new(),
     }
 }
 
@@ -121,13 +145,15 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
             String::new()
         };
         let console = LineSink::new(prefix, output.clone());
-        partitions.push(partition::create(&kvm, config, firmware, console)?);
+        partitions.push(partition::create(
+            &kvm,
+            config,
+            firmware,
+            console,
+            Limits::default(),
+        )?);
     }
-    let backends = partitions
-        .iter_mut()
-        .flat_map(Partition::take_backends)
-        .collect();
-    let _device_thread = DeviceThread::start(backends).map_err(LaunchError::DeviceThread)?;
+    let _device_thread = start_devices(&mut partitions, 0)?;
     let stops = supervisor::run(partitions, args.timeout, process_start, |stopped| {
         if let Some(report) = stopped.report() {
             eprintln!("keyhold: {report}");
@@ -138,6 +164,28 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         .map(|s| s.exit_status())
         .find(|&s| s != 0)
         .unwrap_or(0))
+}
+
+/// Starts the device thread with every partition's backends and one CMM for `node` in front
+/// of all their secure-channel devices.
+fn start_devices(partitions: &mut [Partition], node: u32) -> Result<DeviceThread, LaunchError> {
+    let mut backends: Vec<Backend> = partitions
+        .iter_mut()
+        .flat_map(Partition::take_backends)
+        .collect();
+    let channels = partitions
+        .iter_mut()
+        .filter_map(Partition::take_channel)
+        .collect();
+    let cmm = Cmm::new(
+        node,
+        CMM_CAPACITY,
+        Limits::default(),
+        Audit::new(node, None),
+    )
+    .map_err(LaunchError::Cmm)?;
+    backends.push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels))));
+    DeviceThread::start(backends).map_err(LaunchError::DeviceThread)
 }
 
 fn console_output(args: &RunArgs) -> Result<SharedOutput, LaunchError> {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0000  page 0: zero and read-only (see page_tables), so null-pointer writes fault
-//! 0x0000_1000  boot-info block (RDI at entry), then the GDT
+//! 0x0000_1000  boot-info block (RDI at entry), the argument string at 0x1100, the GDT at 0x1800
 //! 0x0000_2000  page tables: PML4, PDPT, 4 page directories, 1 page table
 //! 0x0001_0000  stack, growing down from 0x0010_0000
 //! 0x0010_0000  firmware image (FIRMWARE_BASE), then free RAM up to the RAM size
@@ -14,7 +14,9 @@
 
 /// Where the boot-info block goes.
 pub const BOOT_INFO: u64 = 0x1000;
-/// Where the GDT goes (same page as the boot info, which is much smaller than 0x800 bytes).
+/// Where the partition's argument string goes (at most `boot_info::MAX_ARGS` bytes).
+pub const BOOT_ARGS: u64 = 0x1100;
+/// Where the GDT goes (same page as the boot info, which is much smaller than 0x100 bytes).
 pub const GDT: u64 = 0x1800;
 /// First page-table page (the PML4).
 pub const PAGE_TABLES: u64 = 0x2000;
@@ -37,5 +39,7 @@ pub const MIN_RAM: u64 = 2 << 20;
 pub const MAX_RAM: u64 = 3 << 30;
 
 const _: () = assert!(MAX_RAM <= MMIO_BASE);
+const _: () = assert!(BOOT_INFO + guest_agent::boot_info::SIZE as u64 <= BOOT_ARGS);
+const _: () = assert!(BOOT_ARGS + guest_agent::boot_info::MAX_ARGS as u64 <= GDT);
 const _: () = assert!(MMIO_BASE + MMIO_SIZE <= IDENTITY_MAP_SIZE);
 const _: () = assert!(STACK_TOP <= FIRMWARE_BASE && FIRMWARE_BASE < MIN_RAM);

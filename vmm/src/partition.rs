@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use guest_agent::boot_info::BootInfo;
+use guest_agent::boot_info::{BootInfo, MAX_ARGS};
 use guest_agent::platform::{CONSOLE_PORT, CONSOLE_PORT_COUNT, EXIT_PORT};
 use keyhold_devices::bus::{Bus, BusError};
 use keyhold_devices::console::{Console, LineSink};
@@ -16,10 +16,15 @@ use keyhold_devices::exit_port::ExitPort;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use keyhold_devices::cmm::Limits;
+use keyhold_devices::virtio::secure_channel::ChannelDevice;
 
 use crate::device_thread::Backend;
-use crate::layout::{BOOT_INFO, MAX_RAM, MIN_RAM};
+use crate::layout::{BOOT_ARGS, BOOT_INFO, MAX_RAM, MIN_RAM};
 use crate::loader::{Firmware, FirmwareError};
 use crate::partition_devices::{AttachError, DeviceSet};
 use crate::stop::Stopped;
@@ -37,6 +42,8 @@ pub struct PartitionConfig {
     pub memory_mib: u64,
     /// The node the partition runs on (0 outside a cluster).
     pub node_id: u32,
+    /// The argument string the firmware reads from its boot info.
+    pub args: String,
 }
 
 /// Why a partition could not be created.
@@ -78,6 +85,14 @@ pub enum PartitionError {
         /// The error.
         source: kvm_ioctls::Error,
     },
+    /// The argument string is too long.
+    #[error("partition {id}: its argument string is {len} bytes, over the {MAX_ARGS}-byte limit")]
+    ArgsTooLong {
+        /// The partition.
+        id: u32,
+        /// The string's length.
+        len: usize,
+    },
     /// A virtio device could not be attached.
     #[error("partition {id}: devices: {source}")]
     Devices {
@@ -107,7 +122,10 @@ pub enum PartitionError {
 impl PartitionError {
     /// Whether the operator's input caused the error (as opposed to the host refusing).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::Firmware { .. } | Self::MemorySize { .. })
+        matches!(
+            self,
+            Self::Firmware { .. } | Self::MemorySize { .. } | Self::ArgsTooLong { .. }
+        )
     }
 }
 
@@ -117,6 +135,8 @@ pub struct Partition {
     vcpu: Vcpu,
     /// Device backends for the device thread, taken by [`Partition::take_backends`].
     backends: Vec<Backend>,
+    /// The secure-channel device, for the node's CMM; taken by [`Partition::take_channel`].
+    channel: Option<ChannelDevice>,
     _vm: VmFd,
     _memory: GuestMemoryMmap,
 }
@@ -125,6 +145,11 @@ impl Partition {
     /// The device backends, for the device thread.
     pub fn take_backends(&mut self) -> Vec<Backend> {
         std::mem::take(&mut self.backends)
+    }
+
+    /// The secure-channel device, for the node's CMM.
+    pub fn take_channel(&mut self) -> Option<ChannelDevice> {
+        self.channel.take()
     }
 
     /// The partition's ID.
@@ -143,10 +168,11 @@ impl Partition {
         let Self {
             vcpu,
             backends,
+            channel,
             _vm,
             _memory,
         } = self;
-        drop(backends);
+        drop((backends, channel));
         vcpu.run(process_start)
     }
 }
@@ -175,8 +201,15 @@ impl PartitionConfig {
 }
 
 impl PartitionConfig {
-    /// Opens and checks the firmware, so that bad input is reported before any VM exists.
+    /// Opens and checks the firmware (and the arguments), so that bad input is reported before
+    /// any VM exists.
     pub fn open_firmware(&self) -> Result<Firmware, PartitionError> {
+        if self.args.len() > MAX_ARGS {
+            return Err(PartitionError::ArgsTooLong {
+                id: self.id,
+                len: self.args.len(),
+            });
+        }
         Firmware::open(&self.firmware, self.ram_bytes()?)
             .map_err(|source| self.firmware_error(source))
     }
@@ -190,17 +223,17 @@ impl PartitionConfig {
     }
 }
 
-/// Builds a partition: creates the VM and its RAM, loads the image, lays out page tables, GDT
-/// and boot info, and sets the vCPU up to enter at the image's entry.
+/// Builds a partition: creates the VM and its RAM, loads the image, attaches the devices, lays
+/// out page tables, GDT, arguments and boot info, and sets the vCPU up to enter the image.
 pub fn create(
     kvm: &Kvm,
     config: &PartitionConfig,
     firmware: Firmware,
     console: LineSink,
+    limits: Limits,
 ) -> Result<Partition, PartitionError> {
     let id = config.id;
     let ram = config.ram_bytes()?;
-
     let kvm_error = |what| move |source| PartitionError::Kvm { id, what, source };
     let vm = kvm.create_vm().map_err(kvm_error("creating the VM"))?;
     let memory = guest_memory(&vm, id, ram)?;
@@ -209,27 +242,28 @@ pub fn create(
     // milliseconds on the development machines.
     vm.create_irq_chip()
         .map_err(kvm_error("creating the in-kernel irqchip"))?;
+    let fd = vm.create_vcpu(0).map_err(kvm_error("creating the vCPU"))?;
     let layout = firmware
         .load(&memory)
         .map_err(|source| config.firmware_error(source))?;
 
-    let memory_error = |e: vm_memory::GuestMemoryError| PartitionError::GuestMemory {
-        id,
-        reason: e.to_string(),
-    };
-    let cr3 = page_tables::write(&memory).map_err(memory_error)?;
-    cpu::write_gdt(&memory).map_err(memory_error)?;
-    let free_ram_start = layout.end.next_multiple_of(0x1000);
-    let mut info = BootInfo::new(ram, config.node_id, id, free_ram_start);
+    let mut info = BootInfo::new(ram, config.node_id, id, layout.end.next_multiple_of(0x1000));
+    // 0 tells firmware the frequency is unknown; it then reports no timings.
+    info.tsc_khz = fd.get_tsc_khz().unwrap_or(0);
     let mut mmio = Bus::new();
     let device_error = |source| PartitionError::Devices { id, source };
     let mut devices = DeviceSet::new(&vm, &memory, &mut mmio, &mut info);
     let backends = vec![devices.attach_rng().map_err(device_error)?];
-    memory
-        .write_slice(info.as_bytes(), GuestAddress(BOOT_INFO))
-        .map_err(memory_error)?;
+    let channel = devices
+        .attach_secure_channel(config.node_id, id, limits)
+        .map_err(device_error)?;
+    let cr3 = write_boot_state(&memory, &mut info, &config.args).map_err(|e| {
+        PartitionError::GuestMemory {
+            id,
+            reason: e.to_string(),
+        }
+    })?;
 
-    let fd = vm.create_vcpu(0).map_err(kvm_error("creating the vCPU"))?;
     let sregs = fd
         .get_sregs()
         .map_err(kvm_error("reading the vCPU's special registers"))?;
@@ -241,31 +275,51 @@ pub fn create(
         .map_err(kvm_error("setting FPU state"))?;
 
     let console = Arc::new(Mutex::new(Console::new(console)));
-    let mut pio = Bus::new();
-    let bus_error = |source| PartitionError::Device { id, source };
-    pio.insert(
-        u64::from(CONSOLE_PORT),
-        u64::from(CONSOLE_PORT_COUNT),
-        Box::new(console.clone()),
-    )
-    .map_err(bus_error)?;
-    pio.insert(u64::from(EXIT_PORT), 4, Box::new(ExitPort))
-        .map_err(bus_error)?;
-
+    let pio =
+        port_devices(console.clone()).map_err(|source| PartitionError::Device { id, source })?;
+    let timed_out = Arc::new(AtomicBool::new(false));
     let vcpu = Vcpu {
         partition: id,
         fd,
         pio,
         mmio,
         console,
-        timed_out: Arc::new(AtomicBool::new(false)),
+        timed_out,
     };
     Ok(Partition {
         vcpu,
         backends,
+        channel: Some(channel),
         _vm: vm,
         _memory: memory,
     })
+}
+
+/// Writes page tables, GDT, the argument string and the boot-info block; returns CR3.
+fn write_boot_state(
+    memory: &GuestMemoryMmap,
+    info: &mut BootInfo,
+    args: &str,
+) -> Result<u64, GuestMemoryError> {
+    let cr3 = page_tables::write(memory)?;
+    cpu::write_gdt(memory)?;
+    memory.write_slice(args.as_bytes(), GuestAddress(BOOT_ARGS))?;
+    info.args_addr = BOOT_ARGS;
+    info.args_len = args.len() as u32;
+    memory.write_slice(info.as_bytes(), GuestAddress(BOOT_INFO))?;
+    Ok(cr3)
+}
+
+/// The console and the exit port on the port bus.
+fn port_devices(console: Arc<Mutex<Console>>) -> Result<Bus, BusError> {
+    let mut pio = Bus::new();
+    pio.insert(
+        u64::from(CONSOLE_PORT),
+        u64::from(CONSOLE_PORT_COUNT),
+        Box::new(console),
+    )?;
+    pio.insert(u64::from(EXIT_PORT), 4, Box::new(ExitPort))?;
+    Ok(pio)
 }
 
 /// Maps `ram` bytes of anonymous memory and gives them to the VM as slot 0 at guest-physical 0.

@@ -6,9 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use guest_agent::boot_info::{BootInfo, DeviceInfo, DeviceKind};
+use guest_agent::channel::abi;
 use keyhold_devices::bus::{Bus, BusError};
+use keyhold_devices::cmm::Limits;
 use keyhold_devices::virtio::mmio::{reg, DeviceDescription, MmioTransport, WINDOW_SIZE};
 use keyhold_devices::virtio::rng::{self, Rng};
+use keyhold_devices::virtio::secure_channel::{self, ChannelDevice};
 use keyhold_devices::virtio::shared::DeviceShared;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use thiserror::Error;
@@ -118,6 +121,32 @@ impl<'a> DeviceSet<'a> {
         }
         self.count += 1;
         Ok(Attached { shared, queue_evts })
+    }
+
+    /// Attaches the secure-channel device of partition `partition` on node `node`.
+    pub fn attach_secure_channel(
+        &mut self,
+        node: u32,
+        partition: u32,
+        limits: Limits,
+    ) -> Result<ChannelDevice, AttachError> {
+        let config = abi::Config {
+            node,
+            partition,
+            max_message: limits.max_message,
+            max_channels: limits.max_channels,
+            version: abi::INTERFACE_VERSION,
+        };
+        let attached = self.attach(
+            DeviceKind::SecureChannel,
+            secure_channel::description(config),
+        )?;
+        Ok(ChannelDevice::new(
+            partition,
+            attached.shared,
+            self.mem.clone(),
+            attached.queue_evts,
+        ))
     }
 
     /// Attaches a virtio-rng and returns its backend.

@@ -43,7 +43,7 @@ impl Audit {
                     log::error!("audit log write failed: {e}; record: {line}");
                 }
             }
-            None => log::warn!(target: "audit", "{line}"),
+            None => log::info!(target: "audit", "{line}"),
         }
     }
 

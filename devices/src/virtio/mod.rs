@@ -7,6 +7,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod secure_channel;
 pub mod shared;
 
 /// Virtio device ID of the entropy device.

@@ -111,6 +111,17 @@ impl Endpoint {
         }
     }
 
+    /// Parses `node:partition:process`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(':').map(|p| p.parse::<u32>().ok());
+        let endpoint = Self {
+            node: parts.next()??,
+            partition: parts.next()??,
+            process: parts.next()??,
+        };
+        parts.next().is_none().then_some(endpoint)
+    }
+
     /// The encoded bytes.
     pub fn to_bytes(&self) -> [u8; ENDPOINT_SIZE] {
         let mut out = [0u8; ENDPOINT_SIZE];
@@ -512,6 +523,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Stats::from_bytes(&stats.to_bytes()), stats);
+    }
+
+    #[test]
+    fn endpoints_parse_strictly() {
+        assert_eq!(
+            Endpoint::parse("1:2:3"),
+            Some(Endpoint {
+                node: 1,
+                partition: 2,
+                process: 3
+            })
+        );
+        for bad in ["", "1:2", "1:2:3:4", "1:x:3", "-1:2:3"] {
+            assert_eq!(Endpoint::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,509 @@
+//! The secure-channel device (docs/DEVICE.md): three queues per partition (control, transmit,
+//! receive) in front of the node's CMM.
+//!
+//! All partitions' devices and the CMM live in one [`ChannelNode`] on the device thread, so a
+//! message from one partition to another needs no lock beyond the two devices' queue slots,
+//! taken one at a time. The device stamps node and partition on every request: the guest names
+//! only its process.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use guest_agent::channel::abi::{
+    self, op, status, ControlRequest, ControlResponse, TxHeader, CHANNEL_INFO_SIZE,
+    CONTROL_REQUEST_SIZE, CONTROL_RESPONSE_SIZE, RX_HEADER_SIZE, TX_HEADER_SIZE,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::mmio::DeviceDescription;
+use super::shared::{Activation, DeviceShared, INT_USED_BUFFER};
+use crate::bus::lock;
+use crate::cmm::{Cmm, Delivery};
+
+/// Size of the control queue.
+pub const CONTROL_QUEUE_SIZE: u16 = 64;
+/// Size of the transmit and receive queues.
+pub const DATA_QUEUE_SIZE: u16 = 256;
+/// Verified messages held for a partition with no free receive buffer.
+pub const MAX_PENDING: usize = 256;
+
+const QUEUES: usize = 3;
+
+/// What the transport tells the driver about a partition's device.
+pub fn description(config: abi::Config) -> DeviceDescription {
+    DeviceDescription {
+        device_id: abi::DEVICE_ID,
+        features: 0,
+        queue_sizes: vec![CONTROL_QUEUE_SIZE, DATA_QUEUE_SIZE, DATA_QUEUE_SIZE],
+        config: config.to_bytes().to_vec(),
+    }
+}
+
+/// One partition's secure-channel device, as the device thread holds it.
+pub struct ChannelDevice {
+    partition: u32,
+    shared: Arc<DeviceShared>,
+    mem: GuestMemoryMmap,
+    queue_evts: Vec<EventFd>,
+    pending: VecDeque<Delivery>,
+}
+
+impl ChannelDevice {
+    /// The device of `partition`, with its transport's shared state, RAM and queue eventfds.
+    pub fn new(
+        partition: u32,
+        shared: Arc<DeviceShared>,
+        mem: GuestMemoryMmap,
+        queue_evts: Vec<EventFd>,
+    ) -> Self {
+        Self {
+            partition,
+            shared,
+            mem,
+            queue_evts,
+            pending: VecDeque::new(),
+        }
+    }
+}
+
+/// A chain the guest made that the device cannot parse: the device needs a reset.
+struct Malformed(&'static str);
+
+/// The CMM and every partition's device, on the device thread.
+pub struct ChannelNode {
+    cmm: Cmm,
+    devices: Vec<ChannelDevice>,
+}
+
+impl ChannelNode {
+    /// The node's devices in front of `cmm`.
+    pub fn new(cmm: Cmm, devices: Vec<ChannelDevice>) -> Self {
+        Self { cmm, devices }
+    }
+
+    fn device_of(&self, partition: u32) -> Option<usize> {
+        self.devices.iter().position(|d| d.partition == partition)
+    }
+
+    /// Handles a notification of queue `queue` of device `index`.
+    fn notified(&mut self, index: usize, queue: usize) {
+        let partition = self.devices[index].partition;
+        self.cmm.stats(partition).notifications += 1;
+        let outcome = match queue {
+            0 => self.run_queue(index, 0, Self::control),
+            1 => self.transmit(index),
+            _ => Ok(()),
+        };
+        if let Err(Malformed(why)) = outcome {
+            self.devices[index].shared.fail(why);
+            return;
+        }
+        self.flush_pending(index);
+    }
+
+    /// Runs `handle` on every chain of queue `q` of device `index`; each returns the bytes it
+    /// wrote. Notifications are re-enabled before the queue is left, so nothing is missed.
+    fn run_queue(
+        &mut self,
+        index: usize,
+        q: usize,
+        mut handle: impl FnMut(
+            &mut Self,
+            usize,
+            DescriptorChain<&GuestMemoryMmap>,
+        ) -> Result<u32, Malformed>,
+    ) -> Result<(), Malformed> {
+        let device = &self.devices[index];
+        let (shared, mem) = (device.shared.clone(), device.mem.clone());
+        let mut activation = lock(&shared.activation);
+        let queue = match &mut *activation {
+            Activation::Active { queues } => match queues.get_mut(q) {
+                Some(queue) if queue.ready() => queue,
+                _ => return Ok(()),
+            },
+            Activation::Inactive => return Err(Malformed("queue notified before DRIVER_OK")),
+            Activation::NeedsReset => return Ok(()),
+        };
+        let mut used_any = false;
+        loop {
+            queue
+                .disable_notification(&mem)
+                .map_err(|_| Malformed("queue rings not in guest RAM"))?;
+            loop {
+                let chain = queue
+                    .iter(&mem)
+                    .map_err(|_| Malformed("avail index ran ahead of the queue"))?
+                    .next();
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let written = handle(self, index, chain)?;
+                queue
+                    .add_used(&mem, head, written)
+                    .map_err(|_| Malformed("used ring not writable"))?;
+                used_any = true;
+            }
+            if !queue
+                .enable_notification(&mem)
+                .map_err(|_| Malformed("queue rings not in guest RAM"))?
+            {
+                break;
+            }
+        }
+        let interrupt = used_any && queue.needs_notification(&mem).unwrap_or(true);
+        drop(activation);
+        if interrupt {
+            shared.signal(INT_USED_BUFFER);
+        }
+        Ok(())
+    }
+
+    /// One control request: read it, act on it, write the response.
+    fn control(
+        &mut self,
+        index: usize,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<u32, Malformed> {
+        let partition = self.devices[index].partition;
+        let mem = self.devices[index].mem.clone();
+        let mut reader = chain
+            .clone()
+            .reader(&mem)
+            .map_err(|_| Malformed("control request outside guest RAM"))?;
+        let mut writer = chain
+            .writer(&mem)
+            .map_err(|_| Malformed("control response outside guest RAM"))?;
+        let mut raw = [0u8; CONTROL_REQUEST_SIZE];
+        let request = reader
+            .read_exact(&mut raw)
+            .ok()
+            .and_then(|()| ControlRequest::from_bytes(&raw));
+        raw.fill(0);
+        let room = writer.available_bytes();
+        let (head, body) = match request {
+            Some(request) => self.execute(
+                partition,
+                &request,
+                room.saturating_sub(CONTROL_RESPONSE_SIZE),
+            ),
+            None => (self.refused(partition, status::BAD_REQUEST), Vec::new()),
+        };
+        if room < CONTROL_RESPONSE_SIZE {
+            return Ok(0);
+        }
+        writer
+            .write_all(&head.to_bytes())
+            .map_err(|_| Malformed("control response not writable"))?;
+        writer
+            .write_all(&body)
+            .map_err(|_| Malformed("control response not writable"))?;
+        Ok((CONTROL_RESPONSE_SIZE + body.len()) as u32)
+    }
+
+    fn refused(&mut self, partition: u32, code: u32) -> ControlResponse {
+        self.cmm.stats(partition).refused += 1;
+        ControlResponse {
+            status: code,
+            ..Default::default()
+        }
+    }
+
+    /// Carries out a decoded request; `room` is the space after the response head.
+    fn execute(
+        &mut self,
+        partition: u32,
+        req: &ControlRequest,
+        room: usize,
+    ) -> (ControlResponse, Vec<u8>) {
+        let reply = |result: Result<crate::cmm::connection_table::ChannelId, u32>| match result {
+            Ok(id) => ControlResponse {
+                status: status::OK,
+                channel: id.0,
+                count: 0,
+            },
+            Err(code) => ControlResponse {
+                status: code,
+                ..Default::default()
+            },
+        };
+        match req.op {
+            op::LISTEN if req.flags == 0 => (
+                reply(self.cmm.listen(partition, req.process, req.remote)),
+                Vec::new(),
+            ),
+            op::OPEN if req.flags & !abi::FLAG_GUEST_KEY == 0 => {
+                let key = (req.flags & abi::FLAG_GUEST_KEY != 0).then_some(req.key);
+                (
+                    reply(self.cmm.open(partition, req.process, req.remote, key)),
+                    Vec::new(),
+                )
+            }
+            op::CLOSE if req.flags == 0 => {
+                let result = self.cmm.close(partition, req.process, req.channel);
+                let status = result.err().unwrap_or(status::OK);
+                (
+                    ControlResponse {
+                        status,
+                        ..Default::default()
+                    },
+                    Vec::new(),
+                )
+            }
+            op::LIST => {
+                let entries = self.cmm.list(partition);
+                if entries.len() * CHANNEL_INFO_SIZE > room {
+                    let head = ControlResponse {
+                        status: status::BUFFER_TOO_SMALL,
+                        channel: 0,
+                        count: entries.len() as u32,
+                    };
+                    return (head, Vec::new());
+                }
+                let body = entries.iter().flat_map(|e| e.to_bytes()).collect();
+                (
+                    ControlResponse {
+                        status: status::OK,
+                        channel: 0,
+                        count: entries.len() as u32,
+                    },
+                    body,
+                )
+            }
+            op::STATS => {
+                let body = self.cmm.stats(partition).to_bytes();
+                if body.len() > room {
+                    return (
+                        self.refused(partition, status::BUFFER_TOO_SMALL),
+                        Vec::new(),
+                    );
+                }
+                (
+                    ControlResponse {
+                        status: status::OK,
+                        ..Default::default()
+                    },
+                    body.to_vec(),
+                )
+            }
+            op::LISTEN | op::OPEN | op::CLOSE => {
+                (self.refused(partition, status::BAD_REQUEST), Vec::new())
+            }
+            _ => (self.refused(partition, status::UNKNOWN_OP), Vec::new()),
+        }
+    }
+
+    /// Sends every message on the transmit queue, then delivers what they produced.
+    fn transmit(&mut self, index: usize) -> Result<(), Malformed> {
+        let mut deliveries = Vec::new();
+        self.run_queue(index, 1, |node, index, chain| {
+            node.send_one(index, chain, &mut deliveries)
+        })?;
+        for delivery in deliveries {
+            self.deliver(delivery);
+        }
+        Ok(())
+    }
+
+    fn send_one(
+        &mut self,
+        index: usize,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        deliveries: &mut Vec<Delivery>,
+    ) -> Result<u32, Malformed> {
+        let partition = self.devices[index].partition;
+        let mem = self.devices[index].mem.clone();
+        let mut reader = chain
+            .clone()
+            .reader(&mem)
+            .map_err(|_| Malformed("transmit buffer outside guest RAM"))?;
+        let mut writer = chain
+            .writer(&mem)
+            .map_err(|_| Malformed("transmit status outside guest RAM"))?;
+        let code = match self.read_message(&mut reader) {
+            Ok((header, payload)) => match self.cmm.send(partition, &header, payload) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    status::OK
+                }
+                Err(code) => code,
+            },
+            Err(code) => {
+                self.cmm.stats(partition).refused += 1;
+                code
+            }
+        };
+        if writer.available_bytes() < 4 {
+            return Ok(0);
+        }
+        writer
+            .write_all(&code.to_le_bytes())
+            .map_err(|_| Malformed("transmit status not writable"))?;
+        Ok(4)
+    }
+
+    /// Reads a transmit header and its payload, within the device's limits.
+    fn read_message(
+        &self,
+        reader: &mut virtio_queue::Reader<'_>,
+    ) -> Result<(TxHeader, Vec<u8>), u32> {
+        let mut raw = [0u8; TX_HEADER_SIZE];
+        reader
+            .read_exact(&mut raw)
+            .map_err(|_| status::BAD_REQUEST)?;
+        let header = TxHeader::from_bytes(&raw).ok_or(status::BAD_REQUEST)?;
+        let len = header.len as usize;
+        if len > self.cmm.limits().max_message as usize {
+            return Err(status::TOO_BIG);
+        }
+        if reader.available_bytes() < len {
+            return Err(status::BAD_REQUEST);
+        }
+        let mut payload = vec![0u8; len];
+        reader
+            .read_exact(&mut payload)
+            .map_err(|_| status::BAD_REQUEST)?;
+        Ok((header, payload))
+    }
+
+    /// Puts a verified message into its partition's receive queue, or holds it until the
+    /// guest posts a buffer.
+    fn deliver(&mut self, delivery: Delivery) {
+        let Some(index) = self.device_of(delivery.partition) else {
+            return;
+        };
+        let device = &mut self.devices[index];
+        if device.pending.len() >= MAX_PENDING {
+            self.cmm.dropped_no_room(&delivery);
+            return;
+        }
+        device.pending.push_back(delivery);
+        self.flush_pending(index);
+    }
+
+    /// Moves held messages of device `index` into receive buffers while there are any.
+    fn flush_pending(&mut self, index: usize) {
+        if self.devices[index].pending.is_empty() {
+            return;
+        }
+        let shared = self.devices[index].shared.clone();
+        let mem = self.devices[index].mem.clone();
+        let mut activation = lock(&shared.activation);
+        let Activation::Active { queues } = &mut *activation else {
+            return;
+        };
+        let Some(queue) = queues.get_mut(2).filter(|q| q.ready()) else {
+            return;
+        };
+        let mut used_any = false;
+        let mut failure = None;
+        while !self.devices[index].pending.is_empty() {
+            match next_chain(queue, &mem) {
+                Ok(Some(chain)) => {
+                    let Some(delivery) = self.devices[index].pending.pop_front() else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    let written = write_delivery(chain, &mem, &delivery);
+                    match written {
+                        Some(_) => self.cmm.delivered(&delivery),
+                        None => self.cmm.dropped_no_room(&delivery),
+                    }
+                    if queue.add_used(&mem, head, written.unwrap_or(0)).is_err() {
+                        failure = Some("used ring not writable");
+                        break;
+                    }
+                    used_any = true;
+                }
+                Ok(None) => break,
+                Err(why) => {
+                    failure = Some(why);
+                    break;
+                }
+            }
+        }
+        let interrupt = used_any && queue.needs_notification(&mem).unwrap_or(true);
+        drop(activation);
+        if let Some(why) = failure {
+            shared.fail(why);
+        } else if interrupt {
+            shared.signal(INT_USED_BUFFER);
+        }
+    }
+}
+
+/// The next receive buffer, re-enabling notifications when there is none so the guest's next
+/// post wakes the device.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, &'static str> {
+    loop {
+        if let Some(chain) = queue
+            .iter(mem)
+            .map_err(|_| "avail index ran ahead of the queue")?
+            .next()
+        {
+            return Ok(Some(chain));
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(|_| "queue rings not in guest RAM")?
+        {
+            return Ok(None);
+        }
+    }
+}
+
+/// Writes header and payload into a receive buffer; `None` if it is too small (the message is
+/// dropped and the buffer returned empty).
+fn write_delivery(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    delivery: &Delivery,
+) -> Option<u32> {
+    let mut writer = chain.writer(mem).ok()?;
+    let total = RX_HEADER_SIZE + delivery.payload.len();
+    if writer.available_bytes() < total {
+        return None;
+    }
+    writer.write_all(&delivery.header.to_bytes()).ok()?;
+    writer.write_all(&delivery.payload).ok()?;
+    Some(total as u32)
+}
+
+impl MutEventSubscriber for ChannelNode {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, device) in self.devices.iter().enumerate() {
+            for (queue, evt) in device.queue_evts.iter().enumerate() {
+                let data = (index * QUEUES + queue) as u32;
+                if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
+                    log::error!(
+                        "secure channel: watching partition {}'s queue {queue}: {e:?}",
+                        device.partition
+                    );
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _: &mut EventOps) {
+        let data = events.data() as usize;
+        let (index, queue) = (data / QUEUES, data % QUEUES);
+        let Some(device) = self.devices.get(index) else {
+            return;
+        };
+        if let Some(evt) = device
+            .queue_evts
+            .get(queue)
+            .filter(|e| e.as_raw_fd() == events.fd())
+        {
+            let _ = evt.read();
+        }
+        self.notified(index, queue);
+    }
+}

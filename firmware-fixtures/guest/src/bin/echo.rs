@@ -1,0 +1,88 @@
+//! Listens for one peer and echoes every message back on the channel it came in on, until an
+//! empty message says goodbye. Arguments: `peer=N:P:Q` (required), `process=N` (default 1).
+#![no_std]
+#![no_main]
+
+use guest_agent::channel::abi::Endpoint;
+use guest_agent::channel::{driver::TX_SLOTS, SecureChannel};
+use guest_agent::{println, BootInfo};
+
+const MAX: usize = 64 * 1024;
+
+fn main(info: &'static BootInfo) -> u32 {
+    let Some(peer) = info.arg("peer").and_then(Endpoint::parse) else {
+        println!("echo: needs peer=NODE:PARTITION:PROCESS");
+        return 2;
+    };
+    let process = info.arg_u64("process", 1).unwrap_or(1) as u32;
+    let mut ch = match SecureChannel::open(info) {
+        Ok(ch) => ch,
+        Err(e) => {
+            println!("echo: cannot open the secure channel device: {e:?}");
+            return 2;
+        }
+    };
+    if let Err(e) = ch.listen(process, peer) {
+        println!("echo: listen failed: {e:?}");
+        return 2;
+    }
+    println!(
+        "echo: process {process} listening for {}:{}:{}",
+        peer.node, peer.partition, peer.process
+    );
+    let buf = match guest_agent::pages::alloc(MAX as u64) {
+        // SAFETY: fresh pages of MAX bytes, used only here.
+        Some(addr) => unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, MAX) },
+        None => return 2,
+    };
+    let mut echoed: u64 = 0;
+    loop {
+        let mut posted = 0;
+        let mut bye = false;
+        while posted < TX_SLOTS && !bye {
+            match ch.recv(buf) {
+                Ok(Some(msg)) if msg.header.len == 0 => bye = true,
+                Ok(Some(msg)) => {
+                    if let Err(e) =
+                        ch.post_send(msg.header.channel, msg.header.process, &buf[..msg.copied])
+                    {
+                        println!("echo: send failed: {e:?}");
+                        return 1;
+                    }
+                    posted += 1;
+                }
+                Ok(None) if posted > 0 => break,
+                Ok(None) => core::hint::spin_loop(),
+                Err(e) => {
+                    println!("echo: receive failed: {e:?}");
+                    return 1;
+                }
+            }
+        }
+        ch.flush();
+        while posted > 0 {
+            match ch.reap_send() {
+                Ok(Some(0)) => {
+                    posted -= 1;
+                    echoed += 1;
+                }
+                Ok(Some(status)) => {
+                    println!("echo: the device refused an echo with status {status}");
+                    return 1;
+                }
+                Ok(None) => core::hint::spin_loop(),
+                Err(e) => {
+                    println!("echo: {e:?}");
+                    return 1;
+                }
+            }
+        }
+        if bye {
+            break;
+        }
+    }
+    println!("echo: echoed {echoed} messages; goodbye");
+    0
+}
+
+guest_agent::entry!(main);

@@ -1,0 +1,157 @@
+//! Opens a channel to an echo partition, sends `count` messages of `size` bytes in batches of
+//! `batch`, checks every echo, and prints message rate and round-trip percentiles.
+//! Arguments: `peer=N:P:Q` (required), `process=N` (1), `count=N` (1000), `size=N` (64),
+//! `batch=N` (16, at most 32), `key=guest` to supply the channel key itself (claim 2).
+#![no_std]
+#![no_main]
+
+use guest_agent::channel::abi::{status, Endpoint};
+use guest_agent::channel::{ChannelError, SecureChannel};
+use guest_agent::time::{nanos, spin_for, ticks};
+use guest_agent::virtio::rng::Rng;
+use guest_agent::{println, BootInfo};
+
+const MAX: usize = 64 * 1024;
+
+/// The byte at `offset` of message `index`: each message differs, so a misrouted or stale
+/// echo is caught.
+fn pattern(index: u64, offset: usize) -> u8 {
+    (index as usize).wrapping_mul(31).wrapping_add(offset) as u8
+}
+
+fn main(info: &'static BootInfo) -> u32 {
+    match run(info) {
+        Ok(()) => 0,
+        Err(why) => {
+            println!("ping: {why}");
+            1
+        }
+    }
+}
+
+fn run(info: &'static BootInfo) -> Result<(), &'static str> {
+    let peer = info
+        .arg("peer")
+        .and_then(Endpoint::parse)
+        .ok_or("needs peer=NODE:PARTITION:PROCESS")?;
+    let process = info.arg_u64("process", 1).ok_or("bad process")? as u32;
+    let count = info.arg_u64("count", 1000).ok_or("bad count")?;
+    let size = info.arg_u64("size", 64).ok_or("bad size")? as usize;
+    let batch = info.arg_u64("batch", 16).ok_or("bad batch")?.clamp(1, 32);
+    if size == 0 || size > MAX {
+        return Err("size must be 1 to 65536");
+    }
+    let mut ch = SecureChannel::open(info).map_err(|_| "cannot open the secure channel device")?;
+    let key = guest_key(info)?;
+    let channel = connect(info, &mut ch, process, peer, key.as_ref())?;
+    println!(
+        "ping: channel {channel:#x} to {}:{}:{} open",
+        peer.node, peer.partition, peer.process
+    );
+
+    let (out, back, rtts) = buffers(count)?;
+    let start = ticks();
+    let mut sent = 0u64;
+    while sent < count {
+        let n = batch.min(count - sent);
+        let t0 = ticks();
+        for i in sent..sent + n {
+            for (offset, byte) in out[..size].iter_mut().enumerate() {
+                *byte = pattern(i, offset);
+            }
+            ch.post_send(channel, process, &out[..size])
+                .map_err(|_| "send refused")?;
+        }
+        ch.flush();
+        let (mut reaped, mut echoed) = (0, 0);
+        while reaped < n || echoed < n {
+            match ch.reap_send() {
+                Ok(Some(status::OK)) => reaped += 1,
+                Ok(Some(_)) => return Err("the device refused a message"),
+                Ok(None) => {}
+                Err(_) => return Err("transmit queue failed"),
+            }
+            if let Some(msg) = ch.recv(back).map_err(|_| "receive queue failed")? {
+                let index = sent + echoed;
+                let intact = msg.copied == size && (0..size).all(|o| back[o] == pattern(index, o));
+                if !intact || msg.header.source != peer {
+                    return Err("an echo did not match what was sent");
+                }
+                rtts[index as usize] = ticks() - t0;
+                echoed += 1;
+            }
+        }
+        sent += n;
+    }
+    let elapsed = ticks() - start;
+    report(info, count, size, batch, elapsed, rtts);
+    ch.send(channel, process, &[])
+        .map_err(|_| "goodbye refused")?;
+    ch.close(process, channel).map_err(|_| "close refused")?;
+    Ok(())
+}
+
+/// A key from virtio-rng when asked for `key=guest`, so the channel uses a guest-made key.
+fn guest_key(info: &BootInfo) -> Result<Option<[u8; 32]>, &'static str> {
+    if info.arg("key") != Some("guest") {
+        return Ok(None);
+    }
+    let mut key = [0u8; 32];
+    Rng::open(info)
+        .and_then(|mut rng| rng.fill(&mut key))
+        .map_err(|_| "virtio-rng failed")?;
+    Ok(Some(key))
+}
+
+/// Opens the channel, retrying for a few seconds while the peer is not listening yet (the
+/// partitions boot concurrently).
+fn connect(
+    info: &BootInfo,
+    ch: &mut SecureChannel,
+    process: u32,
+    peer: Endpoint,
+    key: Option<&[u8; 32]>,
+) -> Result<u32, &'static str> {
+    for _ in 0..500 {
+        match ch.connect(process, peer, key) {
+            Ok(channel) => return Ok(channel),
+            Err(ChannelError::Status(status::NO_LISTENER)) => spin_for(info, 10_000),
+            Err(_) => return Err("open failed"),
+        }
+    }
+    Err("the peer never listened")
+}
+
+type Buffers = (&'static mut [u8], &'static mut [u8], &'static mut [u64]);
+
+fn buffers(count: u64) -> Result<Buffers, &'static str> {
+    let alloc = |bytes: u64| guest_agent::pages::alloc(bytes).ok_or("out of memory");
+    let (out, back, rtts) = (alloc(MAX as u64)?, alloc(MAX as u64)?, alloc(count * 8)?);
+    // SAFETY: three fresh, disjoint page ranges of the sizes given, used only here.
+    unsafe {
+        Ok((
+            core::slice::from_raw_parts_mut(out as *mut u8, MAX),
+            core::slice::from_raw_parts_mut(back as *mut u8, MAX),
+            core::slice::from_raw_parts_mut(rtts as *mut u64, count as usize),
+        ))
+    }
+}
+
+fn report(info: &BootInfo, count: u64, size: usize, batch: u64, elapsed: u64, rtts: &mut [u64]) {
+    rtts.sort_unstable();
+    let pct = |p: usize| rtts[(rtts.len() * p / 100).min(rtts.len() - 1)];
+    match (nanos(info, elapsed), nanos(info, pct(50)), nanos(info, pct(99))) {
+        (Some(total), Some(p50), Some(p99)) if total > 0 => {
+            let rate = u128::from(count) * 1_000_000_000 / u128::from(total);
+            let mbps = rate * size as u128 / 1_000_000;
+            println!(
+                "ping: {count} messages of {size} bytes, batch {batch}: {rate} msg/s, {mbps} MB/s, round trip p50 {} us, p99 {} us",
+                p50 / 1000,
+                p99 / 1000
+            );
+        }
+        _ => println!("ping: {count} messages of {size} bytes, batch {batch}: all echoed (no TSC rate for timings)"),
+    }
+}
+
+guest_agent::entry!(main);

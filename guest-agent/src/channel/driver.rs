@@ -1,0 +1,413 @@
+//! The guest driver and API of the secure-channel device.
+//!
+//! The device stamps node and partition on everything; a request names only the process it is
+//! made for (guest software's own naming, like a port). Everything polls: no interrupts.
+//!
+//! ```ignore
+//! let mut ch = SecureChannel::open(info)?;
+//! let peer = Endpoint { node: 0, partition: 2, process: 7 };
+//! let channel = ch.connect(1, peer, None)?;        // OPEN with a device-made key
+//! ch.send(channel, 1, b"hello")?;
+//! let mut buf = [0u8; 64];
+//! if let Some(msg) = ch.recv(&mut buf)? { /* msg.source is verified by the CMM */ }
+//! ```
+
+use super::abi::{
+    self, op, status, ChannelInfo, Config, ControlRequest, ControlResponse, Endpoint, RxHeader,
+    Stats, TxHeader, CHANNEL_INFO_SIZE, CONTROL_RESPONSE_SIZE, RX_HEADER_SIZE, STATS_SIZE,
+    TX_HEADER_SIZE,
+};
+use crate::boot_info::{BootInfo, DeviceKind};
+use crate::pages;
+use crate::virtio::queue::{Buffer, Virtqueue};
+use crate::virtio::transport::Transport;
+use crate::virtio::{DriverError, F_EVENT_IDX};
+
+/// Messages the driver can have in flight on the transmit queue.
+pub const TX_SLOTS: usize = 32;
+/// Receive buffers kept posted.
+pub const RX_SLOTS: usize = 32;
+const TX_QUEUE_SIZE: u16 = 128;
+const RX_QUEUE_SIZE: u16 = 64;
+const CONTROL_QUEUE_SIZE: u16 = 8;
+/// Room for the longest control response this driver asks for (LIST of 64 entries).
+const CONTROL_BUF: usize = CONTROL_RESPONSE_SIZE + 64 * CHANNEL_INFO_SIZE;
+
+/// What went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelError {
+    /// The device (or the driver) failed.
+    Driver(DriverError),
+    /// The device refused the request with this status (one of `abi::status`).
+    Status(u32),
+    /// Every transmit slot is in flight: reap completions first.
+    Busy,
+    /// The message is larger than the device's `max_message`.
+    TooBig,
+}
+
+impl From<DriverError> for ChannelError {
+    fn from(e: DriverError) -> Self {
+        Self::Driver(e)
+    }
+}
+
+/// A received message: its verified header; the payload was copied into the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The header the device wrote; `source` is verified by the CMM.
+    pub header: RxHeader,
+    /// Bytes of payload copied (the rest, if the caller's buffer was short, is lost).
+    pub copied: usize,
+}
+
+/// A transmit slot: header, payload staging and status, all device-visible.
+struct TxSlot {
+    header: *mut [u8; TX_HEADER_SIZE],
+    payload: *mut u8,
+    status: *mut u32,
+}
+
+/// The partition's secure-channel device.
+pub struct SecureChannel {
+    transport: Transport,
+    config: Config,
+    control: Virtqueue,
+    tx: Virtqueue,
+    rx: Virtqueue,
+    control_req: *mut [u8; 64],
+    control_resp: *mut [u8; CONTROL_BUF],
+    tx_slots: [TxSlot; TX_SLOTS],
+    tx_free: u32,
+    /// Slot of each in-flight transmit chain, by head descriptor.
+    tx_slot_of: [u8; TX_QUEUE_SIZE as usize],
+    rx_bufs: [*mut u8; RX_SLOTS],
+    rx_slot_of: [u8; RX_QUEUE_SIZE as usize],
+    rx_buf_len: u32,
+}
+
+impl SecureChannel {
+    /// Finds the partition's secure-channel device, brings it up, and posts receive buffers.
+    pub fn open(info: &BootInfo) -> Result<Self, ChannelError> {
+        let dev = info
+            .find_device(DeviceKind::SecureChannel)
+            .ok_or(DriverError::NoDevice)?;
+        let transport = Transport::probe(dev, abi::DEVICE_ID)?;
+        let event_idx = transport.negotiate(F_EVENT_IDX)? & F_EVENT_IDX != 0;
+        let config = Config {
+            node: transport.config32(0),
+            partition: transport.config32(4),
+            max_message: transport.config32(8),
+            max_channels: transport.config32(12),
+            version: transport.config32(16),
+        };
+        let control = transport.setup_queue(abi::CONTROL_QUEUE, CONTROL_QUEUE_SIZE, event_idx)?;
+        let tx = transport.setup_queue(abi::TX_QUEUE, TX_QUEUE_SIZE, event_idx)?;
+        let rx = transport.setup_queue(abi::RX_QUEUE, RX_QUEUE_SIZE, event_idx)?;
+        let oom = || ChannelError::Driver(DriverError::OutOfMemory);
+        let control_req = pages::alloc(64).ok_or_else(oom)? as *mut [u8; 64];
+        let control_resp =
+            pages::alloc(CONTROL_BUF as u64).ok_or_else(oom)? as *mut [u8; CONTROL_BUF];
+        let max = u64::from(config.max_message);
+        let mut tx_slots: [TxSlot; TX_SLOTS] = core::array::from_fn(|_| TxSlot {
+            header: core::ptr::null_mut(),
+            payload: core::ptr::null_mut(),
+            status: core::ptr::null_mut(),
+        });
+        for slot in &mut tx_slots {
+            let meta = pages::alloc(64).ok_or_else(oom)?;
+            slot.header = meta as *mut [u8; TX_HEADER_SIZE];
+            slot.status = (meta + 32) as *mut u32;
+            slot.payload = pages::alloc(max).ok_or_else(oom)? as *mut u8;
+        }
+        let rx_buf_len = RX_HEADER_SIZE as u32 + config.max_message;
+        let mut rx_bufs = [core::ptr::null_mut(); RX_SLOTS];
+        for buf in &mut rx_bufs {
+            *buf = pages::alloc(u64::from(rx_buf_len)).ok_or_else(oom)? as *mut u8;
+        }
+        let mut channel = Self {
+            transport,
+            config,
+            control,
+            tx,
+            rx,
+            control_req,
+            control_resp,
+            tx_slots,
+            tx_free: if TX_SLOTS == 32 {
+                u32::MAX
+            } else {
+                (1u32 << TX_SLOTS) - 1
+            },
+            tx_slot_of: [0; TX_QUEUE_SIZE as usize],
+            rx_bufs,
+            rx_slot_of: [0; RX_QUEUE_SIZE as usize],
+            rx_buf_len,
+        };
+        for slot in 0..RX_SLOTS {
+            channel.post_rx(slot)?;
+        }
+        channel.control.suppress_interrupts();
+        channel.tx.suppress_interrupts();
+        channel.rx.suppress_interrupts();
+        channel.transport.driver_ok()?;
+        channel.rx.kick();
+        Ok(channel)
+    }
+
+    /// The device's configuration: this node and partition, and the limits.
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    /// This process's endpoint as others see it.
+    pub fn endpoint(&self, process: u32) -> Endpoint {
+        Endpoint {
+            node: self.config.node,
+            partition: self.config.partition,
+            process,
+        }
+    }
+
+    fn post_rx(&mut self, slot: usize) -> Result<(), ChannelError> {
+        let buf = Buffer {
+            addr: self.rx_bufs[slot] as u64,
+            len: self.rx_buf_len,
+            writable: true,
+        };
+        let head = self.rx.add(&[buf])?;
+        self.rx_slot_of[usize::from(head)] = slot as u8;
+        Ok(())
+    }
+
+    /// Sends one control request and waits for its response head; the rest of the response
+    /// (LIST records, STATS) is left in the response buffer.
+    fn control(&mut self, request: ControlRequest) -> Result<ControlResponse, ChannelError> {
+        // SAFETY: the request and response buffers are this driver's own pages, not in flight
+        // (the control queue is used synchronously).
+        let (req, resp) = unsafe { (&mut *self.control_req, &mut *self.control_resp) };
+        *req = request.to_bytes();
+        self.control
+            .add(&[Buffer::readable(req), Buffer::writable(resp)])?;
+        self.control.kick();
+        let written = loop {
+            if let Some((_, len)) = self.control.poll()? {
+                break len as usize;
+            }
+            core::hint::spin_loop();
+        };
+        req.fill(0);
+        if written < CONTROL_RESPONSE_SIZE {
+            self.transport.check()?;
+            return Err(ChannelError::Driver(DriverError::BadUsedEntry));
+        }
+        let head = ControlResponse::from_bytes(&resp[..CONTROL_RESPONSE_SIZE]);
+        if head.status != status::OK {
+            return Err(ChannelError::Status(head.status));
+        }
+        Ok(head)
+    }
+
+    fn request(op: u32, process: u32) -> ControlRequest {
+        ControlRequest {
+            op,
+            process,
+            ..Default::default()
+        }
+    }
+
+    /// LISTEN: `process` accepts a channel from `remote`; returns the channel ID.
+    pub fn listen(&mut self, process: u32, remote: Endpoint) -> Result<u32, ChannelError> {
+        let req = ControlRequest {
+            remote,
+            ..Self::request(op::LISTEN, process)
+        };
+        Ok(self.control(req)?.channel)
+    }
+
+    /// OPEN: `process` opens a channel to `remote` (which must be listening), with `key` or a
+    /// key the device makes; returns the channel ID once the remote CMM accepted the offer.
+    pub fn connect(
+        &mut self,
+        process: u32,
+        remote: Endpoint,
+        key: Option<&[u8; 32]>,
+    ) -> Result<u32, ChannelError> {
+        let mut req = ControlRequest {
+            remote,
+            ..Self::request(op::OPEN, process)
+        };
+        if let Some(key) = key {
+            req.flags = abi::FLAG_GUEST_KEY;
+            req.key = *key;
+        }
+        let result = self.control(req);
+        req.key.fill(0);
+        Ok(result?.channel)
+    }
+
+    /// CLOSE: ends the channel (its keys are erased; the peer learns of it).
+    pub fn close(&mut self, process: u32, channel: u32) -> Result<(), ChannelError> {
+        self.control(ControlRequest {
+            channel,
+            ..Self::request(op::CLOSE, process)
+        })
+        .map(|_| ())
+    }
+
+    /// LIST: this partition's channels into `out`; returns how many there are.
+    pub fn list(&mut self, out: &mut [ChannelInfo]) -> Result<usize, ChannelError> {
+        let head = self.control(Self::request(op::LIST, 0))?;
+        // SAFETY: the response buffer is ours again once its request completed.
+        let resp = unsafe { &*self.control_resp };
+        let count = head.count as usize;
+        for (i, slot) in out.iter_mut().enumerate().take(count) {
+            let at = CONTROL_RESPONSE_SIZE + i * CHANNEL_INFO_SIZE;
+            *slot = ChannelInfo::from_bytes(&resp[at..at + CHANNEL_INFO_SIZE]);
+        }
+        Ok(count)
+    }
+
+    /// STATS: the device's counters for this partition.
+    pub fn stats(&mut self) -> Result<Stats, ChannelError> {
+        self.control(Self::request(op::STATS, 0))?;
+        // SAFETY: as in `list`.
+        let resp = unsafe { &*self.control_resp };
+        Ok(Stats::from_bytes(
+            &resp[CONTROL_RESPONSE_SIZE..CONTROL_RESPONSE_SIZE + STATS_SIZE],
+        ))
+    }
+
+    /// Queues `data` on `channel` as `source` without notifying the device (see [`Self::flush`]).
+    /// `source` is normally [`Self::endpoint`] of the sending process; the device checks it.
+    pub fn post_send_as(
+        &mut self,
+        channel: u32,
+        source: Endpoint,
+        data: &[u8],
+    ) -> Result<(), ChannelError> {
+        if data.len() > self.config.max_message as usize {
+            return Err(ChannelError::TooBig);
+        }
+        if self.tx_free == 0 {
+            return Err(ChannelError::Busy);
+        }
+        let slot_index = self.tx_free.trailing_zeros() as usize;
+        let slot = &self.tx_slots[slot_index];
+        let header = TxHeader {
+            channel,
+            source,
+            len: data.len() as u32,
+        };
+        // SAFETY: the slot is free, so the device is not reading or writing its pages, which
+        // hold TX_HEADER_SIZE + 4 bytes of metadata and max_message bytes of payload.
+        let (hdr, payload, status) = unsafe {
+            *slot.header = header.to_bytes();
+            core::ptr::copy_nonoverlapping(data.as_ptr(), slot.payload, data.len());
+            (
+                &*slot.header,
+                core::slice::from_raw_parts(slot.payload, data.len()),
+                slot.status,
+            )
+        };
+        let status_buf = Buffer {
+            addr: status as u64,
+            len: 4,
+            writable: true,
+        };
+        let head = if data.is_empty() {
+            self.tx.add(&[Buffer::readable(hdr), status_buf])?
+        } else {
+            self.tx
+                .add(&[Buffer::readable(hdr), Buffer::readable(payload), status_buf])?
+        };
+        self.tx_free &= !(1 << slot_index);
+        self.tx_slot_of[usize::from(head)] = slot_index as u8;
+        Ok(())
+    }
+
+    /// Queues `data` from `process` on `channel` (see [`Self::post_send_as`]).
+    pub fn post_send(
+        &mut self,
+        channel: u32,
+        process: u32,
+        data: &[u8],
+    ) -> Result<(), ChannelError> {
+        self.post_send_as(channel, self.endpoint(process), data)
+    }
+
+    /// Notifies the device of queued sends (one VM exit, if the device wants one at all).
+    pub fn flush(&mut self) {
+        self.tx.kick();
+    }
+
+    /// Takes one completed send: its status (one of `abi::status`), or `None` if none is done.
+    pub fn reap_send(&mut self) -> Result<Option<u32>, ChannelError> {
+        let Some((head, len)) = self.tx.poll()? else {
+            return Ok(None);
+        };
+        let slot_index = usize::from(self.tx_slot_of[usize::from(head)]);
+        self.tx_free |= 1 << slot_index;
+        if len < 4 {
+            return Err(ChannelError::Driver(DriverError::BadUsedEntry));
+        }
+        // SAFETY: the device is done with the slot (it returned the chain).
+        Ok(Some(unsafe {
+            core::ptr::read_volatile(self.tx_slots[slot_index].status)
+        }))
+    }
+
+    /// Sends one message and waits for the device's verdict.
+    pub fn send(&mut self, channel: u32, process: u32, data: &[u8]) -> Result<(), ChannelError> {
+        self.send_as(channel, self.endpoint(process), data)
+    }
+
+    /// As [`Self::send`], with an explicit source endpoint (the device refuses a false one).
+    pub fn send_as(
+        &mut self,
+        channel: u32,
+        source: Endpoint,
+        data: &[u8],
+    ) -> Result<(), ChannelError> {
+        self.post_send_as(channel, source, data)?;
+        self.flush();
+        loop {
+            if let Some(code) = self.reap_send()? {
+                return if code == status::OK {
+                    Ok(())
+                } else {
+                    Err(ChannelError::Status(code))
+                };
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Takes one received message, copying its payload into `out`, and re-posts the buffer
+    /// (the device is notified only if it asked to be). `None` if nothing has arrived.
+    pub fn recv(&mut self, out: &mut [u8]) -> Result<Option<Received>, ChannelError> {
+        let Some((head, len)) = self.rx.poll()? else {
+            return Ok(None);
+        };
+        let slot = usize::from(self.rx_slot_of[usize::from(head)]);
+        let len = len as usize;
+        let result = if len < RX_HEADER_SIZE {
+            // The device dropped a message too large for the buffer: nothing to return.
+            None
+        } else {
+            // SAFETY: the device returned the buffer; `len` bytes of it are written and no
+            // more than rx_buf_len were offered.
+            let buf = unsafe {
+                core::slice::from_raw_parts(self.rx_bufs[slot], len.min(self.rx_buf_len as usize))
+            };
+            let header = RxHeader::from_bytes(&buf[..RX_HEADER_SIZE]);
+            let payload = &buf[RX_HEADER_SIZE..];
+            let copied = payload.len().min(out.len());
+            out[..copied].copy_from_slice(&payload[..copied]);
+            Some(Received { header, copied })
+        };
+        self.post_rx(slot)?;
+        self.rx.kick();
+        Ok(result)
+    }
+}

@@ -1,0 +1,31 @@
+//! Time from the TSC, which `rdtsc` reads natively at CPL 3; the boot info gives its rate.
+
+use crate::boot_info::BootInfo;
+
+/// The TSC now.
+pub fn ticks() -> u64 {
+    // SAFETY: `rdtsc` only reads the time-stamp counter into EDX:EAX.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Nanoseconds in `ticks` TSC ticks, or `None` if the VMM did not give the TSC rate.
+pub fn nanos(info: &BootInfo, ticks: u64) -> Option<u64> {
+    let khz = u64::from(info.tsc_khz);
+    (khz != 0).then(|| (u128::from(ticks) * 1_000_000 / u128::from(khz)) as u64)
+}
+
+/// Spins for about `micros` microseconds (or a fixed number of iterations if the TSC rate is
+/// unknown).
+pub fn spin_for(info: &BootInfo, micros: u64) {
+    let start = ticks();
+    let limit = u64::from(info.tsc_khz) * micros / 1000;
+    let mut n: u64 = 0;
+    while if limit == 0 {
+        n < micros * 1000
+    } else {
+        ticks() - start < limit
+    } {
+        n += 1;
+        core::hint::spin_loop();
+    }
+}
