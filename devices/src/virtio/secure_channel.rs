@@ -20,6 +20,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use zeroize::Zeroize;
 
 use super::mmio::DeviceDescription;
 use super::shared::{Activation, DeviceShared, INT_USED_BUFFER};
@@ -179,20 +180,24 @@ impl ChannelNode {
             .writer(&mem)
             .map_err(|_| Malformed("control response outside guest RAM"))?;
         let mut raw = [0u8; CONTROL_REQUEST_SIZE];
-        let request = reader
+        let mut request = reader
             .read_exact(&mut raw)
             .ok()
             .and_then(|()| ControlRequest::from_bytes(&raw));
-        raw.fill(0);
+        raw.zeroize();
         let room = writer.available_bytes();
-        let (head, body) = match request {
+        let (head, body) = match &request {
             Some(request) => self.execute(
                 partition,
-                &request,
+                request,
                 room.saturating_sub(CONTROL_RESPONSE_SIZE),
             ),
             None => (self.refused(partition, status::BAD_REQUEST), Vec::new()),
         };
+        // A guest-supplied key was copied into the key table; no other copy may stay behind.
+        if let Some(request) = &mut request {
+            request.key.zeroize();
+        }
         if room < CONTROL_RESPONSE_SIZE {
             return Ok(0);
         }

@@ -183,10 +183,24 @@ impl SecureChannel {
     /// Sends one control request and waits for its response head; the rest of the response
     /// (LIST records, STATS) is left in the response buffer.
     fn control(&mut self, request: ControlRequest) -> Result<ControlResponse, ChannelError> {
+        self.control_with_key(request.to_bytes(), None)
+    }
+
+    /// Sends the encoded request `bytes`, with `key` (if any) copied straight into the
+    /// device-visible request buffer, which is wiped once the device has answered: the key
+    /// is never held in a request value on the stack.
+    fn control_with_key(
+        &mut self,
+        bytes: [u8; 64],
+        key: Option<&[u8; 32]>,
+    ) -> Result<ControlResponse, ChannelError> {
         // SAFETY: the request and response buffers are this driver's own pages, not in flight
         // (the control queue is used synchronously).
         let (req, resp) = unsafe { (&mut *self.control_req, &mut *self.control_resp) };
-        *req = request.to_bytes();
+        *req = bytes;
+        if let Some(key) = key {
+            req[32..64].copy_from_slice(key);
+        }
         self.control
             .add(&[Buffer::readable(req), Buffer::writable(resp)])?;
         self.control.kick();
@@ -196,7 +210,10 @@ impl SecureChannel {
             }
             core::hint::spin_loop();
         };
-        req.fill(0);
+        for byte in req.iter_mut() {
+            // SAFETY: a plain byte of our own buffer; volatile so the wipe is not elided.
+            unsafe { core::ptr::write_volatile(byte, 0) };
+        }
         if written < CONTROL_RESPONSE_SIZE {
             self.transport.check()?;
             return Err(ChannelError::Driver(DriverError::BadUsedEntry));
@@ -233,17 +250,17 @@ impl SecureChannel {
         remote: Endpoint,
         key: Option<&[u8; 32]>,
     ) -> Result<u32, ChannelError> {
-        let mut req = ControlRequest {
+        let flags = if key.is_some() {
+            abi::FLAG_GUEST_KEY
+        } else {
+            0
+        };
+        let req = ControlRequest {
             remote,
+            flags,
             ..Self::request(op::OPEN, process)
         };
-        if let Some(key) = key {
-            req.flags = abi::FLAG_GUEST_KEY;
-            req.key = *key;
-        }
-        let result = self.control(req);
-        req.key.fill(0);
-        Ok(result?.channel)
+        Ok(self.control_with_key(req.to_bytes(), key)?.channel)
     }
 
     /// CLOSE: ends the channel (its keys are erased; the peer learns of it).
@@ -266,6 +283,40 @@ impl SecureChannel {
             *slot = ChannelInfo::from_bytes(&resp[at..at + CHANNEL_INFO_SIZE]);
         }
         Ok(count)
+    }
+
+    /// Sends a control request exactly as encoded in `bytes` (tests use it to send malformed
+    /// requests); returns the status the device answered.
+    pub fn control_raw(&mut self, bytes: [u8; 64]) -> Result<u32, ChannelError> {
+        match self.control_with_key(bytes, None) {
+            Ok(head) => Ok(head.status),
+            Err(ChannelError::Status(code)) => Ok(code),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a transmit chain with the header exactly as encoded in `header` and `payload`
+    /// (tests use it to send malformed headers); returns the device's status.
+    pub fn send_raw(
+        &mut self,
+        header: [u8; TX_HEADER_SIZE],
+        payload: &[u8],
+    ) -> Result<u32, ChannelError> {
+        if self.tx_free == 0 {
+            return Err(ChannelError::Busy);
+        }
+        if payload.len() > self.config.max_message as usize {
+            return Err(ChannelError::TooBig);
+        }
+        let slot_index = self.tx_free.trailing_zeros() as usize;
+        self.post_slot(slot_index, header, payload)?;
+        self.flush();
+        loop {
+            if let Some(code) = self.reap_send()? {
+                return Ok(code);
+            }
+            core::hint::spin_loop();
+        }
     }
 
     /// STATS: the device's counters for this partition.
@@ -293,16 +344,27 @@ impl SecureChannel {
             return Err(ChannelError::Busy);
         }
         let slot_index = self.tx_free.trailing_zeros() as usize;
-        let slot = &self.tx_slots[slot_index];
         let header = TxHeader {
             channel,
             source,
             len: data.len() as u32,
         };
+        self.post_slot(slot_index, header.to_bytes(), data)
+    }
+
+    /// Fills free transmit slot `slot_index` with `header` and `data` and offers it.
+    fn post_slot(
+        &mut self,
+        slot_index: usize,
+        header: [u8; TX_HEADER_SIZE],
+        data: &[u8],
+    ) -> Result<(), ChannelError> {
+        let slot = &self.tx_slots[slot_index];
         // SAFETY: the slot is free, so the device is not reading or writing its pages, which
-        // hold TX_HEADER_SIZE + 4 bytes of metadata and max_message bytes of payload.
+        // hold TX_HEADER_SIZE + 4 bytes of metadata and max_message bytes of payload (the
+        // callers bound `data` by max_message).
         let (hdr, payload, status) = unsafe {
-            *slot.header = header.to_bytes();
+            *slot.header = header;
             core::ptr::copy_nonoverlapping(data.as_ptr(), slot.payload, data.len());
             (
                 &*slot.header,
