@@ -39,12 +39,7 @@ fn main() {
     }
     write_index(&names, &fixtures_dir);
 
-    for watched in [
-        "guest/src",
-        "guest/Cargo.toml",
-        "guest/build.rs",
-        "guest/link.ld",
-    ] {
+    for watched in ["guest/src", "guest/Cargo.toml", "guest/build.rs", "guest/link.ld"] {
         println!("cargo:rerun-if-changed={watched}");
     }
     println!("cargo:rerun-if-changed=guest/.cargo/config.toml");
@@ -55,17 +50,12 @@ fn main() {
 fn build_guests(guest_dir: &Path, guest_target_dir: &Path) {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(guest_dir)
-        .args(["build", "--release", "--target-dir"])
-        .arg(guest_target_dir);
+    cmd.current_dir(guest_dir).args(["build", "--release", "--target-dir"]).arg(guest_target_dir);
     for var in OUTER_BUILD_VARS {
         cmd.env_remove(var);
     }
     let status = cmd.status().expect("run cargo for the guest programs");
-    assert!(
-        status.success(),
-        "building the guest programs in {guest_dir:?} failed"
-    );
+    assert!(status.success(), "building the guest programs in {guest_dir:?} failed");
 }
 
 /// The guest programs are the files of `guest/src/bin`, one binary each.
@@ -91,9 +81,7 @@ fn install(from: &Path, to: &Path) {
 /// Tells the library where the images are and which exist.
 fn write_index(names: &[String], fixtures_dir: &Path) {
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("index.rs");
-    let dir = fixtures_dir
-        .canonicalize()
-        .expect("canonical target/fixtures");
+    let dir = fixtures_dir.canonicalize().expect("canonical target/fixtures");
     let code = format!(
         "/// Directory holding `<name>.elf` for every fixture.\n\
          pub const DIR: &str = {dir:?};\n\

@@ -35,9 +35,7 @@ impl<T: BusDevice> BusDevice for Arc<Mutex<T>> {
 /// Locks a device, recovering it from a poisoned lock: device state stays consistent between
 /// accesses, and one failed access must not take the partition down.
 pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Errors of bus set-up and dispatch.
@@ -93,11 +91,7 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
-        if self
-            .entries
-            .iter()
-            .any(|e| base < e.base + e.len && e.base < end)
-        {
+        if self.entries.iter().any(|e| base < e.base + e.len && e.base < end) {
             return Err(BusError::Overlap { base, len });
         }
         let at = self.entries.partition_point(|e| e.base < base);
@@ -126,9 +120,7 @@ impl Bus {
             .and_then(|i| self.entries.get_mut(i))
             .ok_or(BusError::Unmapped(addr))?;
         let offset = addr - entry.base;
-        let fits = offset
-            .checked_add(size as u64)
-            .is_some_and(|end| end <= entry.len);
+        let fits = offset.checked_add(size as u64).is_some_and(|end| end <= entry.len);
         if !fits {
             return Err(BusError::Unmapped(addr));
         }
@@ -178,10 +170,7 @@ mod tests {
         assert_eq!(bus.write(0xff, &[0]), Err(BusError::Unmapped(0xff)));
         assert_eq!(bus.write(0x108, &[0]), Err(BusError::Unmapped(0x108)));
         assert_eq!(bus.write(0x107, &[0, 0]), Err(BusError::Unmapped(0x107)));
-        assert_eq!(
-            bus.write(u64::MAX, &[0, 0]),
-            Err(BusError::Unmapped(u64::MAX))
-        );
+        assert_eq!(bus.write(u64::MAX, &[0, 0]), Err(BusError::Unmapped(u64::MAX)));
     }
 
     #[test]
@@ -190,30 +179,12 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(0x100, 8, Box::new(Probe(seen.clone()))).unwrap();
         let overlap = bus.insert(0x104, 8, Box::new(Probe(seen.clone())));
-        assert_eq!(
-            overlap,
-            Err(BusError::Overlap {
-                base: 0x104,
-                len: 8
-            })
-        );
+        assert_eq!(overlap, Err(BusError::Overlap { base: 0x104, len: 8 }));
         let below = bus.insert(0xfc, 5, Box::new(Probe(seen.clone())));
         assert_eq!(below, Err(BusError::Overlap { base: 0xfc, len: 5 }));
         let empty = bus.insert(0x200, 0, Box::new(Probe(seen.clone())));
-        assert_eq!(
-            empty,
-            Err(BusError::InvalidRange {
-                base: 0x200,
-                len: 0
-            })
-        );
+        assert_eq!(empty, Err(BusError::InvalidRange { base: 0x200, len: 0 }));
         let wraps = bus.insert(u64::MAX, 2, Box::new(Probe(seen)));
-        assert_eq!(
-            wraps,
-            Err(BusError::InvalidRange {
-                base: u64::MAX,
-                len: 2
-            })
-        );
+        assert_eq!(wraps, Err(BusError::InvalidRange { base: u64::MAX, len: 2 }));
     }
 }

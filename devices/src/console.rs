@@ -47,12 +47,7 @@ pub struct LineSink {
 impl LineSink {
     /// A sink that writes `prefix` before every line.
     pub fn new(prefix: String, out: SharedOutput) -> Self {
-        Self {
-            prefix,
-            out,
-            line: Vec::new(),
-            last_line: String::new(),
-        }
+        Self { prefix, out, line: Vec::new(), last_line: String::new() }
     }
 
     /// The last non-empty line the guest printed (possibly unfinished).
@@ -111,11 +106,8 @@ fn printable(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes)
         .chars()
         .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() && c != '\t' {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
+            let escaped: Vec<char> =
+                if c.is_control() && c != '\t' { c.escape_default().collect() } else { vec![c] };
             escaped
         })
         .collect()
@@ -130,10 +122,7 @@ pub struct Console {
 impl Console {
     /// A console writing to `sink`.
     pub fn new(sink: LineSink) -> Self {
-        Self {
-            uart: Serial::new(NoInterrupt, sink),
-            write_failed: false,
-        }
+        Self { uart: Serial::new(NoInterrupt, sink), write_failed: false }
     }
 
     /// The last line the guest printed.

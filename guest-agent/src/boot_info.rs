@@ -158,9 +158,7 @@ impl BootInfo {
 
     /// The value of `key=value` in the argument string (words separated by spaces).
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.args()
-            .split(' ')
-            .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        self.args().split(' ').find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
     }
 
     /// `key=N` as a number, or `default` if absent; `None` if present but not a number.

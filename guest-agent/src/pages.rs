@@ -15,10 +15,7 @@ static END: AtomicU64 = AtomicU64::new(0);
 
 /// Hands the free RAM of `info` to the allocator. Called by the runtime before `main`.
 pub fn init(info: &BootInfo) {
-    NEXT.store(
-        info.free_ram_start.next_multiple_of(PAGE),
-        Ordering::Relaxed,
-    );
+    NEXT.store(info.free_ram_start.next_multiple_of(PAGE), Ordering::Relaxed);
     END.store(info.ram_size, Ordering::Relaxed);
 }
 

@@ -20,11 +20,7 @@ pub fn spin_for(info: &BootInfo, micros: u64) {
     let start = ticks();
     let limit = u64::from(info.tsc_khz) * micros / 1000;
     let mut n: u64 = 0;
-    while if limit == 0 {
-        n < micros * 1000
-    } else {
-        ticks() - start < limit
-    } {
+    while if limit == 0 { n < micros * 1000 } else { ticks() - start < limit } {
         n += 1;
         core::hint::spin_loop();
     }

@@ -17,16 +17,9 @@ pub fn keyhold_bin() -> PathBuf {
     }
     // Test executables live in target/<profile>/deps; the binary in target/<profile>.
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let bin = profile_dir.join("keyhold");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (scripts/test.sh does)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: build it first (scripts/test.sh does)", bin.display());
     bin
 }
 
@@ -40,16 +33,9 @@ pub fn fixture(name: &str) -> PathBuf {
 /// Whether this host can run KVM tests. In CI (`CI=true`) a missing or unusable `/dev/kvm`
 /// fails the test instead of skipping it.
 pub fn kvm_available() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if !usable {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but /dev/kvm is not usable"
-        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true but /dev/kvm is not usable");
         eprintln!("skipped: /dev/kvm is not usable here");
     }
     usable
@@ -79,9 +65,7 @@ pub struct Outcome {
 impl Outcome {
     /// The exit code; panics if the process was killed by a signal.
     pub fn code(&self) -> i32 {
-        self.status
-            .code()
-            .unwrap_or_else(|| panic!("killed by a signal: {self:#?}"))
+        self.status.code().unwrap_or_else(|| panic!("killed by a signal: {self:#?}"))
     }
 
     /// Asserts the one-line operator error of bad input: exit 2, one `keyhold:` line naming
@@ -90,10 +74,7 @@ impl Outcome {
         assert_eq!(self.code(), 2, "{self:#?}");
         let lines: Vec<&str> = self.stderr.lines().collect();
         assert_eq!(lines.len(), 1, "one line expected: {self:#?}");
-        assert!(
-            lines[0].starts_with("keyhold: ") || lines[0].starts_with("error: "),
-            "{self:#?}"
-        );
+        assert!(lines[0].starts_with("keyhold: ") || lines[0].starts_with("error: "), "{self:#?}");
         assert!(lines[0].contains(what), "{what:?} not in {:?}", lines[0]);
         self.assert_no_panic();
     }
@@ -115,13 +96,8 @@ where
     S: AsRef<OsStr>,
 {
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {program:?}: {e}"));
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {program:?}: {e}"));
     wait(child, deadline)
 }
 

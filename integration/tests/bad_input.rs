@@ -75,12 +75,7 @@ fn dynamically_linked_firmware() {
 fn oversized_firmware() {
     let dir = tempfile::tempdir().unwrap();
     let path = patched_hello(dir.path(), "huge.elf", |_| {});
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(65 << 20)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(65 << 20).unwrap();
     run_firmware(&path).assert_bad_input("over the 67108864-byte limit");
 }
 
@@ -104,27 +99,15 @@ fn memory_size_zero_or_beyond_the_host() {
     keyhold(["run", "--firmware", &hello, "--memory", "1"]).assert_bad_input("it must be 2 to");
     keyhold(["run", "--firmware", &hello, "--memory", "4096"])
         .assert_bad_input("memory size 4096 MiB");
-    keyhold([
-        "run",
-        "--firmware",
-        &hello,
-        "--memory",
-        "18446744073709551615",
-    ])
-    .assert_bad_input("out of range");
+    keyhold(["run", "--firmware", &hello, "--memory", "18446744073709551615"])
+        .assert_bad_input("out of range");
 }
 
 #[test]
 fn duplicate_partition_id() {
     let hello = fixture("hello").display().to_string();
-    keyhold([
-        "run",
-        "--firmware",
-        &hello,
-        "--partition",
-        &format!("1={hello}"),
-    ])
-    .assert_bad_input("partition ID 1 is used more than once");
+    keyhold(["run", "--firmware", &hello, "--partition", &format!("1={hello}")])
+        .assert_bad_input("partition ID 1 is used more than once");
 }
 
 #[test]
@@ -195,12 +178,7 @@ fn as_nobody(dir: &tempfile::TempDir, args: &[&str]) -> Outcome {
     std::fs::copy(keyhold_bin(), &bin).unwrap();
     std::fs::set_permissions(&bin, PermissionsExt::from_mode(0o755)).unwrap();
     let bin = bin.display().to_string();
-    let mut full = vec![
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        bin.as_str(),
-    ];
+    let mut full = vec!["--reuid=65534", "--regid=65534", "--clear-groups", bin.as_str()];
     full.extend_from_slice(args);
     run_with_deadline("setpriv".as_ref(), full, Duration::from_secs(30))
 }

@@ -4,13 +4,8 @@
 use keyhold_integration::{fixture, keyhold, require_kvm, Outcome};
 
 fn run_alone(name: &str) -> Outcome {
-    let out = keyhold([
-        "run",
-        "--firmware",
-        &fixture(name).display().to_string(),
-        "--timeout",
-        "0.5",
-    ]);
+    let out =
+        keyhold(["run", "--firmware", &fixture(name).display().to_string(), "--timeout", "0.5"]);
     out.assert_no_panic();
     out
 }
@@ -19,10 +14,7 @@ fn run_alone(name: &str) -> Outcome {
 fn report(out: &Outcome) -> &str {
     let lines: Vec<&str> = out.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{out:#?}");
-    assert!(
-        lines[0].starts_with("keyhold: partition 1 stopped: "),
-        "{out:#?}"
-    );
+    assert!(lines[0].starts_with("keyhold: partition 1 stopped: "), "{out:#?}");
     lines[0]
 }
 
@@ -36,10 +28,7 @@ fn triple_fault_reports_registers_cr2_and_last_console_line() {
     assert!(report.contains(" rip=0x10"), "{report}");
     assert!(report.contains(" rsp=0x"), "{report}");
     assert!(report.contains("cr2=0x8000000000"), "{report}");
-    assert!(
-        report.ends_with("last console line: \"about to read 0x8000000000\""),
-        "{report}"
-    );
+    assert!(report.ends_with("last console line: \"about to read 0x8000000000\""), "{report}");
 }
 
 #[test]
@@ -48,14 +37,8 @@ fn emulation_failure_is_reported() {
     let out = run_alone("emulation-failure");
     assert_eq!(out.code(), 122);
     let report = report(&out);
-    assert!(
-        report.contains("could not emulate a guest instruction"),
-        "{report}"
-    );
-    assert!(
-        report.contains("last console line: \"paddd from MMIO 0xc8000000\""),
-        "{report}"
-    );
+    assert!(report.contains("could not emulate a guest instruction"), "{report}");
+    assert!(report.contains("last console line: \"paddd from MMIO 0xc8000000\""), "{report}");
 }
 
 #[test]
@@ -64,10 +47,7 @@ fn unhandled_port_write_is_reported() {
     let out = run_alone("stray-port");
     assert_eq!(out.code(), 123);
     let report = report(&out);
-    assert!(
-        report.contains("1-byte write of I/O port 0x80, where no device is"),
-        "{report}"
-    );
+    assert!(report.contains("1-byte write of I/O port 0x80, where no device is"), "{report}");
     assert!(!report.contains("cr2"), "CR2 means nothing here: {report}");
 }
 
@@ -77,10 +57,7 @@ fn unhandled_mmio_read_is_reported() {
     let out = run_alone("stray-mmio");
     assert_eq!(out.code(), 123);
     let report = report(&out);
-    assert!(
-        report.contains("4-byte read of guest-physical 0xc8000000"),
-        "{report}"
-    );
+    assert!(report.contains("4-byte read of guest-physical 0xc8000000"), "{report}");
 }
 
 #[test]
@@ -89,12 +66,6 @@ fn timeout_stops_a_spinning_guest() {
     let out = run_alone("spin");
     assert_eq!(out.code(), 124);
     let report = report(&out);
-    assert!(
-        report.contains("still running at the --timeout limit"),
-        "{report}"
-    );
-    assert!(
-        report.contains("last console line: \"partition 1 spinning\""),
-        "{report}"
-    );
+    assert!(report.contains("still running at the --timeout limit"), "{report}");
+    assert!(report.contains("last console line: \"partition 1 spinning\""), "{report}");
 }

@@ -67,15 +67,16 @@ pub struct RunArgs {
     /// Write the consoles to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
+    /// When a partition stops, write its RAM to DIR/partition-<ID>.ram (for debugging).
+    #[arg(long, value_name = "DIR")]
+    pub dump_ram: Option<PathBuf>,
     /// Stop any partition still running after SECS seconds (fractions allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
 }
 
 fn parse_partition_arg(arg: &str) -> Result<(u32, String), String> {
-    let (id, text) = arg
-        .split_once('=')
-        .ok_or("expected ID=TEXT, for example 2=\"peer=0:1:7\"")?;
+    let (id, text) = arg.split_once('=').ok_or("expected ID=TEXT, for example 2=\"peer=0:1:7\"")?;
     let id = parse_id(id)?;
     Ok((id, text.to_owned()))
 }
@@ -87,9 +88,8 @@ fn parse_id(id: &str) -> Result<u32, String> {
 }
 
 fn parse_partition(arg: &str) -> Result<(u32, PathBuf), String> {
-    let (id, path) = arg
-        .split_once('=')
-        .ok_or("expected ID=PATH, for example 3=target/fixtures/hello.elf")?;
+    let (id, path) =
+        arg.split_once('=').ok_or("expected ID=PATH, for example 3=target/fixtures/hello.elf")?;
     let id = parse_id(id)?;
     if path.is_empty() {
         return Err("the firmware path after '=' is empty".into());
@@ -98,10 +98,8 @@ fn parse_partition(arg: &str) -> Result<(u32, PathBuf), String> {
 }
 
 fn parse_timeout(arg: &str) -> Result<Duration, String> {
-    let secs: f64 = arg
-        .trim()
-        .parse()
-        .map_err(|_| format!("{arg:?} is not a number of seconds"))?;
+    let secs: f64 =
+        arg.trim().parse().map_err(|_| format!("{arg:?} is not a number of seconds"))?;
     if !(secs > 0.0 && secs <= 1e9) {
         return Err(format!("{arg} must be more than 0 and at most 1e9 seconds"));
     }

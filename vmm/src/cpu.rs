@@ -103,11 +103,7 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
 
 /// x87 and SSE control state as after `FNINIT` and a reset MXCSR (all exceptions masked).
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 #[cfg(test)]

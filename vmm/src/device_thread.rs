@@ -51,20 +51,15 @@ impl DeviceThread {
         for backend in backends {
             manager.add_subscriber(backend);
         }
-        let thread = std::thread::Builder::new()
-            .name("devices".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Acquire) {
-                    if let Err(e) = manager.run() {
-                        log::error!("device thread: {e:?}");
-                        break;
-                    }
+        let thread = std::thread::Builder::new().name("devices".into()).spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                if let Err(e) = manager.run() {
+                    log::error!("device thread: {e:?}");
+                    break;
                 }
-            })?;
-        Ok(Self {
-            stop_evt,
-            thread: Some(thread),
-        })
+            }
+        })?;
+        Ok(Self { stop_evt, thread: Some(thread) })
     }
 }
 

@@ -29,10 +29,9 @@ pub fn open_kvm() -> Result<Kvm, HostError> {
         libc::EACCES | libc::EPERM => HostError::KvmPermission,
         errno => HostError::KvmOpen(io::Error::from_raw_os_error(errno)),
     })?;
-    for (cap, name) in [
-        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-    ] {
+    for (cap, name) in
+        [(Cap::UserMemory, "KVM_CAP_USER_MEMORY"), (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT")]
+    {
         if !kvm.check_extension(cap) {
             return Err(HostError::MissingCapability(name));
         }

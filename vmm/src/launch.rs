@@ -90,10 +90,7 @@ pub fn partition_configs(args: &RunArgs) -> Result<Vec<PartitionConfig>, LaunchE
         let id = u32::try_from(i)
             .ok()
             .and_then(|i| args.partition_id.checked_add(i))
-            .ok_or(LaunchError::IdOverflow(
-                args.partition_id,
-                args.firmware.len(),
-            ))?;
+            .ok_or(LaunchError::IdOverflow(args.partition_id, args.firmware.len()))?;
         configs.push(config(id, firmware.clone(), args.memory));
     }
     for (id, firmware) in &args.partition {
@@ -106,52 +103,35 @@ pub fn partition_configs(args: &RunArgs) -> Result<Vec<PartitionConfig>, LaunchE
     if let Some(dup) = configs.iter().find(|c| !seen.insert(c.id)) {
         return Err(LaunchError::DuplicateId(dup.id));
     }
+    for config in &mut configs {
+        config.dump_ram.clone_from(&args.dump_ram);
+    }
     for (id, args) in &args.arg {
-        let config = configs
-            .iter_mut()
-            .find(|c| c.id == *id)
-            .ok_or(LaunchError::ArgsForNobody(*id))?;
+        let config =
+            configs.iter_mut().find(|c| c.id == *id).ok_or(LaunchError::ArgsForNobody(*id))?;
         config.args.clone_from(args);
     }
     Ok(configs)
 }
 
 fn config(id: u32, firmware: PathBuf, memory_mib: u64) -> PartitionConfig {
-    PartitionConfig {
-        id,
-        firmware,
-        memory_mib,
-        node_id: 0,
-        args: String::new(),
-    }
+    PartitionConfig { id, firmware, memory_mib, node_id: 0, args: String::new(), dump_ram: None }
 }
 
 /// Boots the partitions and returns the process exit status: the first non-zero status of a
 /// partition, in the order they stopped, or 0.
 pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
     let configs = partition_configs(args)?;
-    let firmware = configs
-        .iter()
-        .map(PartitionConfig::open_firmware)
-        .collect::<Result<Vec<_>, _>>()?;
+    let firmware =
+        configs.iter().map(PartitionConfig::open_firmware).collect::<Result<Vec<_>, _>>()?;
     let kvm = host::open_kvm()?;
     let output = console_output(args)?;
     let prefixed = configs.len() > 1;
     let mut partitions = Vec::with_capacity(configs.len());
     for (config, firmware) in configs.iter().zip(firmware) {
-        let prefix = if prefixed {
-            format!("[p{}] ", config.id)
-        } else {
-            String::new()
-        };
+        let prefix = if prefixed { format!("[p{}] ", config.id) } else { String::new() };
         let console = LineSink::new(prefix, output.clone());
-        partitions.push(partition::create(
-            &kvm,
-            config,
-            firmware,
-            console,
-            Limits::default(),
-        )?);
+        partitions.push(partition::create(&kvm, config, firmware, console, Limits::default())?);
     }
     let _device_thread = start_devices(&mut partitions, 0)?;
     let stops = supervisor::run(partitions, args.timeout, process_start, |stopped| {
@@ -159,31 +139,17 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
             eprintln!("keyhold: {report}");
         }
     })?;
-    Ok(stops
-        .iter()
-        .map(|s| s.exit_status())
-        .find(|&s| s != 0)
-        .unwrap_or(0))
+    Ok(stops.iter().map(|s| s.exit_status()).find(|&s| s != 0).unwrap_or(0))
 }
 
 /// Starts the device thread with every partition's backends and one CMM for `node` in front
 /// of all their secure-channel devices.
 fn start_devices(partitions: &mut [Partition], node: u32) -> Result<DeviceThread, LaunchError> {
-    let mut backends: Vec<Backend> = partitions
-        .iter_mut()
-        .flat_map(Partition::take_backends)
-        .collect();
-    let channels = partitions
-        .iter_mut()
-        .filter_map(Partition::take_channel)
-        .collect();
-    let cmm = Cmm::new(
-        node,
-        CMM_CAPACITY,
-        Limits::default(),
-        Audit::new(node, None),
-    )
-    .map_err(LaunchError::Cmm)?;
+    let mut backends: Vec<Backend> =
+        partitions.iter_mut().flat_map(Partition::take_backends).collect();
+    let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
+    let cmm = Cmm::new(node, CMM_CAPACITY, Limits::default(), Audit::new(node, None))
+        .map_err(LaunchError::Cmm)?;
     backends.push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels))));
     DeviceThread::start(backends).map_err(LaunchError::DeviceThread)
 }
@@ -191,10 +157,8 @@ fn start_devices(partitions: &mut [Partition], node: u32) -> Result<DeviceThread
 fn console_output(args: &RunArgs) -> Result<SharedOutput, LaunchError> {
     let out: Box<dyn Write + Send> = match &args.console {
         Some(path) => Box::new(
-            File::create(path).map_err(|source| LaunchError::ConsoleFile {
-                path: path.clone(),
-                source,
-            })?,
+            File::create(path)
+                .map_err(|source| LaunchError::ConsoleFile { path: path.clone(), source })?,
         ),
         None => Box::new(io::stdout()),
     };

@@ -152,10 +152,7 @@ pub fn inspect<R: Read + Seek>(image: &mut R, ram_size: u64) -> Result<ImageLayo
     if !entry_found {
         return Err(FirmwareError::EntryOutsideImage(header.e_entry));
     }
-    Ok(ImageLayout {
-        entry: header.e_entry,
-        end,
-    })
+    Ok(ImageLayout { entry: header.e_entry, end })
 }
 
 /// A firmware file, opened and checked, ready to load.
@@ -226,10 +223,8 @@ fn read_program_headers<R: Read + Seek>(
     size: u64,
 ) -> Result<Vec<Elf64_Phdr>, FirmwareError> {
     let entsize = std::mem::size_of::<Elf64_Phdr>() as u64;
-    let bad = FirmwareError::BadProgramHeaders {
-        entsize: header.e_phentsize,
-        offset: header.e_phoff,
-    };
+    let bad =
+        FirmwareError::BadProgramHeaders { entsize: header.e_phentsize, offset: header.e_phoff };
     // e_phnum is a u16, so the table is at most 64 K entries and the allocation is bounded.
     let table_end = u64::from(header.e_phnum)
         .checked_mul(entsize)
@@ -315,8 +310,7 @@ mod tests {
         let at = phdr_offset(&image, 0);
         let offset = u64::from_le_bytes(image[at + 8..at + 16].try_into().unwrap()) as usize;
         let mut loaded = [0u8; 16];
-        mem.read_slice(&mut loaded, GuestAddress(FIRMWARE_BASE))
-            .unwrap();
+        mem.read_slice(&mut loaded, GuestAddress(FIRMWARE_BASE)).unwrap();
         assert_eq!(loaded, image[offset..offset + 16]);
     }
 
@@ -326,40 +320,25 @@ mod tests {
             inspect_bytes(b"#!/bin/sh\necho hi\n".to_vec()),
             Err(FirmwareError::NotElf)
         ));
-        assert!(matches!(
-            inspect_bytes(Vec::new()),
-            Err(FirmwareError::NotElf)
-        ));
+        assert!(matches!(inspect_bytes(Vec::new()), Err(FirmwareError::NotElf)));
         let mut image = hello();
         image[EI_CLASS] = 1;
         assert!(matches!(inspect_bytes(image), Err(FirmwareError::Not64Bit)));
         let mut image = hello();
         image[EI_DATA] = 2;
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::BigEndian)
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::BigEndian)));
         let mut image = hello();
         image[18] = 183; // EM_AARCH64
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::WrongMachine(183))
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::WrongMachine(183))));
         let mut image = hello();
         image[16] = 3; // ET_DYN
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::NotExecutable(3))
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::NotExecutable(3))));
         let pie = std::fs::read("/bin/true").expect("/bin/true exists");
         assert!(matches!(inspect_bytes(pie), Err(FirmwareError::Dynamic(_))));
         let mut image = hello();
         let at = phdr_offset(&image, 0);
         image[at..at + 4].copy_from_slice(&PT_INTERP.to_le_bytes());
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::Dynamic("PT_INTERP"))
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::Dynamic("PT_INTERP"))));
     }
 
     #[test]
@@ -369,25 +348,16 @@ mod tests {
         set_u64(&mut image, at + 16, RAM - 0x10); // p_vaddr
         set_u64(&mut image, at + 24, RAM - 0x10); // p_paddr
         let err = inspect_bytes(image).unwrap_err();
-        assert!(
-            matches!(err, FirmwareError::SegmentOutsideRam { index: 0, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, FirmwareError::SegmentOutsideRam { index: 0, .. }), "{err}");
 
         let mut image = hello();
         set_u64(&mut image, at + 16, 0x1000);
         set_u64(&mut image, at + 24, 0x1000);
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::SegmentOutsideRam { .. })
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::SegmentOutsideRam { .. })));
 
         let mut image = hello();
         set_u64(&mut image, at + 40, u64::MAX); // p_memsz: wraps
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::SegmentOutsideRam { .. })
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::SegmentOutsideRam { .. })));
     }
 
     #[test]
@@ -402,31 +372,19 @@ mod tests {
 
         let mut image = hello();
         set_u64(&mut image, at + 32, 1 << 30); // p_filesz past EOF (and past p_memsz)
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::TruncatedSegment { index: 0 })
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::TruncatedSegment { index: 0 })));
 
         let mut image = hello();
         set_u64(&mut image, 24, 0x5000_0000); // e_entry
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::EntryOutsideImage(0x5000_0000))
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::EntryOutsideImage(0x5000_0000))));
 
         let mut image = hello();
         image[54] = 32; // e_phentsize
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::BadProgramHeaders { .. })
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::BadProgramHeaders { .. })));
 
         let mut image = hello();
         image[56..58].copy_from_slice(&u16::MAX.to_le_bytes()); // e_phnum past EOF
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::BadProgramHeaders { .. })
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::BadProgramHeaders { .. })));
 
         let mut image = hello();
         let len = image.len();
@@ -438,9 +396,6 @@ mod tests {
     fn refuses_oversized_files() {
         let mut image = hello();
         image.resize(MAX_FIRMWARE_FILE as usize + 1, 0);
-        assert!(matches!(
-            inspect_bytes(image),
-            Err(FirmwareError::TooLarge { .. })
-        ));
+        assert!(matches!(inspect_bytes(image), Err(FirmwareError::TooLarge { .. })));
     }
 }

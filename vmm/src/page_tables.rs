@@ -50,16 +50,8 @@ pub fn pages() -> Vec<TablePage> {
         *entry = (FIRST_PD + i as u64 * PAGE) | FLAGS;
     }
 
-    let mut pages = vec![
-        TablePage {
-            addr: PML4,
-            entries: pml4,
-        },
-        TablePage {
-            addr: PDPT,
-            entries: pdpt,
-        },
-    ];
+    let mut pages =
+        vec![TablePage { addr: PML4, entries: pml4 }, TablePage { addr: PDPT, entries: pdpt }];
     for dir in 0..DIRECTORIES {
         let mut pd = [0u64; ENTRIES];
         for (i, entry) in pd.iter_mut().enumerate() {
@@ -69,10 +61,7 @@ pub fn pages() -> Vec<TablePage> {
         if dir == 0 {
             pd[0] = FIRST_PT | FLAGS;
         }
-        pages.push(TablePage {
-            addr: FIRST_PD + dir as u64 * PAGE,
-            entries: pd,
-        });
+        pages.push(TablePage { addr: FIRST_PD + dir as u64 * PAGE, entries: pd });
     }
 
     let mut pt = [0u64; ENTRIES];
@@ -80,10 +69,7 @@ pub fn pages() -> Vec<TablePage> {
         *entry = (i as u64 * PAGE) | FLAGS;
     }
     pt[0] = PRESENT | USER;
-    pages.push(TablePage {
-        addr: FIRST_PT,
-        entries: pt,
-    });
+    pages.push(TablePage { addr: FIRST_PT, entries: pt });
     pages
 }
 
@@ -108,10 +94,7 @@ mod tests {
     /// user access and writes, or `None` if the address is not mapped.
     fn translate(pages: &[TablePage], virt: u64) -> Option<(u64, bool, bool)> {
         let lookup = |table: u64, index: u64| -> u64 {
-            let page = pages
-                .iter()
-                .find(|p| p.addr == table)
-                .expect("table exists");
+            let page = pages.iter().find(|p| p.addr == table).expect("table exists");
             page.entries[index as usize]
         };
         if virt >> 48 != 0 {
@@ -153,11 +136,7 @@ mod tests {
             MMIO_BASE,
             IDENTITY_MAP_SIZE - 1,
         ] {
-            assert_eq!(
-                translate(&pages, addr),
-                Some((addr, true, true)),
-                "{addr:#x}"
-            );
+            assert_eq!(translate(&pages, addr), Some((addr, true, true)), "{addr:#x}");
         }
     }
 
@@ -165,11 +144,7 @@ mod tests {
     fn page_zero_is_read_only() {
         let pages = pages();
         for addr in [0, 8, 0xfff] {
-            assert_eq!(
-                translate(&pages, addr),
-                Some((addr, true, false)),
-                "{addr:#x}"
-            );
+            assert_eq!(translate(&pages, addr), Some((addr, true, false)), "{addr:#x}");
         }
     }
 
@@ -185,8 +160,6 @@ mod tests {
     fn tables_fit_below_the_stack() {
         let pages = pages();
         assert_eq!(pages[0].addr, PML4);
-        assert!(pages
-            .iter()
-            .all(|p| p.addr >= PAGE_TABLES && p.addr + PAGE <= PAGE_TABLES_END));
+        assert!(pages.iter().all(|p| p.addr >= PAGE_TABLES && p.addr + PAGE <= PAGE_TABLES_END));
     }
 }

@@ -44,6 +44,8 @@ pub struct PartitionConfig {
     pub node_id: u32,
     /// The argument string the firmware reads from its boot info.
     pub args: String,
+    /// Directory to write the partition's RAM to when it stops (`partition-<id>.ram`).
+    pub dump_ram: Option<PathBuf>,
 }
 
 /// Why a partition could not be created.
@@ -122,10 +124,7 @@ pub enum PartitionError {
 impl PartitionError {
     /// Whether the operator's input caused the error (as opposed to the host refusing).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::Firmware { .. } | Self::MemorySize { .. } | Self::ArgsTooLong { .. }
-        )
+        matches!(self, Self::Firmware { .. } | Self::MemorySize { .. } | Self::ArgsTooLong { .. })
     }
 }
 
@@ -137,8 +136,10 @@ pub struct Partition {
     backends: Vec<Backend>,
     /// The secure-channel device, for the node's CMM; taken by [`Partition::take_channel`].
     channel: Option<ChannelDevice>,
+    /// Where to dump guest RAM at the stop.
+    dump_ram: Option<PathBuf>,
     _vm: VmFd,
-    _memory: GuestMemoryMmap,
+    memory: GuestMemoryMmap,
 }
 
 impl Partition {
@@ -165,15 +166,19 @@ impl Partition {
     /// Runs the guest until it stops. Takes the whole partition so that the VM and its RAM
     /// live exactly as long as the vCPU runs.
     pub fn run(self, process_start: Instant) -> Stopped {
-        let Self {
-            vcpu,
-            backends,
-            channel,
-            _vm,
-            _memory,
-        } = self;
+        let Self { vcpu, backends, channel, dump_ram, _vm: vm, memory } = self;
         drop((backends, channel));
-        vcpu.run(process_start)
+        let id = vcpu.partition;
+        let stopped = vcpu.run(process_start);
+        if let Some(dir) = dump_ram {
+            if let Err(e) = dump(&memory, &dir, id) {
+                log::warn!("partition {id}: dumping its RAM to {}: {e}", dir.display());
+            }
+        }
+        // The VM goes before the RAM it maps.
+        drop(vm);
+        drop(memory);
+        stopped
     }
 }
 
@@ -181,15 +186,9 @@ impl PartitionConfig {
     /// Guest RAM in bytes, checked against the layout and the host.
     pub fn ram_bytes(&self) -> Result<u64, PartitionError> {
         let host_max = host::total_memory();
-        let (max, why) = if host_max < MAX_RAM {
-            (host_max, " (this host's memory)")
-        } else {
-            (MAX_RAM, "")
-        };
-        let bytes = self
-            .memory_mib
-            .checked_mul(1 << 20)
-            .filter(|b| (MIN_RAM..=max).contains(b));
+        let (max, why) =
+            if host_max < MAX_RAM { (host_max, " (this host's memory)") } else { (MAX_RAM, "") };
+        let bytes = self.memory_mib.checked_mul(1 << 20).filter(|b| (MIN_RAM..=max).contains(b));
         bytes.ok_or(PartitionError::MemorySize {
             id: self.id,
             mib: self.memory_mib,
@@ -205,21 +204,14 @@ impl PartitionConfig {
     /// any VM exists.
     pub fn open_firmware(&self) -> Result<Firmware, PartitionError> {
         if self.args.len() > MAX_ARGS {
-            return Err(PartitionError::ArgsTooLong {
-                id: self.id,
-                len: self.args.len(),
-            });
+            return Err(PartitionError::ArgsTooLong { id: self.id, len: self.args.len() });
         }
         Firmware::open(&self.firmware, self.ram_bytes()?)
             .map_err(|source| self.firmware_error(source))
     }
 
     fn firmware_error(&self, source: FirmwareError) -> PartitionError {
-        PartitionError::Firmware {
-            id: self.id,
-            path: self.firmware.clone(),
-            source,
-        }
+        PartitionError::Firmware { id: self.id, path: self.firmware.clone(), source }
     }
 }
 
@@ -240,12 +232,9 @@ pub fn create(
     // The in-kernel irqchip carries the devices' irqfd interrupts; it must exist before the
     // vCPU. Created after the memory slot: the other order makes registering the slot take
     // milliseconds on the development machines.
-    vm.create_irq_chip()
-        .map_err(kvm_error("creating the in-kernel irqchip"))?;
+    vm.create_irq_chip().map_err(kvm_error("creating the in-kernel irqchip"))?;
     let fd = vm.create_vcpu(0).map_err(kvm_error("creating the vCPU"))?;
-    let layout = firmware
-        .load(&memory)
-        .map_err(|source| config.firmware_error(source))?;
+    let layout = firmware.load(&memory).map_err(|source| config.firmware_error(source))?;
 
     let mut info = BootInfo::new(ram, config.node_id, id, layout.end.next_multiple_of(0x1000));
     // 0 tells firmware the frequency is unknown; it then reports no timings.
@@ -254,45 +243,35 @@ pub fn create(
     let device_error = |source| PartitionError::Devices { id, source };
     let mut devices = DeviceSet::new(&vm, &memory, &mut mmio, &mut info);
     let backends = vec![devices.attach_rng().map_err(device_error)?];
-    let channel = devices
-        .attach_secure_channel(config.node_id, id, limits)
-        .map_err(device_error)?;
-    let cr3 = write_boot_state(&memory, &mut info, &config.args).map_err(|e| {
-        PartitionError::GuestMemory {
-            id,
-            reason: e.to_string(),
-        }
-    })?;
+    let channel =
+        devices.attach_secure_channel(config.node_id, id, limits).map_err(device_error)?;
+    let cr3 = write_boot_state(&memory, &mut info, &config.args)
+        .map_err(|e| PartitionError::GuestMemory { id, reason: e.to_string() })?;
 
-    let sregs = fd
-        .get_sregs()
-        .map_err(kvm_error("reading the vCPU's special registers"))?;
-    fd.set_sregs(&cpu::boot_sregs(sregs, cr3))
-        .map_err(kvm_error("setting special registers"))?;
-    fd.set_regs(&cpu::boot_regs(layout.entry))
-        .map_err(kvm_error("setting registers"))?;
-    fd.set_fpu(&cpu::boot_fpu())
-        .map_err(kvm_error("setting FPU state"))?;
+    let sregs = fd.get_sregs().map_err(kvm_error("reading the vCPU's special registers"))?;
+    fd.set_sregs(&cpu::boot_sregs(sregs, cr3)).map_err(kvm_error("setting special registers"))?;
+    fd.set_regs(&cpu::boot_regs(layout.entry)).map_err(kvm_error("setting registers"))?;
+    fd.set_fpu(&cpu::boot_fpu()).map_err(kvm_error("setting FPU state"))?;
 
     let console = Arc::new(Mutex::new(Console::new(console)));
     let pio =
         port_devices(console.clone()).map_err(|source| PartitionError::Device { id, source })?;
     let timed_out = Arc::new(AtomicBool::new(false));
-    let vcpu = Vcpu {
-        partition: id,
-        fd,
-        pio,
-        mmio,
-        console,
-        timed_out,
-    };
-    Ok(Partition {
-        vcpu,
-        backends,
-        channel: Some(channel),
-        _vm: vm,
-        _memory: memory,
-    })
+    let vcpu = Vcpu { partition: id, fd, pio, mmio, console, timed_out };
+    let dump_ram = config.dump_ram.clone();
+    Ok(Partition { vcpu, backends, channel: Some(channel), dump_ram, _vm: vm, memory })
+}
+
+/// Writes all of the partition's RAM to `dir/partition-<id>.ram` (for debugging, and for the
+/// tests that prove no key reaches guest memory).
+fn dump(memory: &GuestMemoryMmap, dir: &std::path::Path, id: u32) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(dir.join(format!("partition-{id}.ram")))?;
+    for region in memory.iter() {
+        memory
+            .write_all_volatile_to(region.start_addr(), &mut file, region.len() as usize)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Writes page tables, GDT, the argument string and the boot-info block; returns CR3.
@@ -313,11 +292,7 @@ fn write_boot_state(
 /// The console and the exit port on the port bus.
 fn port_devices(console: Arc<Mutex<Console>>) -> Result<Bus, BusError> {
     let mut pio = Bus::new();
-    pio.insert(
-        u64::from(CONSOLE_PORT),
-        u64::from(CONSOLE_PORT_COUNT),
-        Box::new(console),
-    )?;
+    pio.insert(u64::from(CONSOLE_PORT), u64::from(CONSOLE_PORT_COUNT), Box::new(console))?;
     pio.insert(u64::from(EXIT_PORT), 4, Box::new(ExitPort))?;
     Ok(pio)
 }
@@ -329,9 +304,8 @@ fn guest_memory(vm: &VmFd, id: u32, ram: u64) -> Result<GuestMemoryMmap, Partiti
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
         .map_err(|e| error(format!("cannot map {ram} bytes: {e}")))?;
     for (slot, region) in memory.iter().enumerate() {
-        let host = memory
-            .get_host_address(region.start_addr())
-            .map_err(|e| error(e.to_string()))?;
+        let host =
+            memory.get_host_address(region.start_addr()).map_err(|e| error(e.to_string()))?;
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -342,11 +316,7 @@ fn guest_memory(vm: &VmFd, id: u32, ram: u64) -> Result<GuestMemoryMmap, Partiti
         // SAFETY: the region is a live mapping owned by `memory`, which the returned value keeps
         // alive for as long as the VM (both end up in the same `Partition`, VM dropped first).
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| {
-            PartitionError::Kvm {
-                id,
-                what: "registering guest memory",
-                source,
-            }
+            PartitionError::Kvm { id, what: "registering guest memory", source }
         })?;
     }
     Ok(memory)

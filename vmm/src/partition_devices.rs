@@ -73,13 +73,7 @@ impl<'a> DeviceSet<'a> {
         mmio: &'a mut Bus,
         info: &'a mut BootInfo,
     ) -> Self {
-        Self {
-            vm,
-            mem,
-            mmio,
-            info,
-            count: 0,
-        }
+        Self { vm, mem, mmio, info, count: 0 }
     }
 
     /// Attaches a virtio device described by `desc`.
@@ -95,9 +89,7 @@ impl<'a> DeviceSet<'a> {
         let gsi = FIRST_GSI + self.count;
         let kvm = |what| move |source| AttachError::Kvm { what, source };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(AttachError::EventFd)?;
-        self.vm
-            .register_irqfd(&irq, gsi)
-            .map_err(kvm("registering an irqfd"))?;
+        self.vm.register_irqfd(&irq, gsi).map_err(kvm("registering an irqfd"))?;
         let mut queue_evts = Vec::with_capacity(desc.queue_sizes.len());
         for index in 0..desc.queue_sizes.len() as u32 {
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(AttachError::EventFd)?;
@@ -110,12 +102,8 @@ impl<'a> DeviceSet<'a> {
         let shared = Arc::new(DeviceShared::new(irq));
         let transport = MmioTransport::new(desc, shared.clone(), self.mem.clone());
         self.mmio.insert(base, WINDOW_SIZE, Box::new(transport))?;
-        let entry = DeviceInfo {
-            kind: kind as u32,
-            irq: gsi,
-            mmio_base: base,
-            mmio_size: WINDOW_SIZE,
-        };
+        let entry =
+            DeviceInfo { kind: kind as u32, irq: gsi, mmio_base: base, mmio_size: WINDOW_SIZE };
         if !self.info.push_device(entry) {
             return Err(AttachError::Full);
         }
@@ -137,26 +125,16 @@ impl<'a> DeviceSet<'a> {
             max_channels: limits.max_channels,
             version: abi::INTERFACE_VERSION,
         };
-        let attached = self.attach(
-            DeviceKind::SecureChannel,
-            secure_channel::description(config),
-        )?;
-        Ok(ChannelDevice::new(
-            partition,
-            attached.shared,
-            self.mem.clone(),
-            attached.queue_evts,
-        ))
+        let attached =
+            self.attach(DeviceKind::SecureChannel, secure_channel::description(config))?;
+        Ok(ChannelDevice::new(partition, attached.shared, self.mem.clone(), attached.queue_evts))
     }
 
     /// Attaches a virtio-rng and returns its backend.
     pub fn attach_rng(&mut self) -> Result<Backend, AttachError> {
         let attached = self.attach(DeviceKind::VirtioRng, rng::description())?;
         let rng = Rng::new(attached.shared, self.mem.clone());
-        Ok(Arc::new(Mutex::new(RngBackend {
-            rng,
-            queue_evts: attached.queue_evts,
-        })))
+        Ok(Arc::new(Mutex::new(RngBackend { rng, queue_evts: attached.queue_evts })))
     }
 }
 

@@ -188,11 +188,7 @@ mod tests {
         Stopped {
             partition: 3,
             reason,
-            registers: Some(Registers {
-                rip: 0x10_0042,
-                rsp: 0xffff8,
-                cr2: 0x80_0000_0000,
-            }),
+            registers: Some(Registers { rip: 0x10_0042, rsp: 0xffff8, cr2: 0x80_0000_0000 }),
             last_line: "about to read".into(),
         }
     }
@@ -203,10 +199,7 @@ mod tests {
         assert_eq!(StopReason::Exited(101).exit_status(), 101);
         assert_eq!(StopReason::Exited(119).exit_status(), 119);
         assert_eq!(StopReason::Exited(120).exit_status(), STATUS_OUT_OF_RANGE);
-        assert_eq!(
-            StopReason::Exited(u32::MAX).exit_status(),
-            STATUS_OUT_OF_RANGE
-        );
+        assert_eq!(StopReason::Exited(u32::MAX).exit_status(), STATUS_OUT_OF_RANGE);
     }
 
     #[test]
@@ -214,11 +207,7 @@ mod tests {
         let statuses = [
             StopReason::TripleFault,
             StopReason::EmulationFailure { suberror: 1 },
-            StopReason::UnhandledPort {
-                port: 0x80,
-                write: true,
-                size: 1,
-            },
+            StopReason::UnhandledPort { port: 0x80, write: true, size: 1 },
             StopReason::TimedOut,
             StopReason::VmmFailure("x".into()),
         ]
@@ -232,24 +221,12 @@ mod tests {
     #[test]
     fn crash_reports_name_partition_reason_registers_and_console() {
         let report = stopped(StopReason::TripleFault).report().unwrap();
-        assert!(
-            report.starts_with("partition 3 stopped: triple fault"),
-            "{report}"
-        );
-        assert!(
-            report.contains("rip=0x100042 rsp=0xffff8 cr2=0x8000000000"),
-            "{report}"
-        );
-        assert!(
-            report.ends_with("last console line: \"about to read\""),
-            "{report}"
-        );
+        assert!(report.starts_with("partition 3 stopped: triple fault"), "{report}");
+        assert!(report.contains("rip=0x100042 rsp=0xffff8 cr2=0x8000000000"), "{report}");
+        assert!(report.ends_with("last console line: \"about to read\""), "{report}");
 
         let report = stopped(StopReason::TimedOut).report().unwrap();
-        assert!(
-            report.contains("rip=0x100042") && !report.contains("cr2"),
-            "{report}"
-        );
+        assert!(report.contains("rip=0x100042") && !report.contains("cr2"), "{report}");
     }
 
     #[test]

@@ -168,9 +168,7 @@ pub fn run(
 }
 
 fn lock(supervisor: &Mutex<Supervisor>) -> std::sync::MutexGuard<'_, Supervisor> {
-    supervisor
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    supervisor.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Starts the vCPU thread of one partition.
@@ -178,9 +176,7 @@ fn spawn(partition: Partition, process_start: Instant) -> Result<Running, Superv
     let id = partition.id();
     let stopped_evt =
         EventFd::new(libc::EFD_NONBLOCK).map_err(setup_error("creating a stop eventfd"))?;
-    let signal = stopped_evt
-        .try_clone()
-        .map_err(setup_error("cloning a stop eventfd"))?;
+    let signal = stopped_evt.try_clone().map_err(setup_error("cloning a stop eventfd"))?;
     let timed_out = partition.timed_out_flag();
     let thread = std::thread::Builder::new()
         .name(format!("p{id}-vcpu"))
@@ -192,10 +188,5 @@ fn spawn(partition: Partition, process_start: Instant) -> Result<Running, Superv
             stopped
         })
         .map_err(setup_error("starting a vCPU thread"))?;
-    Ok(Running {
-        id,
-        stopped_evt,
-        thread: Some(thread),
-        timed_out,
-    })
+    Ok(Running { id, stopped_evt, thread: Some(thread), timed_out })
 }

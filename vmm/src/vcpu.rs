@@ -77,12 +77,7 @@ impl Vcpu {
         let registers = self.registers();
         let mut console = lock(&self.console);
         console.finish();
-        Stopped {
-            partition: self.partition,
-            reason,
-            registers,
-            last_line: console.last_line(),
-        }
+        Stopped { partition: self.partition, reason, registers, last_line: console.last_line() }
     }
 
     /// One `KVM_RUN` and the handling of its exit.
@@ -90,38 +85,22 @@ impl Vcpu {
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let size = data.len();
-                let unhandled = StopReason::UnhandledPort {
-                    port,
-                    write: true,
-                    size,
-                };
+                let unhandled = StopReason::UnhandledPort { port, write: true, size };
                 after_write(self.pio.write(u64::from(port), data), unhandled)
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 let size = data.len();
-                let unhandled = StopReason::UnhandledPort {
-                    port,
-                    write: false,
-                    size,
-                };
+                let unhandled = StopReason::UnhandledPort { port, write: false, size };
                 after_read(self.pio.read(u64::from(port), data), unhandled)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 let size = data.len();
-                let unhandled = StopReason::UnhandledMmio {
-                    addr,
-                    write: true,
-                    size,
-                };
+                let unhandled = StopReason::UnhandledMmio { addr, write: true, size };
                 after_write(self.mmio.write(addr, data), unhandled)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 let size = data.len();
-                let unhandled = StopReason::UnhandledMmio {
-                    addr,
-                    write: false,
-                    size,
-                };
+                let unhandled = StopReason::UnhandledMmio { addr, write: false, size };
                 after_read(self.mmio.read(addr, data), unhandled)
             }
             Ok(VcpuExit::Shutdown) => Step::Stop(StopReason::TripleFault),
@@ -149,10 +128,6 @@ impl Vcpu {
     fn registers(&self) -> Option<Registers> {
         let regs = self.fd.get_regs().ok()?;
         let sregs = self.fd.get_sregs().ok()?;
-        Some(Registers {
-            rip: regs.rip,
-            rsp: regs.rsp,
-            cr2: sregs.cr2,
-        })
+        Some(Registers { rip: regs.rip, rsp: regs.rsp, cr2: sregs.cr2 })
     }
 }

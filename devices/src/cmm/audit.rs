@@ -48,10 +48,8 @@ impl Audit {
     }
 
     fn format(&self, r: &Record<'_>) -> String {
-        let time = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let time =
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let endpoint = |e: Option<&Endpoint>| match e {
             Some(e) => format!(
                 "{{\"node\":{},\"partition\":{},\"process\":{}}}",
@@ -77,11 +75,7 @@ mod tests {
     #[test]
     fn records_are_one_json_line() {
         let audit = Audit::new(3, None);
-        let a = Endpoint {
-            node: 3,
-            partition: 1,
-            process: 2,
-        };
+        let a = Endpoint { node: 3, partition: 1, process: 2 };
         let line = audit.format(&Record {
             event: "offer_rejected",
             reason: "no_listener",

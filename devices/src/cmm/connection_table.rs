@@ -110,12 +110,7 @@ impl ConnectionTable {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.min(usize::from(u16::MAX));
         Self {
-            slots: (0..capacity)
-                .map(|_| Slot {
-                    generation: 1,
-                    entry: None,
-                })
-                .collect(),
+            slots: (0..capacity).map(|_| Slot { generation: 1, entry: None }).collect(),
             by_pair: HashMap::with_capacity(capacity),
         }
     }
@@ -136,11 +131,7 @@ impl ConnectionTable {
         if self.by_pair.contains_key(&pair) {
             return Err(InsertError::Exists);
         }
-        let index = self
-            .slots
-            .iter()
-            .position(|s| s.entry.is_none())
-            .ok_or(InsertError::Full)?;
+        let index = self.slots.iter().position(|s| s.entry.is_none()).ok_or(InsertError::Full)?;
         let slot = &mut self.slots[index];
         slot.entry = Some(entry);
         self.by_pair.insert(pair, index);
@@ -176,14 +167,10 @@ impl ConnectionTable {
 
     /// The entries of `partition`, with their IDs.
     pub fn of_partition(&self, partition: u32) -> impl Iterator<Item = (ChannelId, &Entry)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(move |(index, slot)| {
-                let entry = slot.entry.as_ref()?;
-                (entry.local.partition == partition)
-                    .then(|| (Self::id(index, slot.generation), entry))
-            })
+        self.slots.iter().enumerate().filter_map(move |(index, slot)| {
+            let entry = slot.entry.as_ref()?;
+            (entry.local.partition == partition).then(|| (Self::id(index, slot.generation), entry))
+        })
     }
 }
 
@@ -191,29 +178,17 @@ impl ConnectionTable {
 mod tests {
     use super::*;
 
-    const A: Endpoint = Endpoint {
-        node: 1,
-        partition: 1,
-        process: 7,
-    };
-    const B: Endpoint = Endpoint {
-        node: 1,
-        partition: 2,
-        process: 9,
-    };
+    const A: Endpoint = Endpoint { node: 1, partition: 1, process: 7 };
+    const B: Endpoint = Endpoint { node: 1, partition: 2, process: 9 };
 
     #[test]
     fn ids_find_entries_and_go_stale_on_removal() {
         let mut table = ConnectionTable::new(2);
-        let id = table
-            .insert(Entry::new(A, B, ChannelState::Listening))
-            .unwrap();
+        let id = table.insert(Entry::new(A, B, ChannelState::Listening)).unwrap();
         assert_ne!(id.0, 0);
         assert_eq!(table.find(&A, &B), Some(id));
         assert_eq!(
-            table
-                .insert(Entry::new(A, B, ChannelState::Open))
-                .unwrap_err(),
+            table.insert(Entry::new(A, B, ChannelState::Open)).unwrap_err(),
             InsertError::Exists
         );
         assert!(table.remove(id).is_some());
@@ -223,9 +198,7 @@ mod tests {
         assert!(table.get(id).is_none(), "the stale ID names nothing");
         table.insert(Entry::new(B, A, ChannelState::Open)).unwrap();
         assert_eq!(
-            table
-                .insert(Entry::new(A, A, ChannelState::Open))
-                .unwrap_err(),
+            table.insert(Entry::new(A, A, ChannelState::Open)).unwrap_err(),
             InsertError::Full
         );
         assert_eq!(table.of_partition(1).count(), 1);

@@ -69,35 +69,22 @@ pub fn open(
     tag: &[u8; TAG_SIZE],
 ) -> bool {
     let cipher = Aes256Gcm::new(key.into());
-    cipher
-        .decrypt_in_place_detached(&nonce(seq), aad, buf, Tag::from_slice(tag))
-        .is_ok()
+    cipher.decrypt_in_place_detached(&nonce(seq), aad, buf, Tag::from_slice(tag)).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const A: Endpoint = Endpoint {
-        node: 1,
-        partition: 1,
-        process: 7,
-    };
-    const B: Endpoint = Endpoint {
-        node: 1,
-        partition: 2,
-        process: 9,
-    };
+    const A: Endpoint = Endpoint { node: 1, partition: 1, process: 7 };
+    const B: Endpoint = Endpoint { node: 1, partition: 2, process: 9 };
 
     #[test]
     fn directions_get_different_keys() {
         let k = [3u8; KEY_SIZE];
         assert_ne!(direction_key(&k, &A, &B), direction_key(&k, &B, &A));
         assert_eq!(direction_key(&k, &A, &B), direction_key(&k, &A, &B));
-        assert_ne!(
-            direction_key(&k, &A, &B),
-            direction_key(&[4u8; KEY_SIZE], &A, &B)
-        );
+        assert_ne!(direction_key(&k, &A, &B), direction_key(&[4u8; KEY_SIZE], &A, &B));
     }
 
     #[test]
@@ -112,23 +99,14 @@ mod tests {
         assert_eq!(&copy, b"hello, partition");
 
         let mut replay = msg;
-        assert!(
-            !open(&key, 6, &associated_data(&A, &B, 6), &mut replay, &tag),
-            "other seq"
-        );
+        assert!(!open(&key, 6, &associated_data(&A, &B, 6), &mut replay, &tag), "other seq");
         let mut forged = msg;
-        assert!(
-            !open(&key, 5, &associated_data(&B, &B, 5), &mut forged, &tag),
-            "other source"
-        );
+        assert!(!open(&key, 5, &associated_data(&B, &B, 5), &mut forged, &tag), "other source");
         let mut flipped = msg;
         flipped[0] ^= 1;
         assert!(!open(&key, 5, &aad, &mut flipped, &tag), "flipped bit");
         let wrong_key = direction_key(&[9u8; KEY_SIZE], &B, &A);
         let mut other = msg;
-        assert!(
-            !open(&wrong_key, 5, &aad, &mut other, &tag),
-            "other direction's key"
-        );
+        assert!(!open(&wrong_key, 5, &aad, &mut other, &tag), "other direction's key");
     }
 }

@@ -34,10 +34,7 @@ pub struct KeyTable {
 impl KeyTable {
     /// A table of `slots` keys.
     pub fn new(slots: usize) -> io::Result<Self> {
-        Ok(Self {
-            region: SecretRegion::new(slots * SLOT_SIZE)?,
-            used: vec![false; slots],
-        })
+        Ok(Self { region: SecretRegion::new(slots * SLOT_SIZE)?, used: vec![false; slots] })
     }
 
     /// Stores `keys` in a free slot; `None` when the table is full. The caller's copy should
@@ -103,11 +100,7 @@ mod tests {
     #[test]
     fn stores_reads_and_wipes_keys() {
         let mut table = KeyTable::new(2).unwrap();
-        let keys = ChannelKeys {
-            channel: [1; 32],
-            tx: [2; 32],
-            rx: [3; 32],
-        };
+        let keys = ChannelKeys { channel: [1; 32], tx: [2; 32], rx: [3; 32] };
         let a = table.insert(&keys).unwrap();
         let b = table.insert(&keys).unwrap();
         assert!(table.insert(&keys).is_none(), "full");

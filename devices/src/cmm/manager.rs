@@ -28,10 +28,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_message: 64 * 1024,
-            max_channels: 64,
-        }
+        Self { max_message: 64 * 1024, max_channels: 64 }
     }
 }
 
@@ -90,11 +87,7 @@ impl Cmm {
     }
 
     fn endpoint(&self, partition: u32, process: u32) -> Endpoint {
-        Endpoint {
-            node: self.node,
-            partition,
-            process,
-        }
+        Endpoint { node: self.node, partition, process }
     }
 
     fn audit(
@@ -139,10 +132,7 @@ impl Cmm {
         remote: Endpoint,
     ) -> Result<ChannelId, Status> {
         let local = self.endpoint(partition, process);
-        self.insert(
-            partition,
-            Entry::new(local, remote, ChannelState::Listening),
-        )
+        self.insert(partition, Entry::new(local, remote, ChannelState::Listening))
     }
 
     /// OPEN: `process` of `partition` opens a channel to `remote`, keyed with `guest_key` or
@@ -170,17 +160,10 @@ impl Cmm {
             }
         };
         let id = self.insert(partition, Entry::new(local, remote, ChannelState::Offering))?;
-        let offer = Offer {
-            key,
-            source: local,
-            destination: remote,
-        };
+        let offer = Offer { key, source: local, destination: remote };
         key.zeroize();
         let answer = self.receive_offer(&offer, self.node);
-        match answer.and_then(|_| {
-            self.install_keys(id, &offer.key)
-                .ok_or(Rejection::TableFull)
-        }) {
+        match answer.and_then(|_| self.install_keys(id, &offer.key).ok_or(Rejection::TableFull)) {
             Ok(()) => Ok(id),
             Err(rejection) => {
                 self.table.remove(id);
@@ -215,18 +198,10 @@ impl Cmm {
     pub fn receive_offer(&mut self, offer: &Offer, link_node: u32) -> Result<ChannelId, Rejection> {
         let verdict = self.check_offer(offer, link_node);
         match verdict {
-            Ok(_) => self.audit(
-                "offer_accepted",
-                "listener_matched",
-                &offer.source,
-                &offer.destination,
-            ),
-            Err(r) => self.audit(
-                "offer_rejected",
-                r.reason(),
-                &offer.source,
-                &offer.destination,
-            ),
+            Ok(_) => {
+                self.audit("offer_accepted", "listener_matched", &offer.source, &offer.destination)
+            }
+            Err(r) => self.audit("offer_rejected", r.reason(), &offer.source, &offer.destination),
         }
         verdict
     }
@@ -238,19 +213,12 @@ impl Cmm {
         if offer.destination.node != self.node {
             return Err(Rejection::NotLocal);
         }
-        let id = self
-            .table
-            .find(&offer.destination, &offer.source)
-            .ok_or(Rejection::NoListener)?;
-        let listening = self
-            .table
-            .get(id)
-            .is_some_and(|e| e.state == ChannelState::Listening);
+        let id = self.table.find(&offer.destination, &offer.source).ok_or(Rejection::NoListener)?;
+        let listening = self.table.get(id).is_some_and(|e| e.state == ChannelState::Listening);
         if !listening {
             return Err(Rejection::NoListener);
         }
-        self.install_keys(id, &offer.key)
-            .ok_or(Rejection::TableFull)?;
+        self.install_keys(id, &offer.key).ok_or(Rejection::TableFull)?;
         Ok(id)
     }
 
@@ -302,10 +270,7 @@ impl Cmm {
 
     /// LIST: the partition's entries, without keys.
     pub fn list(&self, partition: u32) -> Vec<ChannelInfo> {
-        self.table
-            .of_partition(partition)
-            .map(|(id, e)| e.info(id))
-            .collect()
+        self.table.of_partition(partition).map(|(id, e)| e.info(id)).collect()
     }
 
     /// SEND (claim 10): checks that the sender is who it says, proves the key over the
@@ -347,13 +312,7 @@ impl Cmm {
         let stats = self.stats(partition);
         stats.sent += 1;
         stats.sent_bytes += payload.len() as u64;
-        let frame = DataFrame {
-            source: local,
-            destination: remote,
-            seq,
-            payload,
-            tag,
-        };
+        let frame = DataFrame { source: local, destination: remote, seq, payload, tag };
         if remote.node != self.node {
             return Err(status::UNREACHABLE);
         }
@@ -394,12 +353,7 @@ impl Cmm {
                 })
             }
             Err(r) => {
-                self.audit(
-                    "message_rejected",
-                    r.reason(),
-                    &frame.source,
-                    &frame.destination,
-                );
+                self.audit("message_rejected", r.reason(), &frame.source, &frame.destination);
                 if r != DataRejection::NoChannel {
                     self.stats(frame.destination.partition).rejected += 1;
                 }
@@ -416,10 +370,8 @@ impl Cmm {
         if frame.source.node != link_node {
             return Err(DataRejection::ForgedSourceNode);
         }
-        let id = self
-            .table
-            .find(&frame.destination, &frame.source)
-            .ok_or(DataRejection::NoChannel)?;
+        let id =
+            self.table.find(&frame.destination, &frame.source).ok_or(DataRejection::NoChannel)?;
         let entry = self.table.get_mut(id).ok_or(DataRejection::NoChannel)?;
         let (ChannelState::Open, Some(slot)) = (entry.state, entry.key) else {
             return Err(DataRejection::NoChannel);
@@ -429,13 +381,7 @@ impl Cmm {
             return Err(DataRejection::Replayed);
         }
         let aad = crypto::associated_data(&frame.source, &frame.destination, frame.seq);
-        if !crypto::open(
-            self.keys.rx(slot),
-            frame.seq,
-            &aad,
-            &mut frame.payload,
-            &frame.tag,
-        ) {
+        if !crypto::open(self.keys.rx(slot), frame.seq, &aad, &mut frame.payload, &frame.tag) {
             if let Some(entry) = self.table.get_mut(id) {
                 entry.dropped += 1;
             }
@@ -481,11 +427,7 @@ mod tests {
     }
 
     fn ep(partition: u32, process: u32) -> Endpoint {
-        Endpoint {
-            node: NODE,
-            partition,
-            process,
-        }
+        Endpoint { node: NODE, partition, process }
     }
 
     /// Partition 1 process 10 listens for partition 2 process 20, which opens.
@@ -496,11 +438,7 @@ mod tests {
     }
 
     fn tx(channel: ChannelId, source: Endpoint, len: usize) -> TxHeader {
-        TxHeader {
-            channel: channel.0,
-            source,
-            len: len as u32,
-        }
+        TxHeader { channel: channel.0, source, len: len as u32 }
     }
 
     #[test]
@@ -522,23 +460,14 @@ mod tests {
         let mut cmm = cmm();
         let (listener, opener) = open_pair(&mut cmm, None);
         assert_eq!(cmm.key_count(), 2);
-        let d = cmm
-            .send(2, &tx(opener, ep(2, 20), 5), b"hello".to_vec())
-            .unwrap();
-        assert_eq!(
-            (d.partition, d.channel, d.payload.as_slice()),
-            (1, listener, &b"hello"[..])
-        );
+        let d = cmm.send(2, &tx(opener, ep(2, 20), 5), b"hello".to_vec()).unwrap();
+        assert_eq!((d.partition, d.channel, d.payload.as_slice()), (1, listener, &b"hello"[..]));
         assert_eq!(d.header.source, ep(2, 20));
         assert_eq!(d.header.process, 10);
-        let back = cmm
-            .send(1, &tx(listener, ep(1, 10), 3), b"hi!".to_vec())
-            .unwrap();
+        let back = cmm.send(1, &tx(listener, ep(1, 10), 3), b"hi!".to_vec()).unwrap();
         assert_eq!((back.partition, back.payload.as_slice()), (2, &b"hi!"[..]));
         assert_eq!(back.header.seq, 0);
-        let again = cmm
-            .send(1, &tx(listener, ep(1, 10), 1), b"x".to_vec())
-            .unwrap();
+        let again = cmm.send(1, &tx(listener, ep(1, 10), 1), b"x".to_vec()).unwrap();
         assert_eq!(again.header.seq, 1);
     }
 
@@ -546,50 +475,35 @@ mod tests {
     fn guest_supplied_keys_work_too() {
         let mut cmm = cmm();
         let (_, opener) = open_pair(&mut cmm, Some([42; 32]));
-        assert!(cmm
-            .send(2, &tx(opener, ep(2, 20), 2), b"ok".to_vec())
-            .is_ok());
+        assert!(cmm.send(2, &tx(opener, ep(2, 20), 2), b"ok".to_vec()).is_ok());
     }
 
     #[test]
     fn forged_sources_and_foreign_channels_are_refused() {
         let mut cmm = cmm();
         let (listener, opener) = open_pair(&mut cmm, None);
-        let other_partition = Endpoint {
-            node: NODE,
-            partition: 3,
-            process: 20,
-        };
+        let other_partition = Endpoint { node: NODE, partition: 3, process: 20 };
         assert_eq!(
-            cmm.send(2, &tx(opener, other_partition, 1), vec![0])
-                .unwrap_err(),
+            cmm.send(2, &tx(opener, other_partition, 1), vec![0]).unwrap_err(),
             status::FORGED_SOURCE
         );
-        let other_node = Endpoint {
-            node: 9,
-            partition: 2,
-            process: 20,
-        };
+        let other_node = Endpoint { node: 9, partition: 2, process: 20 };
         assert_eq!(
-            cmm.send(2, &tx(opener, other_node, 1), vec![0])
-                .unwrap_err(),
+            cmm.send(2, &tx(opener, other_node, 1), vec![0]).unwrap_err(),
             status::FORGED_SOURCE
         );
         let other_process = ep(2, 21);
         assert_eq!(
-            cmm.send(2, &tx(opener, other_process, 1), vec![0])
-                .unwrap_err(),
+            cmm.send(2, &tx(opener, other_process, 1), vec![0]).unwrap_err(),
             status::FORGED_SOURCE
         );
         // Partition 2 naming partition 1's channel: it does not exist for partition 2.
         assert_eq!(
-            cmm.send(2, &tx(listener, ep(2, 20), 1), vec![0])
-                .unwrap_err(),
+            cmm.send(2, &tx(listener, ep(2, 20), 1), vec![0]).unwrap_err(),
             status::NO_CHANNEL
         );
         assert_eq!(
-            cmm.send(2, &tx(ChannelId(0x7777), ep(2, 20), 1), vec![0])
-                .unwrap_err(),
+            cmm.send(2, &tx(ChannelId(0x7777), ep(2, 20), 1), vec![0]).unwrap_err(),
             status::NO_CHANNEL
         );
         assert_eq!(cmm.stats(2).forged, 3);
@@ -604,35 +518,16 @@ mod tests {
         let keyed = crypto::direction_key(&[1; 32], &src, &dst);
         let seal = |seq: u64, text: &[u8]| {
             let mut payload = text.to_vec();
-            let tag = crypto::seal(
-                &keyed,
-                seq,
-                &crypto::associated_data(&src, &dst, seq),
-                &mut payload,
-            );
-            DataFrame {
-                source: src,
-                destination: dst,
-                seq,
-                payload,
-                tag,
-            }
+            let tag =
+                crypto::seal(&keyed, seq, &crypto::associated_data(&src, &dst, seq), &mut payload);
+            DataFrame { source: src, destination: dst, seq, payload, tag }
         };
         assert!(cmm.receive_data(seal(0, b"first"), NODE).is_ok());
-        assert_eq!(
-            cmm.receive_data(seal(0, b"first"), NODE).unwrap_err(),
-            DataRejection::Replayed
-        );
-        assert_eq!(
-            cmm.receive_data(seal(5, b"later"), NODE).unwrap_err(),
-            DataRejection::Replayed
-        );
+        assert_eq!(cmm.receive_data(seal(0, b"first"), NODE).unwrap_err(), DataRejection::Replayed);
+        assert_eq!(cmm.receive_data(seal(5, b"later"), NODE).unwrap_err(), DataRejection::Replayed);
         let mut bad = seal(1, b"tampered");
         bad.payload[0] ^= 1;
-        assert_eq!(
-            cmm.receive_data(bad, NODE).unwrap_err(),
-            DataRejection::BadTag
-        );
+        assert_eq!(cmm.receive_data(bad, NODE).unwrap_err(), DataRejection::BadTag);
         assert_eq!(
             cmm.receive_data(seal(1, b"from elsewhere"), 7).unwrap_err(),
             DataRejection::ForgedSourceNode
@@ -650,13 +545,9 @@ mod tests {
         assert_eq!(cmm.close(2, 20, listener.0), Err(status::NO_CHANNEL));
         cmm.close(2, 20, opener.0).unwrap();
         assert_eq!(cmm.key_count(), 0);
+        assert_eq!(cmm.list(1)[0].state, guest_agent::channel::abi::state::PEER_CLOSED);
         assert_eq!(
-            cmm.list(1)[0].state,
-            guest_agent::channel::abi::state::PEER_CLOSED
-        );
-        assert_eq!(
-            cmm.send(1, &tx(listener, ep(1, 10), 1), vec![0])
-                .unwrap_err(),
+            cmm.send(1, &tx(listener, ep(1, 10), 1), vec![0]).unwrap_err(),
             status::NOT_OPEN
         );
         assert!(cmm.list(2).is_empty());
@@ -666,46 +557,25 @@ mod tests {
     fn offers_from_the_wrong_node_are_refused() {
         let mut cmm = cmm();
         cmm.listen(1, 10, ep(2, 20)).unwrap();
-        let offer = Offer {
-            key: [0; 32],
-            source: ep(2, 20),
-            destination: ep(1, 10),
-        };
-        assert_eq!(
-            cmm.receive_offer(&offer, 5).unwrap_err(),
-            Rejection::ForgedSourceNode
-        );
+        let offer = Offer { key: [0; 32], source: ep(2, 20), destination: ep(1, 10) };
+        assert_eq!(cmm.receive_offer(&offer, 5).unwrap_err(), Rejection::ForgedSourceNode);
         let elsewhere = Offer {
             key: [0; 32],
             source: ep(2, 20),
-            destination: Endpoint {
-                node: 4,
-                ..ep(1, 10)
-            },
+            destination: Endpoint { node: 4, ..ep(1, 10) },
         };
-        assert_eq!(
-            cmm.receive_offer(&elsewhere, NODE).unwrap_err(),
-            Rejection::NotLocal
-        );
+        assert_eq!(cmm.receive_offer(&elsewhere, NODE).unwrap_err(), Rejection::NotLocal);
         assert_eq!(cmm.key_count(), 0);
     }
 
     #[test]
     fn limits_hold() {
-        let mut cmm = Cmm::new(
-            NODE,
-            16,
-            Limits {
-                max_message: 8,
-                max_channels: 2,
-            },
-            Audit::new(NODE, None),
-        )
-        .unwrap();
+        let mut cmm =
+            Cmm::new(NODE, 16, Limits { max_message: 8, max_channels: 2 }, Audit::new(NODE, None))
+                .unwrap();
         let (_, opener) = open_pair(&mut cmm, None);
         assert_eq!(
-            cmm.send(2, &tx(opener, ep(2, 20), 9), vec![0; 9])
-                .unwrap_err(),
+            cmm.send(2, &tx(opener, ep(2, 20), 9), vec![0; 9]).unwrap_err(),
             status::TOO_BIG
         );
         cmm.listen(1, 11, ep(2, 20)).unwrap();

@@ -94,14 +94,7 @@ fn map_locked_anonymous(len: usize) -> io::Result<NonNull<u8>> {
 fn map(len: usize, flags: libc::c_int, fd: libc::c_int) -> io::Result<NonNull<u8>> {
     // SAFETY: a fresh mapping at an address of the kernel's choosing; the result is checked.
     let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            fd,
-            0,
-        )
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)
     };
     if ptr == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());

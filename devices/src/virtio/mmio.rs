@@ -181,9 +181,7 @@ impl MmioTransport {
                 self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
             }
             reg::INTERRUPT_ACK => {
-                self.shared
-                    .interrupt_status
-                    .fetch_and(!value, Ordering::AcqRel);
+                self.shared.interrupt_status.fetch_and(!value, Ordering::AcqRel);
             }
             reg::STATUS => self.write_status(value),
             // QueueNotify normally never gets here (ioeventfd); a notify the kernel did not
@@ -224,8 +222,7 @@ impl MmioTransport {
         }
         // The driver only ever adds bits (virtio 1.2, 3.1.1); anything else is a driver bug.
         if value & self.status != self.status {
-            self.shared
-                .fail("driver cleared device status bits without a reset");
+            self.shared.fail("driver cleared device status bits without a reset");
             return;
         }
         let new = value & !self.status;
@@ -257,8 +254,7 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for queue in &mut self.queues {
             if queue.ready() && !queue.is_valid(&self.mem) {
-                self.shared
-                    .fail("a ready queue has addresses outside guest RAM or a bad size");
+                self.shared.fail("a ready queue has addresses outside guest RAM or a bad size");
                 return;
             }
             queue.set_event_idx(event_idx);
@@ -292,11 +288,7 @@ impl BusDevice for MmioTransport {
         data.fill(0);
         if offset >= reg::CONFIG {
             let start = (offset - reg::CONFIG) as usize;
-            if let Some(src) = self
-                .desc
-                .config
-                .get(start..start.saturating_add(data.len()))
-            {
+            if let Some(src) = self.desc.config.get(start..start.saturating_add(data.len())) {
                 data.copy_from_slice(src);
             }
             return;
@@ -354,11 +346,7 @@ mod tests {
             write(t, reg::DRIVER_FEATURES_SEL, sel);
             write(t, reg::DRIVER_FEATURES, (features >> (32 * sel)) as u32);
         }
-        write(
-            t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        write(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         read(t, reg::STATUS)
     }
 
@@ -384,20 +372,13 @@ mod tests {
         let mut byte = [0u8; 1];
         t.read(reg::CONFIG + 2, &mut byte);
         assert_eq!(byte, [3]);
-        assert_eq!(
-            read(&mut t, reg::SHM_LEN_LOW),
-            u32::MAX,
-            "no shared memory regions"
-        );
+        assert_eq!(read(&mut t, reg::SHM_LEN_LOW), u32::MAX, "no shared memory regions");
     }
 
     #[test]
     fn refuses_features_it_did_not_offer_or_legacy_drivers() {
         let (mut t, _) = transport();
-        assert_eq!(
-            negotiate(&mut t, F_VERSION_1 | 1 << 5) & status::FEATURES_OK,
-            0
-        );
+        assert_eq!(negotiate(&mut t, F_VERSION_1 | 1 << 5) & status::FEATURES_OK, 0);
         write(&mut t, reg::STATUS, 0);
         assert_eq!(
             negotiate(&mut t, F_EVENT_IDX) & status::FEATURES_OK,
@@ -405,10 +386,7 @@ mod tests {
             "VERSION_1 is required"
         );
         write(&mut t, reg::STATUS, 0);
-        assert_ne!(
-            negotiate(&mut t, F_VERSION_1 | F_EVENT_IDX) & status::FEATURES_OK,
-            0
-        );
+        assert_ne!(negotiate(&mut t, F_VERSION_1 | F_EVENT_IDX) & status::FEATURES_OK, 0);
     }
 
     #[test]
@@ -447,11 +425,7 @@ mod tests {
         );
         assert!(matches!(*lock(&shared.activation), Activation::NeedsReset));
         assert_ne!(read(&mut t, reg::STATUS) & status::NEEDS_RESET, 0);
-        assert_ne!(
-            read(&mut t, reg::INTERRUPT_STATUS) & 2,
-            0,
-            "config-change interrupt"
-        );
+        assert_ne!(read(&mut t, reg::INTERRUPT_STATUS) & 2, 0, "config-change interrupt");
         write(&mut t, reg::INTERRUPT_ACK, 2);
         assert_eq!(read(&mut t, reg::INTERRUPT_STATUS) & 2, 0);
     }
@@ -459,11 +433,7 @@ mod tests {
     #[test]
     fn driver_ok_before_features_ok_needs_reset() {
         let (mut t, shared) = transport();
-        write(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
-        );
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
         assert!(matches!(*lock(&shared.activation), Activation::NeedsReset));
     }
 

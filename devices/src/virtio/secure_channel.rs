@@ -63,13 +63,7 @@ impl ChannelDevice {
         mem: GuestMemoryMmap,
         queue_evts: Vec<EventFd>,
     ) -> Self {
-        Self {
-            partition,
-            shared,
-            mem,
-            queue_evts,
-            pending: VecDeque::new(),
-        }
+        Self { partition, shared, mem, queue_evts, pending: VecDeque::new() }
     }
 }
 
@@ -176,22 +170,17 @@ impl ChannelNode {
             .clone()
             .reader(&mem)
             .map_err(|_| Malformed("control request outside guest RAM"))?;
-        let mut writer = chain
-            .writer(&mem)
-            .map_err(|_| Malformed("control response outside guest RAM"))?;
+        let mut writer =
+            chain.writer(&mem).map_err(|_| Malformed("control response outside guest RAM"))?;
         let mut raw = [0u8; CONTROL_REQUEST_SIZE];
-        let mut request = reader
-            .read_exact(&mut raw)
-            .ok()
-            .and_then(|()| ControlRequest::from_bytes(&raw));
+        let mut request =
+            reader.read_exact(&mut raw).ok().and_then(|()| ControlRequest::from_bytes(&raw));
         raw.zeroize();
         let room = writer.available_bytes();
         let (head, body) = match &request {
-            Some(request) => self.execute(
-                partition,
-                request,
-                room.saturating_sub(CONTROL_RESPONSE_SIZE),
-            ),
+            Some(request) => {
+                self.execute(partition, request, room.saturating_sub(CONTROL_RESPONSE_SIZE))
+            }
             None => (self.refused(partition, status::BAD_REQUEST), Vec::new()),
         };
         // A guest-supplied key was copied into the key table; no other copy may stay behind.
@@ -204,18 +193,13 @@ impl ChannelNode {
         writer
             .write_all(&head.to_bytes())
             .map_err(|_| Malformed("control response not writable"))?;
-        writer
-            .write_all(&body)
-            .map_err(|_| Malformed("control response not writable"))?;
+        writer.write_all(&body).map_err(|_| Malformed("control response not writable"))?;
         Ok((CONTROL_RESPONSE_SIZE + body.len()) as u32)
     }
 
     fn refused(&mut self, partition: u32, code: u32) -> ControlResponse {
         self.cmm.stats(partition).refused += 1;
-        ControlResponse {
-            status: code,
-            ..Default::default()
-        }
+        ControlResponse { status: code, ..Default::default() }
     }
 
     /// Carries out a decoded request; `room` is the space after the response head.
@@ -226,38 +210,21 @@ impl ChannelNode {
         room: usize,
     ) -> (ControlResponse, Vec<u8>) {
         let reply = |result: Result<crate::cmm::connection_table::ChannelId, u32>| match result {
-            Ok(id) => ControlResponse {
-                status: status::OK,
-                channel: id.0,
-                count: 0,
-            },
-            Err(code) => ControlResponse {
-                status: code,
-                ..Default::default()
-            },
+            Ok(id) => ControlResponse { status: status::OK, channel: id.0, count: 0 },
+            Err(code) => ControlResponse { status: code, ..Default::default() },
         };
         match req.op {
-            op::LISTEN if req.flags == 0 => (
-                reply(self.cmm.listen(partition, req.process, req.remote)),
-                Vec::new(),
-            ),
+            op::LISTEN if req.flags == 0 => {
+                (reply(self.cmm.listen(partition, req.process, req.remote)), Vec::new())
+            }
             op::OPEN if req.flags & !abi::FLAG_GUEST_KEY == 0 => {
                 let key = (req.flags & abi::FLAG_GUEST_KEY != 0).then_some(req.key);
-                (
-                    reply(self.cmm.open(partition, req.process, req.remote, key)),
-                    Vec::new(),
-                )
+                (reply(self.cmm.open(partition, req.process, req.remote, key)), Vec::new())
             }
             op::CLOSE if req.flags == 0 => {
                 let result = self.cmm.close(partition, req.process, req.channel);
                 let status = result.err().unwrap_or(status::OK);
-                (
-                    ControlResponse {
-                        status,
-                        ..Default::default()
-                    },
-                    Vec::new(),
-                )
+                (ControlResponse { status, ..Default::default() }, Vec::new())
             }
             op::LIST => {
                 let entries = self.cmm.list(partition);
@@ -271,29 +238,16 @@ impl ChannelNode {
                 }
                 let body = entries.iter().flat_map(|e| e.to_bytes()).collect();
                 (
-                    ControlResponse {
-                        status: status::OK,
-                        channel: 0,
-                        count: entries.len() as u32,
-                    },
+                    ControlResponse { status: status::OK, channel: 0, count: entries.len() as u32 },
                     body,
                 )
             }
             op::STATS => {
                 let body = self.cmm.stats(partition).to_bytes();
                 if body.len() > room {
-                    return (
-                        self.refused(partition, status::BUFFER_TOO_SMALL),
-                        Vec::new(),
-                    );
+                    return (self.refused(partition, status::BUFFER_TOO_SMALL), Vec::new());
                 }
-                (
-                    ControlResponse {
-                        status: status::OK,
-                        ..Default::default()
-                    },
-                    body.to_vec(),
-                )
+                (ControlResponse { status: status::OK, ..Default::default() }, body.to_vec())
             }
             op::LISTEN | op::OPEN | op::CLOSE => {
                 (self.refused(partition, status::BAD_REQUEST), Vec::new())
@@ -326,9 +280,8 @@ impl ChannelNode {
             .clone()
             .reader(&mem)
             .map_err(|_| Malformed("transmit buffer outside guest RAM"))?;
-        let mut writer = chain
-            .writer(&mem)
-            .map_err(|_| Malformed("transmit status outside guest RAM"))?;
+        let mut writer =
+            chain.writer(&mem).map_err(|_| Malformed("transmit status outside guest RAM"))?;
         let code = match self.read_message(&mut reader) {
             Ok((header, payload)) => match self.cmm.send(partition, &header, payload) {
                 Ok(delivery) => {
@@ -357,9 +310,7 @@ impl ChannelNode {
         reader: &mut virtio_queue::Reader<'_>,
     ) -> Result<(TxHeader, Vec<u8>), u32> {
         let mut raw = [0u8; TX_HEADER_SIZE];
-        reader
-            .read_exact(&mut raw)
-            .map_err(|_| status::BAD_REQUEST)?;
+        reader.read_exact(&mut raw).map_err(|_| status::BAD_REQUEST)?;
         let header = TxHeader::from_bytes(&raw).ok_or(status::BAD_REQUEST)?;
         let len = header.len as usize;
         if len > self.cmm.limits().max_message as usize {
@@ -369,9 +320,7 @@ impl ChannelNode {
             return Err(status::BAD_REQUEST);
         }
         let mut payload = vec![0u8; len];
-        reader
-            .read_exact(&mut payload)
-            .map_err(|_| status::BAD_REQUEST)?;
+        reader.read_exact(&mut payload).map_err(|_| status::BAD_REQUEST)?;
         Ok((header, payload))
     }
 
@@ -448,17 +397,12 @@ fn next_chain<'m>(
     mem: &'m GuestMemoryMmap,
 ) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, &'static str> {
     loop {
-        if let Some(chain) = queue
-            .iter(mem)
-            .map_err(|_| "avail index ran ahead of the queue")?
-            .next()
+        if let Some(chain) =
+            queue.iter(mem).map_err(|_| "avail index ran ahead of the queue")?.next()
         {
             return Ok(Some(chain));
         }
-        if !queue
-            .enable_notification(mem)
-            .map_err(|_| "queue rings not in guest RAM")?
-        {
+        if !queue.enable_notification(mem).map_err(|_| "queue rings not in guest RAM")? {
             return Ok(None);
         }
     }
@@ -502,11 +446,7 @@ impl MutEventSubscriber for ChannelNode {
         let Some(device) = self.devices.get(index) else {
             return;
         };
-        if let Some(evt) = device
-            .queue_evts
-            .get(queue)
-            .filter(|e| e.as_raw_fd() == events.fd())
-        {
+        if let Some(evt) = device.queue_evts.get(queue).filter(|e| e.as_raw_fd() == events.fd()) {
             let _ = evt.read();
         }
         self.notified(index, queue);

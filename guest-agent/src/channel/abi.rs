@@ -104,21 +104,14 @@ impl Endpoint {
 
     /// Decodes from `bytes[..12]`.
     pub fn decode(bytes: &[u8]) -> Self {
-        Self {
-            node: get32(bytes, 0),
-            partition: get32(bytes, 4),
-            process: get32(bytes, 8),
-        }
+        Self { node: get32(bytes, 0), partition: get32(bytes, 4), process: get32(bytes, 8) }
     }
 
     /// Parses `node:partition:process`.
     pub fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split(':').map(|p| p.parse::<u32>().ok());
-        let endpoint = Self {
-            node: parts.next()??,
-            partition: parts.next()??,
-            process: parts.next()??,
-        };
+        let endpoint =
+            Self { node: parts.next()??, partition: parts.next()??, process: parts.next()?? };
         parts.next().is_none().then_some(endpoint)
     }
 
@@ -233,11 +226,7 @@ impl ControlResponse {
 
     /// Decodes a response head.
     pub fn from_bytes(bytes: &[u8]) -> Self {
-        Self {
-            status: get32(bytes, 0),
-            channel: get32(bytes, 4),
-            count: get32(bytes, 8),
-        }
+        Self { status: get32(bytes, 0), channel: get32(bytes, 4), count: get32(bytes, 8) }
     }
 }
 
@@ -476,11 +465,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let remote = Endpoint {
-            node: 1,
-            partition: 2,
-            process: 3,
-        };
+        let remote = Endpoint { node: 1, partition: 2, process: 3 };
         let req = ControlRequest {
             op: op::OPEN,
             flags: FLAG_GUEST_KEY,
@@ -493,19 +478,9 @@ mod tests {
         let mut bad = req.to_bytes();
         bad[30] = 1;
         assert_eq!(ControlRequest::from_bytes(&bad), None);
-        let tx = TxHeader {
-            channel: 5,
-            source: remote,
-            len: 100,
-        };
+        let tx = TxHeader { channel: 5, source: remote, len: 100 };
         assert_eq!(TxHeader::from_bytes(&tx.to_bytes()), Some(tx));
-        let rx = RxHeader {
-            channel: 5,
-            len: 4,
-            source: remote,
-            process: 8,
-            seq: 1 << 40,
-        };
+        let rx = RxHeader { channel: 5, len: 4, source: remote, process: 8, seq: 1 << 40 };
         assert_eq!(RxHeader::from_bytes(&rx.to_bytes()), rx);
         let info = ChannelInfo {
             channel: 1,
@@ -517,24 +492,13 @@ mod tests {
             dropped: 5,
         };
         assert_eq!(ChannelInfo::from_bytes(&info.to_bytes()), info);
-        let stats = Stats {
-            sent: 1,
-            notifications: 9,
-            ..Default::default()
-        };
+        let stats = Stats { sent: 1, notifications: 9, ..Default::default() };
         assert_eq!(Stats::from_bytes(&stats.to_bytes()), stats);
     }
 
     #[test]
     fn endpoints_parse_strictly() {
-        assert_eq!(
-            Endpoint::parse("1:2:3"),
-            Some(Endpoint {
-                node: 1,
-                partition: 2,
-                process: 3
-            })
-        );
+        assert_eq!(Endpoint::parse("1:2:3"), Some(Endpoint { node: 1, partition: 2, process: 3 }));
         for bad in ["", "1:2", "1:2:3:4", "1:x:3", "-1:2:3"] {
             assert_eq!(Endpoint::parse(bad), None, "{bad}");
         }
@@ -544,11 +508,7 @@ mod tests {
     fn layout_is_fixed() {
         let tx = TxHeader {
             channel: 0x0102_0304,
-            source: Endpoint {
-                node: 5,
-                partition: 6,
-                process: 7,
-            },
+            source: Endpoint { node: 5, partition: 6, process: 7 },
             len: 8,
         };
         let b = tx.to_bytes();

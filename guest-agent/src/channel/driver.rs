@@ -89,9 +89,7 @@ pub struct SecureChannel {
 impl SecureChannel {
     /// Finds the partition's secure-channel device, brings it up, and posts receive buffers.
     pub fn open(info: &BootInfo) -> Result<Self, ChannelError> {
-        let dev = info
-            .find_device(DeviceKind::SecureChannel)
-            .ok_or(DriverError::NoDevice)?;
+        let dev = info.find_device(DeviceKind::SecureChannel).ok_or(DriverError::NoDevice)?;
         let transport = Transport::probe(dev, abi::DEVICE_ID)?;
         let event_idx = transport.negotiate(F_EVENT_IDX)? & F_EVENT_IDX != 0;
         let config = Config {
@@ -134,11 +132,7 @@ impl SecureChannel {
             control_req,
             control_resp,
             tx_slots,
-            tx_free: if TX_SLOTS == 32 {
-                u32::MAX
-            } else {
-                (1u32 << TX_SLOTS) - 1
-            },
+            tx_free: if TX_SLOTS == 32 { u32::MAX } else { (1u32 << TX_SLOTS) - 1 },
             tx_slot_of: [0; TX_QUEUE_SIZE as usize],
             rx_bufs,
             rx_slot_of: [0; RX_QUEUE_SIZE as usize],
@@ -162,19 +156,11 @@ impl SecureChannel {
 
     /// This process's endpoint as others see it.
     pub fn endpoint(&self, process: u32) -> Endpoint {
-        Endpoint {
-            node: self.config.node,
-            partition: self.config.partition,
-            process,
-        }
+        Endpoint { node: self.config.node, partition: self.config.partition, process }
     }
 
     fn post_rx(&mut self, slot: usize) -> Result<(), ChannelError> {
-        let buf = Buffer {
-            addr: self.rx_bufs[slot] as u64,
-            len: self.rx_buf_len,
-            writable: true,
-        };
+        let buf = Buffer { addr: self.rx_bufs[slot] as u64, len: self.rx_buf_len, writable: true };
         let head = self.rx.add(&[buf])?;
         self.rx_slot_of[usize::from(head)] = slot as u8;
         Ok(())
@@ -201,8 +187,7 @@ impl SecureChannel {
         if let Some(key) = key {
             req[32..64].copy_from_slice(key);
         }
-        self.control
-            .add(&[Buffer::readable(req), Buffer::writable(resp)])?;
+        self.control.add(&[Buffer::readable(req), Buffer::writable(resp)])?;
         self.control.kick();
         let written = loop {
             if let Some((_, len)) = self.control.poll()? {
@@ -226,19 +211,12 @@ impl SecureChannel {
     }
 
     fn request(op: u32, process: u32) -> ControlRequest {
-        ControlRequest {
-            op,
-            process,
-            ..Default::default()
-        }
+        ControlRequest { op, process, ..Default::default() }
     }
 
     /// LISTEN: `process` accepts a channel from `remote`; returns the channel ID.
     pub fn listen(&mut self, process: u32, remote: Endpoint) -> Result<u32, ChannelError> {
-        let req = ControlRequest {
-            remote,
-            ..Self::request(op::LISTEN, process)
-        };
+        let req = ControlRequest { remote, ..Self::request(op::LISTEN, process) };
         Ok(self.control(req)?.channel)
     }
 
@@ -250,26 +228,14 @@ impl SecureChannel {
         remote: Endpoint,
         key: Option<&[u8; 32]>,
     ) -> Result<u32, ChannelError> {
-        let flags = if key.is_some() {
-            abi::FLAG_GUEST_KEY
-        } else {
-            0
-        };
-        let req = ControlRequest {
-            remote,
-            flags,
-            ..Self::request(op::OPEN, process)
-        };
+        let flags = if key.is_some() { abi::FLAG_GUEST_KEY } else { 0 };
+        let req = ControlRequest { remote, flags, ..Self::request(op::OPEN, process) };
         Ok(self.control_with_key(req.to_bytes(), key)?.channel)
     }
 
     /// CLOSE: ends the channel (its keys are erased; the peer learns of it).
     pub fn close(&mut self, process: u32, channel: u32) -> Result<(), ChannelError> {
-        self.control(ControlRequest {
-            channel,
-            ..Self::request(op::CLOSE, process)
-        })
-        .map(|_| ())
+        self.control(ControlRequest { channel, ..Self::request(op::CLOSE, process) }).map(|_| ())
     }
 
     /// LIST: this partition's channels into `out`; returns how many there are.
@@ -324,9 +290,7 @@ impl SecureChannel {
         self.control(Self::request(op::STATS, 0))?;
         // SAFETY: as in `list`.
         let resp = unsafe { &*self.control_resp };
-        Ok(Stats::from_bytes(
-            &resp[CONTROL_RESPONSE_SIZE..CONTROL_RESPONSE_SIZE + STATS_SIZE],
-        ))
+        Ok(Stats::from_bytes(&resp[CONTROL_RESPONSE_SIZE..CONTROL_RESPONSE_SIZE + STATS_SIZE]))
     }
 
     /// Queues `data` on `channel` as `source` without notifying the device (see [`Self::flush`]).
@@ -344,11 +308,7 @@ impl SecureChannel {
             return Err(ChannelError::Busy);
         }
         let slot_index = self.tx_free.trailing_zeros() as usize;
-        let header = TxHeader {
-            channel,
-            source,
-            len: data.len() as u32,
-        };
+        let header = TxHeader { channel, source, len: data.len() as u32 };
         self.post_slot(slot_index, header.to_bytes(), data)
     }
 
@@ -366,22 +326,13 @@ impl SecureChannel {
         let (hdr, payload, status) = unsafe {
             *slot.header = header;
             core::ptr::copy_nonoverlapping(data.as_ptr(), slot.payload, data.len());
-            (
-                &*slot.header,
-                core::slice::from_raw_parts(slot.payload, data.len()),
-                slot.status,
-            )
+            (&*slot.header, core::slice::from_raw_parts(slot.payload, data.len()), slot.status)
         };
-        let status_buf = Buffer {
-            addr: status as u64,
-            len: 4,
-            writable: true,
-        };
+        let status_buf = Buffer { addr: status as u64, len: 4, writable: true };
         let head = if data.is_empty() {
             self.tx.add(&[Buffer::readable(hdr), status_buf])?
         } else {
-            self.tx
-                .add(&[Buffer::readable(hdr), Buffer::readable(payload), status_buf])?
+            self.tx.add(&[Buffer::readable(hdr), Buffer::readable(payload), status_buf])?
         };
         self.tx_free &= !(1 << slot_index);
         self.tx_slot_of[usize::from(head)] = slot_index as u8;
@@ -414,9 +365,7 @@ impl SecureChannel {
             return Err(ChannelError::Driver(DriverError::BadUsedEntry));
         }
         // SAFETY: the device is done with the slot (it returned the chain).
-        Ok(Some(unsafe {
-            core::ptr::read_volatile(self.tx_slots[slot_index].status)
-        }))
+        Ok(Some(unsafe { core::ptr::read_volatile(self.tx_slots[slot_index].status) }))
     }
 
     /// Sends one message and waits for the device's verdict.
@@ -435,11 +384,7 @@ impl SecureChannel {
         self.flush();
         loop {
             if let Some(code) = self.reap_send()? {
-                return if code == status::OK {
-                    Ok(())
-                } else {
-                    Err(ChannelError::Status(code))
-                };
+                return if code == status::OK { Ok(()) } else { Err(ChannelError::Status(code)) };
             }
             core::hint::spin_loop();
         }

@@ -62,20 +62,12 @@ pub struct Buffer {
 impl Buffer {
     /// A buffer the device reads.
     pub fn readable(data: &[u8]) -> Self {
-        Self {
-            addr: data.as_ptr() as u64,
-            len: data.len() as u32,
-            writable: false,
-        }
+        Self { addr: data.as_ptr() as u64, len: data.len() as u32, writable: false }
     }
 
     /// A buffer the device writes.
     pub fn writable(data: &mut [u8]) -> Self {
-        Self {
-            addr: data.as_mut_ptr() as u64,
-            len: data.len() as u32,
-            writable: true,
-        }
+        Self { addr: data.as_mut_ptr() as u64, len: data.len() as u32, writable: true }
     }
 }
 
@@ -128,15 +120,7 @@ impl Virtqueue {
             in_flight: [false; MAX_SIZE],
         };
         for i in 0..size {
-            queue.write_desc(
-                i,
-                Desc {
-                    addr: 0,
-                    len: 0,
-                    flags: 0,
-                    next: (i + 1) % size,
-                },
-            );
+            queue.write_desc(i, Desc { addr: 0, len: 0, flags: 0, next: (i + 1) % size });
         }
         Ok(queue)
     }
@@ -181,15 +165,7 @@ impl Virtqueue {
             if n + 1 < bufs.len() {
                 flags |= DESC_F_NEXT;
             }
-            self.write_desc(
-                cur,
-                Desc {
-                    addr: buf.addr,
-                    len: buf.len,
-                    flags,
-                    next,
-                },
-            );
+            self.write_desc(cur, Desc { addr: buf.addr, len: buf.len, flags, next });
             if n + 1 < bufs.len() {
                 cur = next;
             } else {
@@ -251,10 +227,7 @@ impl Virtqueue {
         // SAFETY: `used_event` sits after `size` avail-ring entries, inside the allocation.
         unsafe {
             let ring = addr_of_mut!((*self.avail).ring) as *mut u16;
-            write_volatile(
-                ring.add(usize::from(self.size)),
-                self.last_used.wrapping_sub(1),
-            );
+            write_volatile(ring.add(usize::from(self.size)), self.last_used.wrapping_sub(1));
             write_volatile(addr_of_mut!((*self.avail).flags), 1);
         }
     }
@@ -288,13 +261,7 @@ impl Virtqueue {
         loop {
             let d = self.read_desc(cur);
             if d.flags & DESC_F_NEXT == 0 || count >= self.size {
-                self.write_desc(
-                    cur,
-                    Desc {
-                        next: self.free_head,
-                        ..d
-                    },
-                );
+                self.write_desc(cur, Desc { next: self.free_head, ..d });
                 break;
             }
             cur = d.next;

@@ -17,9 +17,7 @@ pub struct Rng {
 impl Rng {
     /// Finds the partition's virtio-rng and brings it up.
     pub fn open(info: &BootInfo) -> Result<Self, DriverError> {
-        let dev = info
-            .find_device(DeviceKind::VirtioRng)
-            .ok_or(DriverError::NoDevice)?;
+        let dev = info.find_device(DeviceKind::VirtioRng).ok_or(DriverError::NoDevice)?;
         let transport = Transport::probe(dev, DEVICE_ID)?;
         let features = transport.negotiate(F_EVENT_IDX)?;
         let queue = transport.setup_queue(0, 8, features & F_EVENT_IDX != 0)?;

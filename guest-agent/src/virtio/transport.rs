@@ -48,9 +48,7 @@ pub struct Transport {
 impl Transport {
     /// Checks that `dev` is a virtio-mmio v2 device with ID `device_id`.
     pub fn probe(dev: &DeviceInfo, device_id: u32) -> Result<Self, DriverError> {
-        let transport = Self {
-            base: dev.mmio_base,
-        };
+        let transport = Self { base: dev.mmio_base };
         let ok = transport.read(REG_MAGIC) == MAGIC
             && transport.read(REG_VERSION) == 2
             && transport.read(REG_DEVICE_ID) == device_id;

@@ -28,11 +28,7 @@ fn main(info: &'static BootInfo) -> u32 {
     let me = ch.endpoint(process);
     let mut failures = 0;
     let mut check = |what: &str, got: u32, want: u32| {
-        let verdict = if got == want {
-            "refused as expected"
-        } else {
-            "WRONG"
-        };
+        let verdict = if got == want { "refused as expected" } else { "WRONG" };
         println!("forge: {what}: status {got} (want {want}): {verdict}");
         if got != want {
             failures += 1;
@@ -44,49 +40,21 @@ fn main(info: &'static BootInfo) -> u32 {
     };
     check(
         "source in another partition",
-        send_as(
-            &mut ch,
-            Endpoint {
-                partition: me.partition + 1,
-                ..me
-            },
-            channel,
-        ),
+        send_as(&mut ch, Endpoint { partition: me.partition + 1, ..me }, channel),
         status::FORGED_SOURCE,
     );
     check(
         "source on another node",
-        send_as(
-            &mut ch,
-            Endpoint {
-                node: me.node + 1,
-                ..me
-            },
-            channel,
-        ),
+        send_as(&mut ch, Endpoint { node: me.node + 1, ..me }, channel),
         status::FORGED_SOURCE,
     );
     check(
         "source another process",
-        send_as(
-            &mut ch,
-            Endpoint {
-                process: process + 1,
-                ..me
-            },
-            channel,
-        ),
+        send_as(&mut ch, Endpoint { process: process + 1, ..me }, channel),
         status::FORGED_SOURCE,
     );
-    check(
-        "channel never opened",
-        send_as(&mut ch, me, 0x7777),
-        status::NO_CHANNEL,
-    );
-    let stranger = Endpoint {
-        process: 999,
-        ..peer
-    };
+    check("channel never opened", send_as(&mut ch, me, 0x7777), status::NO_CHANNEL);
+    let stranger = Endpoint { process: 999, ..peer };
     check(
         "open to an endpoint that never listened",
         status_of(ch.connect(process, stranger, None).map(|_| ())),
@@ -94,20 +62,9 @@ fn main(info: &'static BootInfo) -> u32 {
     );
 
     let raw = |op: u32, flags: u32| {
-        ControlRequest {
-            op,
-            flags,
-            process,
-            remote: peer,
-            ..Default::default()
-        }
-        .to_bytes()
+        ControlRequest { op, flags, process, remote: peer, ..Default::default() }.to_bytes()
     };
-    check(
-        "unknown operation",
-        ch.control_raw(raw(99, 0)).unwrap_or(u32::MAX),
-        status::UNKNOWN_OP,
-    );
+    check("unknown operation", ch.control_raw(raw(99, 0)).unwrap_or(u32::MAX), status::UNKNOWN_OP);
     check(
         "listen with reserved flags",
         ch.control_raw(raw(op::LISTEN, 0x80)).unwrap_or(u32::MAX),
@@ -115,28 +72,10 @@ fn main(info: &'static BootInfo) -> u32 {
     );
     let mut reserved = raw(op::LIST, 0);
     reserved[29] = 1;
-    check(
-        "reserved bytes set",
-        ch.control_raw(reserved).unwrap_or(u32::MAX),
-        status::BAD_REQUEST,
-    );
-    let huge = TxHeader {
-        channel,
-        source: me,
-        len: 1 << 20,
-    }
-    .to_bytes();
-    check(
-        "length past max_message",
-        ch.send_raw(huge, b"x").unwrap_or(u32::MAX),
-        status::TOO_BIG,
-    );
-    let short = TxHeader {
-        channel,
-        source: me,
-        len: 100,
-    }
-    .to_bytes();
+    check("reserved bytes set", ch.control_raw(reserved).unwrap_or(u32::MAX), status::BAD_REQUEST);
+    let huge = TxHeader { channel, source: me, len: 1 << 20 }.to_bytes();
+    check("length past max_message", ch.send_raw(huge, b"x").unwrap_or(u32::MAX), status::TOO_BIG);
+    let short = TxHeader { channel, source: me, len: 100 }.to_bytes();
     check(
         "length past the buffer",
         ch.send_raw(short, b"only 10 b.").unwrap_or(u32::MAX),

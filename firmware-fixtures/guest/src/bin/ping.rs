@@ -30,10 +30,8 @@ fn main(info: &'static BootInfo) -> u32 {
 }
 
 fn run(info: &'static BootInfo) -> Result<(), &'static str> {
-    let peer = info
-        .arg("peer")
-        .and_then(Endpoint::parse)
-        .ok_or("needs peer=NODE:PARTITION:PROCESS")?;
+    let peer =
+        info.arg("peer").and_then(Endpoint::parse).ok_or("needs peer=NODE:PARTITION:PROCESS")?;
     let process = info.arg_u64("process", 1).ok_or("bad process")? as u32;
     let count = info.arg_u64("count", 1000).ok_or("bad count")?;
     let size = info.arg_u64("size", 64).ok_or("bad size")? as usize;
@@ -59,8 +57,7 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
             for (offset, byte) in out[..size].iter_mut().enumerate() {
                 *byte = pattern(i, offset);
             }
-            ch.post_send(channel, process, &out[..size])
-                .map_err(|_| "send refused")?;
+            ch.post_send(channel, process, &out[..size]).map_err(|_| "send refused")?;
         }
         ch.flush();
         let (mut reaped, mut echoed) = (0, 0);
@@ -85,8 +82,7 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
     }
     let elapsed = ticks() - start;
     report(info, count, size, batch, elapsed, rtts);
-    ch.send(channel, process, &[])
-        .map_err(|_| "goodbye refused")?;
+    ch.send(channel, process, &[]).map_err(|_| "goodbye refused")?;
     ch.close(process, channel).map_err(|_| "close refused")?;
     Ok(())
 }
@@ -97,9 +93,7 @@ fn guest_key(info: &BootInfo) -> Result<Option<[u8; 32]>, &'static str> {
         return Ok(None);
     }
     let mut key = [0u8; 32];
-    Rng::open(info)
-        .and_then(|mut rng| rng.fill(&mut key))
-        .map_err(|_| "virtio-rng failed")?;
+    Rng::open(info).and_then(|mut rng| rng.fill(&mut key)).map_err(|_| "virtio-rng failed")?;
     Ok(Some(key))
 }
 

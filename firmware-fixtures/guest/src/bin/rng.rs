@@ -23,10 +23,7 @@ fn main(info: &'static BootInfo) -> u32 {
         }
     }
     let constant = first.iter().all(|&b| b == first[0]);
-    let distinct = first
-        .iter()
-        .fold(0u64, |seen, &b| seen | 1 << (b & 63))
-        .count_ones();
+    let distinct = first.iter().fold(0u64, |seen, &b| seen | 1 << (b & 63)).count_ones();
     println!(
         "rng: 2 x 64 bytes, {distinct} distinct low-6-bit values, first byte {:#04x}",
         first[0]

@@ -1,0 +1,159 @@
+//! Opens a channel with a key it made itself (claim 2), wipes its own copy, proves the channel
+//! works, then searches all of its RAM and every device register for the key. Exits 0 if the
+//! key is nowhere to be found, 1 if it is. Arguments: `peer=N:P:Q` (an echo listening for us),
+//! `seed=N` (the key is derived from it, so the test can look for it in RAM dumps too),
+//! `process=N` (1), `plant=1` to keep a copy of the key on purpose (the control case: the
+//! search must then find it).
+#![no_std]
+#![no_main]
+
+use guest_agent::channel::abi::{status, ChannelInfo, Endpoint};
+use guest_agent::channel::{ChannelError, SecureChannel};
+use guest_agent::mmio::read32;
+use guest_agent::time::spin_for;
+use guest_agent::{println, BootInfo};
+
+/// A marker the test finds in the RAM dump, proving the dump holds this partition's memory.
+static CANARY: &str = "keyhold-snoop-canary-3141592653";
+
+/// Where `plant=1` keeps its deliberate copy of the key.
+static mut PLANTED: [u8; 32] = [0; 32];
+
+/// Byte `i` of the key for `seed`: xorshift64* output, recomputed on demand so that the key
+/// itself is never held in memory by this program except in the one buffer handed to the
+/// device (and wiped).
+fn key_byte(seed: u64, i: usize) -> u8 {
+    let mut x = seed | 1;
+    let mut out = 0;
+    for _ in 0..=i / 8 {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    }
+    (out >> (8 * (i % 8))) as u8
+}
+
+fn main(info: &'static BootInfo) -> u32 {
+    let (Some(peer), Some(seed)) =
+        (info.arg("peer").and_then(Endpoint::parse), info.arg_u64("seed", 0))
+    else {
+        println!("snoop: needs peer=NODE:PARTITION:PROCESS and seed=N");
+        return 2;
+    };
+    let process = info.arg_u64("process", 1).unwrap_or(1) as u32;
+    let Ok(mut ch) = SecureChannel::open(info) else {
+        println!("snoop: cannot open the secure channel device");
+        return 2;
+    };
+    let Some(channel) = connect_with_key(info, &mut ch, process, peer, seed) else {
+        println!("snoop: could not open the channel");
+        return 2;
+    };
+    let mut back = [0u8; 8];
+    if ch.send(channel, process, b"ping").is_err() || !wait_echo(&mut ch, &mut back) {
+        println!("snoop: the keyed channel does not work");
+        return 2;
+    }
+    println!(
+        "snoop: channel keyed with my own key works; canary {}",
+        core::hint::black_box(CANARY)
+    );
+    let mut entries = [ChannelInfo::default(); 4];
+    if let Ok(n) = ch.list(&mut entries) {
+        for e in &entries[..n.min(entries.len())] {
+            println!(
+                "snoop: LIST channel {:#x} state {} process {} remote {}:{}:{} sent {} received {}",
+                e.channel,
+                e.state,
+                e.process,
+                e.remote.node,
+                e.remote.partition,
+                e.remote.process,
+                e.sent,
+                e.received
+            );
+        }
+    }
+    if info.arg("plant") == Some("1") {
+        for i in 0..32 {
+            // SAFETY: single-threaded firmware; nothing else touches PLANTED.
+            unsafe {
+                core::ptr::write_volatile(core::ptr::addr_of_mut!(PLANTED[i]), key_byte(seed, i))
+            };
+        }
+    }
+    let in_ram = search_ram(info, seed);
+    let in_registers = search_registers(info, seed);
+    println!("snoop: key found in RAM: {in_ram}; in device registers: {in_registers}");
+    let _ = ch.send(channel, process, &[]);
+    u32::from(in_ram || in_registers)
+}
+
+fn connect_with_key(
+    info: &BootInfo,
+    ch: &mut SecureChannel,
+    process: u32,
+    peer: Endpoint,
+    seed: u64,
+) -> Option<u32> {
+    let mut key = [0u8; 32];
+    let mut result = None;
+    for _ in 0..500 {
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = key_byte(seed, i);
+        }
+        let attempt = ch.connect(process, peer, Some(&key));
+        for byte in key.iter_mut() {
+            // SAFETY: a byte of our own stack buffer; volatile so the wipe is kept.
+            unsafe { core::ptr::write_volatile(byte, 0) };
+        }
+        match attempt {
+            Ok(channel) => {
+                result = Some(channel);
+                break;
+            }
+            Err(ChannelError::Status(status::NO_LISTENER)) => spin_for(info, 10_000),
+            Err(_) => break,
+        }
+    }
+    result
+}
+
+fn wait_echo(ch: &mut SecureChannel, buf: &mut [u8]) -> bool {
+    loop {
+        match ch.recv(buf) {
+            Ok(Some(_)) => return true,
+            Ok(None) => core::hint::spin_loop(),
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Whether the 32 key bytes appear anywhere in `[0, ram_size)`.
+fn search_ram(info: &BootInfo, seed: u64) -> bool {
+    let first = key_byte(seed, 0);
+    (0..info.ram_size.saturating_sub(32)).any(|addr| {
+        // SAFETY: all of RAM is identity-mapped and readable (page 0 read-only).
+        let at = |i: u64| unsafe { core::ptr::read_volatile((addr + i) as *const u8) };
+        at(0) == first && (1..32).all(|i| at(i as u64) == key_byte(seed, i))
+    })
+}
+
+/// Whether any 8 consecutive key bytes appear in the registers or configuration space of any
+/// device (read, never written).
+fn search_registers(info: &BootInfo, seed: u64) -> bool {
+    let mut dump = [0u8; 0x140];
+    info.devices().iter().any(|dev| {
+        for (i, word) in dump.chunks_exact_mut(4).enumerate() {
+            // SAFETY: reading the device's own window, which the VMM listed.
+            let value = unsafe { read32(dev.mmio_base + 4 * i as u64) };
+            word.copy_from_slice(&value.to_le_bytes());
+        }
+        dump.windows(8).any(|w| {
+            (0..4).any(|k| w.iter().enumerate().all(|(j, &b)| b == key_byte(seed, 8 * k + j)))
+        })
+    })
+}
+
+guest_agent::entry!(main);

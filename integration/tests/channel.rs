@@ -1,0 +1,127 @@
+//! The secure-channel device between partitions of one node, through real guests: echo, ping,
+//! forge and snoop run under real KVM in one `keyhold run` process.
+
+use std::path::Path;
+
+use keyhold_integration::{fixture, keyhold, require_kvm, Outcome};
+
+/// Runs `a` as partition 1 and `b` as partition 2, each told the other's endpoint as its
+/// peer, with `extra_b` appended to b's arguments.
+fn pair(a: &str, b: &str, extra_b: &str, more: &[&str]) -> Outcome {
+    let mut args = vec![
+        "run".to_string(),
+        "--partition".into(),
+        format!("1={}", fixture(a).display()),
+        "--partition".into(),
+        format!("2={}", fixture(b).display()),
+        "--arg".into(),
+        "1=peer=0:2:1".into(),
+        "--arg".into(),
+        format!("2=peer=0:1:1 {extra_b}"),
+        "--timeout".into(),
+        "60".into(),
+    ];
+    args.extend(more.iter().map(|s| s.to_string()));
+    let out = keyhold(&args);
+    out.assert_no_panic();
+    out
+}
+
+#[test]
+fn ping_gets_every_message_echoed() {
+    require_kvm!();
+    for (size, batch) in [("64", "1"), ("4096", "32"), ("65536", "4")] {
+        let out = pair("echo", "ping", &format!("count=100 size={size} batch={batch}"), &[]);
+        assert_eq!(out.code(), 0, "size {size}: {out:#?}");
+        assert!(
+            out.stdout.contains(&format!("[p2] ping: 100 messages of {size} bytes")),
+            "{out:#?}"
+        );
+        assert!(out.stdout.contains("[p1] echo: echoed 100 messages; goodbye"), "{out:#?}");
+    }
+}
+
+#[test]
+fn a_guest_supplied_key_works_too() {
+    require_kvm!();
+    let out = pair("echo", "ping", "count=20 key=guest", &[]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(out.stdout.contains("[p1] echo: echoed 20 messages"), "{out:#?}");
+}
+
+#[test]
+fn every_forgery_is_refused_with_its_status() {
+    require_kvm!();
+    let out = pair("echo", "forge", "", &["-v"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(out.stdout.matches("refused as expected").count(), 10, "{out:#?}");
+    assert!(out.stdout.contains("forge: genuine message echoed: true"), "{out:#?}");
+    assert!(out.stdout.contains("forge: device counted 3 forged sends"), "{out:#?}");
+    // Each forgery and the rejected offer is in the audit log.
+    assert_eq!(out.stderr.matches("\"reason\":\"forged_source\"").count(), 3, "{out:#?}");
+    assert!(
+        out.stderr.contains("\"event\":\"offer_rejected\",\"reason\":\"no_listener\""),
+        "{out:#?}"
+    );
+}
+
+/// Byte `i` of snoop's key for `seed` (the same xorshift64* the fixture uses).
+fn key_byte(seed: u64, i: usize) -> u8 {
+    let mut x = seed | 1;
+    let mut out = 0u64;
+    for _ in 0..=i / 8 {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    }
+    (out >> (8 * (i % 8))) as u8
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn dumps(dir: &Path) -> Vec<Vec<u8>> {
+    [1, 2]
+        .iter()
+        .map(|id| std::fs::read(dir.join(format!("partition-{id}.ram"))).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_guest_key_is_in_no_guest_memory_register_log_or_list() {
+    require_kvm!();
+    let seed = 0x5eed_1234_u64;
+    let key: Vec<u8> = (0..32).map(|i| key_byte(seed, i)).collect();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let dump_dir = dir.path().display().to_string();
+    let out = pair("echo", "snoop", &format!("seed={seed}"), &["-v", "--dump-ram", &dump_dir]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(
+        out.stdout.contains("snoop: key found in RAM: false; in device registers: false"),
+        "{out:#?}"
+    );
+    assert!(out.stdout.contains("snoop: LIST channel"), "LIST was printed: {out:#?}");
+    for (i, ram) in dumps(dir.path()).iter().enumerate() {
+        assert!(!contains(ram, &key), "the key is in partition {}'s RAM", i + 1);
+    }
+    assert!(
+        contains(&dumps(dir.path())[1], b"keyhold-snoop-canary-3141592653"),
+        "dumps hold guest RAM"
+    );
+    for text in [&out.stdout, &out.stderr] {
+        assert!(
+            !contains(text.as_bytes(), &key) && !text.contains(&hex),
+            "the key is in the output"
+        );
+    }
+
+    // Control: a partition that keeps a copy of the key is caught, in its RAM and by itself.
+    let planted =
+        pair("echo", "snoop", &format!("seed={seed} plant=1"), &["--dump-ram", &dump_dir]);
+    assert_eq!(planted.code(), 1, "{planted:#?}");
+    assert!(planted.stdout.contains("snoop: key found in RAM: true"), "{planted:#?}");
+    assert!(contains(&dumps(dir.path())[1], &key));
+}
