@@ -76,11 +76,10 @@ fn main(info: &'static BootInfo) -> u32 {
         }
     }
     if info.arg("plant") == Some("1") {
+        let planted = core::ptr::addr_of_mut!(PLANTED).cast::<u8>();
         for i in 0..32 {
-            // SAFETY: single-threaded firmware; nothing else touches PLANTED.
-            unsafe {
-                core::ptr::write_volatile(core::ptr::addr_of_mut!(PLANTED[i]), key_byte(seed, i))
-            };
+            // SAFETY: single-threaded firmware; `i < 32` stays inside PLANTED.
+            unsafe { planted.add(i).write_volatile(key_byte(seed, i)) };
         }
     }
     let in_ram = search_ram(info, seed);
