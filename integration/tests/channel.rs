@@ -125,3 +125,52 @@ fn a_guest_key_is_in_no_guest_memory_register_log_or_list() {
     assert!(planted.stdout.contains("snoop: key found in RAM: true"), "{planted:#?}");
     assert!(contains(&dumps(dir.path())[1], &key));
 }
+
+/// Writes a node config into `dir` whose firmware paths point at the fixtures.
+fn node_config(dir: &Path, node: u32, body: &str) -> std::path::PathBuf {
+    let fixtures = fixture("hello").parent().unwrap().display().to_string();
+    let text = format!(
+        "[node]\nid = {node}\naudit_log = \"audit.jsonl\"\n\n{}",
+        body.replace("FIXTURES", &fixtures)
+    );
+    let path = dir.join("node.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_node_runs_its_config_with_one_cmm_and_an_audit_log() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let config = node_config(
+        dir.path(),
+        5,
+        "[[partition]]\nid = 1\nfirmware = \"FIXTURES/echo.elf\"\nargs = \"peer=5:2:1\"\n\n\
+         [[partition]]\nid = 2\nfirmware = \"FIXTURES/ping.elf\"\nargs = \"peer=5:1:1 count=50\"\n\n\
+         [[partition]]\nid = 3\nfirmware = \"FIXTURES/rng.elf\"\n",
+    );
+    let out = keyhold(["node", "--config", &config.display().to_string(), "--timeout", "60"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(out.stdout.contains("[p2] ping: channel 0x10001 to 5:1:1 open"), "{out:#?}");
+    assert!(out.stdout.contains("[p1] echo: echoed 50 messages"), "{out:#?}");
+    assert!(out.stdout.contains("[p3] rng: ok"), "{out:#?}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.lines().all(|l| l.starts_with("{\"time\":") && l.contains("\"node\":5")),
+        "{audit}"
+    );
+    assert!(audit.contains("\"event\":\"offer_accepted\""), "{audit}");
+    assert!(audit.contains("\"event\":\"channel_closed\""), "{audit}");
+}
+
+#[test]
+fn a_bad_node_config_is_one_line_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        node_config(dir.path(), 1, "[[partition]]\nid = 1\nfirmware = \"x.elf\"\nflavour = 1\n");
+    let out = keyhold(["node", "--config", &config.display().to_string()]);
+    out.assert_bad_input("node.toml");
+    assert!(out.stderr.contains("unknown field `flavour`"), "{out:#?}");
+    let missing = keyhold(["node", "--config", "/nonexistent/node.toml"]);
+    missing.assert_bad_input("/nonexistent/node.toml: cannot read it");
+}

@@ -22,6 +22,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot one or more bare-metal partitions and wait until all have stopped.
     Run(RunArgs),
+    /// Run a node: the partitions of a node.toml, each with virtio-rng and a secure-channel
+    /// device, sharing one connection management mechanism.
+    Node(NodeArgs),
 }
 
 const RUN_AFTER_HELP: &str = "\
@@ -71,6 +74,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub dump_ram: Option<PathBuf>,
     /// Stop any partition still running after SECS seconds (fractions allowed).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+}
+
+/// Arguments of `keyhold node`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The node runs until all its partitions have stopped; its exit status is that of \
+keyhold run. See docs/OPERATOR.md for node.toml and examples/ for working configs."
+)]
+pub struct NodeArgs {
+    /// The node's configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Stop partitions still running after SECS seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
 }

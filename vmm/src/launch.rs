@@ -9,7 +9,8 @@ use std::time::Instant;
 use keyhold_devices::console::{shared_output, LineSink, SharedOutput};
 use thiserror::Error;
 
-use crate::cli::RunArgs;
+use crate::cli::{NodeArgs, RunArgs};
+use crate::node_config::{self, ConfigError};
 use std::sync::{Arc, Mutex};
 
 use keyhold_devices::cmm::audit::Audit;
@@ -44,6 +45,17 @@ pub enum LaunchError {
     /// --partition-id plus the number of --firmware images overflows.
     #[error("--partition-id {0} leaves no room for {1} partitions below 2^32")]
     IdOverflow(u32, usize),
+    /// The node config is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The audit log cannot be opened.
+    #[error("cannot open audit log {}: {source}", path.display())]
+    AuditLog {
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The console file cannot be written.
     #[error("cannot open console file {}: {source}", path.display())]
     ConsoleFile {
@@ -118,14 +130,49 @@ fn config(id: u32, firmware: PathBuf, memory_mib: u64) -> PartitionConfig {
     PartitionConfig { id, firmware, memory_mib, node_id: 0, args: String::new(), dump_ram: None }
 }
 
-/// Boots the partitions and returns the process exit status: the first non-zero status of a
-/// partition, in the order they stopped, or 0.
+/// What one keyhold process runs: a node with its partitions.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// The node ID (0 for `keyhold run`).
+    pub node: u32,
+    /// The partitions.
+    pub partitions: Vec<PartitionConfig>,
+    /// Stop partitions still running after this long.
+    pub timeout: Option<std::time::Duration>,
+    /// Where the consoles go (stdout if `None`).
+    pub console: Option<PathBuf>,
+    /// Where audit records go (the log, at info level, if `None`).
+    pub audit_log: Option<PathBuf>,
+}
+
+/// `keyhold run`: boots the partitions named on the command line.
 pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
-    let configs = partition_configs(args)?;
+    let launch = Launch {
+        node: 0,
+        partitions: partition_configs(args)?,
+        timeout: args.timeout,
+        console: args.console.clone(),
+        audit_log: None,
+    };
+    boot(&launch, process_start)
+}
+
+/// `keyhold node`: boots the partitions of a node config.
+pub fn node(args: &NodeArgs, process_start: Instant) -> Result<u8, LaunchError> {
+    let mut launch = node_config::load(&args.config)?;
+    launch.timeout = args.timeout;
+    boot(&launch, process_start)
+}
+
+/// Boots a node's partitions and returns the process exit status: the first non-zero status
+/// of a partition, in the order they stopped, or 0.
+pub fn boot(launch: &Launch, process_start: Instant) -> Result<u8, LaunchError> {
+    let configs = &launch.partitions;
     let firmware =
         configs.iter().map(PartitionConfig::open_firmware).collect::<Result<Vec<_>, _>>()?;
+    let audit = open_audit(launch)?;
     let kvm = host::open_kvm()?;
-    let output = console_output(args)?;
+    let output = console_output(launch.console.as_deref())?;
     let prefixed = configs.len() > 1;
     let mut partitions = Vec::with_capacity(configs.len());
     for (config, firmware) in configs.iter().zip(firmware) {
@@ -133,8 +180,8 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         let console = LineSink::new(prefix, output.clone());
         partitions.push(partition::create(&kvm, config, firmware, console, Limits::default())?);
     }
-    let _device_thread = start_devices(&mut partitions, 0)?;
-    let stops = supervisor::run(partitions, args.timeout, process_start, |stopped| {
+    let _device_thread = start_devices(&mut partitions, launch.node, audit)?;
+    let stops = supervisor::run(partitions, launch.timeout, process_start, |stopped| {
         if let Some(report) = stopped.report() {
             eprintln!("keyhold: {report}");
         }
@@ -144,21 +191,38 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
 
 /// Starts the device thread with every partition's backends and one CMM for `node` in front
 /// of all their secure-channel devices.
-fn start_devices(partitions: &mut [Partition], node: u32) -> Result<DeviceThread, LaunchError> {
+fn start_devices(
+    partitions: &mut [Partition],
+    node: u32,
+    audit: Audit,
+) -> Result<DeviceThread, LaunchError> {
     let mut backends: Vec<Backend> =
         partitions.iter_mut().flat_map(Partition::take_backends).collect();
     let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
-    let cmm = Cmm::new(node, CMM_CAPACITY, Limits::default(), Audit::new(node, None))
-        .map_err(LaunchError::Cmm)?;
+    let cmm = Cmm::new(node, CMM_CAPACITY, Limits::default(), audit).map_err(LaunchError::Cmm)?;
     backends.push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels))));
     DeviceThread::start(backends).map_err(LaunchError::DeviceThread)
 }
 
-fn console_output(args: &RunArgs) -> Result<SharedOutput, LaunchError> {
-    let out: Box<dyn Write + Send> = match &args.console {
+fn open_audit(launch: &Launch) -> Result<Audit, LaunchError> {
+    let file = match &launch.audit_log {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| LaunchError::AuditLog { path: path.clone(), source })?,
+        ),
+        None => None,
+    };
+    Ok(Audit::new(launch.node, file))
+}
+
+fn console_output(path: Option<&std::path::Path>) -> Result<SharedOutput, LaunchError> {
+    let out: Box<dyn Write + Send> = match path {
         Some(path) => Box::new(
             File::create(path)
-                .map_err(|source| LaunchError::ConsoleFile { path: path.clone(), source })?,
+                .map_err(|source| LaunchError::ConsoleFile { path: path.to_owned(), source })?,
         ),
         None => Box::new(io::stdout()),
     };

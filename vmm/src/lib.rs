@@ -13,6 +13,7 @@ pub mod kick;
 pub mod launch;
 pub mod layout;
 pub mod loader;
+pub mod node_config;
 pub mod page_tables;
 pub mod partition;
 pub mod partition_devices;

@@ -13,11 +13,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let status = match &cli.command {
-        Command::Run(args) => launch::run(args, process_start).unwrap_or_else(|e| {
-            eprintln!("keyhold: {e}");
-            e.exit_status()
-        }),
+        Command::Run(args) => launch::run(args, process_start),
+        Command::Node(args) => launch::node(args, process_start),
     };
+    let status = status.unwrap_or_else(|e| {
+        eprintln!("keyhold: {e}");
+        e.exit_status()
+    });
     ExitCode::from(status)
 }
 

@@ -1,0 +1,171 @@
+//! `node.toml`: what `keyhold node` runs.
+//!
+//! ```toml
+//! [node]
+//! id = 1
+//! audit_log = "audit.jsonl"        # optional; relative paths are relative to this file
+//!
+//! [[partition]]
+//! id = 1
+//! firmware = "../target/fixtures/echo.elf"
+//! memory_mib = 32                  # optional, default 32
+//! args = "peer=1:2:1"              # optional
+//! ```
+//! Unknown fields are errors, so a typo is reported rather than ignored.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::launch::Launch;
+use crate::partition::PartitionConfig;
+
+/// Default guest RAM of a partition, in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 32;
+
+/// Why a node config was refused: always names the file, and the field where it can.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{}: cannot read it: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("{}: {}", path.display(), message.trim_end().replace('\n', " "))]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{}: {field}: {problem}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field, as `partition[2].id`.
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: NodeSection,
+    #[serde(default)]
+    partition: Vec<PartitionSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    id: u32,
+    audit_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartitionSection {
+    id: u32,
+    firmware: PathBuf,
+    memory_mib: Option<u64>,
+    #[serde(default)]
+    args: String,
+}
+
+/// Reads and checks `path`.
+pub fn load(path: &Path) -> Result<Launch, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse(path, &text)
+}
+
+/// Checks the text of a node config read from `path`.
+pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
+    let file: File = toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let invalid = |field: String, problem: &str| ConfigError::Invalid {
+        path: path.to_owned(),
+        field,
+        problem: problem.to_owned(),
+    };
+    if file.partition.is_empty() {
+        return Err(invalid("partition".into(), "a node needs at least one [[partition]]"));
+    }
+    let mut seen = BTreeSet::new();
+    let mut partitions = Vec::with_capacity(file.partition.len());
+    for (i, p) in file.partition.into_iter().enumerate() {
+        if !seen.insert(p.id) {
+            return Err(invalid(
+                format!("partition[{i}].id"),
+                &format!("ID {} is used twice", p.id),
+            ));
+        }
+        partitions.push(PartitionConfig {
+            id: p.id,
+            firmware: base.join(p.firmware),
+            memory_mib: p.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+            node_id: file.node.id,
+            args: p.args,
+            dump_ram: None,
+        });
+    }
+    Ok(Launch {
+        node: file.node.id,
+        partitions,
+        timeout: None,
+        console: None,
+        audit_log: file.node.audit_log.map(|p| base.join(p)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Launch, ConfigError> {
+        parse(Path::new("/etc/keyhold/node.toml"), text)
+    }
+
+    #[test]
+    fn a_good_config_resolves_paths_against_its_directory() {
+        let launch = parse_str(
+            "[node]\nid = 3\naudit_log = \"audit.jsonl\"\n\n[[partition]]\nid = 1\nfirmware = \"echo.elf\"\nargs = \"peer=3:2:1\"\n\n[[partition]]\nid = 2\nfirmware = \"/abs/ping.elf\"\nmemory_mib = 64\n",
+        )
+        .unwrap();
+        assert_eq!(launch.node, 3);
+        assert_eq!(launch.audit_log, Some(PathBuf::from("/etc/keyhold/audit.jsonl")));
+        assert_eq!(launch.partitions[0].firmware, PathBuf::from("/etc/keyhold/echo.elf"));
+        assert_eq!(launch.partitions[0].memory_mib, DEFAULT_MEMORY_MIB);
+        assert_eq!(launch.partitions[0].node_id, 3);
+        assert_eq!(launch.partitions[1].firmware, PathBuf::from("/abs/ping.elf"));
+        assert_eq!(launch.partitions[1].memory_mib, 64);
+    }
+
+    #[test]
+    fn bad_configs_name_the_file_and_field() {
+        let cases = [
+            ("[node]\nid = 1\n", "partition: a node needs at least one"),
+            ("[node]\nid = 1\n[[partition]]\nid = 1\nfirmware = \"a\"\n[[partition]]\nid = 1\nfirmware = \"b\"\n", "partition[1].id: ID 1 is used twice"),
+            ("[node]\nid = -1\n", "node.toml"),
+            ("[node]\nid = 1\ncolour = \"red\"\n", "unknown field `colour`"),
+            ("[[partition]]\nid = 1\nfirmware = \"a\"\n", "missing field `node`"),
+            ("not toml at all", "node.toml"),
+        ];
+        for (text, want) in cases {
+            let err = parse_str(text).unwrap_err().to_string();
+            assert!(err.starts_with("/etc/keyhold/node.toml: "), "{err}");
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+}
