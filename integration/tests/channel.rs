@@ -174,3 +174,39 @@ fn a_bad_node_config_is_one_line_naming_file_and_field() {
     let missing = keyhold(["node", "--config", "/nonexistent/node.toml"]);
     missing.assert_bad_input("/nonexistent/node.toml: cannot read it");
 }
+
+#[test]
+fn a_hostile_driver_gets_errors_or_needs_reset_and_the_others_keep_going() {
+    require_kvm!();
+    let p = |id: u32, name: &str| format!("{id}={}", fixture(name).display());
+    let out = keyhold([
+        "run",
+        "--partition",
+        &p(1, "echo"),
+        "--partition",
+        &p(2, "ping"),
+        "--partition",
+        &p(3, "echo"),
+        "--partition",
+        &p(4, "bad-queue"),
+        "--arg",
+        "1=peer=0:2:1",
+        "--arg",
+        "2=peer=0:1:1 count=200",
+        "--arg",
+        "3=peer=0:4:1",
+        "--arg",
+        "4=peer=0:3:1",
+        "--timeout",
+        "60",
+    ]);
+    out.assert_no_panic();
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(out.stdout.matches(": handled\n").count(), 8, "{out:#?}");
+    assert!(out.stdout.contains("[p4] bad-queue: 0 cases not handled"), "{out:#?}");
+    assert!(
+        out.stdout.contains("[p1] echo: echoed 200 messages"),
+        "the other pair kept going: {out:#?}"
+    );
+    assert!(out.stderr.contains("virtio device needs reset"), "{out:#?}");
+}

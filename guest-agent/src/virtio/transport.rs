@@ -5,28 +5,48 @@ use super::{DriverError, F_VERSION_1};
 use crate::boot_info::DeviceInfo;
 use crate::mmio::{read32, write32};
 
-const MAGIC: u32 = 0x7472_6976;
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
+/// `"virt"`.
+pub const MAGIC: u32 = 0x7472_6976;
+/// Register offset.
+pub const REG_MAGIC: u64 = 0x000;
+/// Register offset.
+pub const REG_VERSION: u64 = 0x004;
+/// Register offset.
+pub const REG_DEVICE_ID: u64 = 0x008;
+/// Register offset.
+pub const REG_DEVICE_FEATURES: u64 = 0x010;
+/// Register offset.
+pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+/// Register offset.
+pub const REG_DRIVER_FEATURES: u64 = 0x020;
+/// Register offset.
+pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+/// Register offset.
+pub const REG_QUEUE_SEL: u64 = 0x030;
+/// Register offset.
+pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+/// Register offset.
+pub const REG_QUEUE_NUM: u64 = 0x038;
+/// Register offset.
+pub const REG_QUEUE_READY: u64 = 0x044;
 /// Offset of the queue-notify register.
 pub const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_CONFIG: u64 = 0x100;
+/// Register offset.
+pub const REG_STATUS: u64 = 0x070;
+/// Register offset.
+pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+/// Register offset.
+pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+/// Register offset.
+pub const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+/// Register offset.
+pub const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+/// Register offset.
+pub const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+/// Register offset.
+pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+/// Register offset.
+pub const REG_CONFIG: u64 = 0x100;
 
 /// Status bit: the guest noticed the device.
 pub const STATUS_ACKNOWLEDGE: u32 = 1;

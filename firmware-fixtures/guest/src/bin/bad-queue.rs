@@ -1,0 +1,227 @@
+//! Drives the secure-channel device the way a broken or hostile driver would: notifications
+//! before DRIVER_OK, rings and descriptors outside RAM, a descriptor loop, an absurd length, an
+//! invalid queue index, an avail index far ahead. After each, the device must answer with an
+//! error or DEVICE_NEEDS_RESET (and come back after a reset); at the end a normal driver must
+//! still work against the echo partition named by `peer=N:P:Q`. Exits 0 when all of that holds.
+#![no_std]
+#![no_main]
+
+use core::ptr::{read_volatile, write_volatile};
+
+use guest_agent::boot_info::DeviceKind;
+use guest_agent::channel::abi::{self, op, ControlRequest, Endpoint};
+use guest_agent::channel::{ChannelError, SecureChannel};
+use guest_agent::time::spin_for;
+use guest_agent::virtio::transport::*;
+use guest_agent::virtio::{DriverError, F_VERSION_1};
+use guest_agent::{pages, println, BootInfo};
+
+/// Guest-physical memory that is neither RAM nor a device (RAM is far smaller).
+const NOT_RAM: u64 = 0xc000_0000;
+const QSIZE: u16 = 8;
+const DESC_F_NEXT: u16 = 1;
+
+/// A hand-made split queue: descriptor table, avail ring and used ring, one page each.
+struct RawQueue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl RawQueue {
+    fn new() -> Self {
+        let page = || pages::alloc(4096).expect("RAM for a raw queue");
+        Self { desc: page(), avail: page(), used: page() }
+    }
+
+    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = self.desc + 16 * u64::from(i);
+        // SAFETY: our own page; the device reads it only after it is published.
+        unsafe {
+            write_volatile(at as *mut u64, addr);
+            write_volatile((at + 8) as *mut u32, len);
+            write_volatile((at + 12) as *mut u16, flags);
+            write_volatile((at + 14) as *mut u16, next);
+        }
+    }
+
+    /// Publishes `head` as avail entry `slot` and sets the avail index to `idx`.
+    fn publish(&self, slot: u16, head: u16, idx: u16) {
+        // SAFETY: our own page.
+        unsafe {
+            write_volatile((self.avail + 4 + 2 * u64::from(slot)) as *mut u16, head);
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
+            write_volatile((self.avail + 2) as *mut u16, idx);
+        }
+    }
+
+    fn used_idx(&self) -> u16 {
+        // SAFETY: our own page, written by the device.
+        unsafe { read_volatile((self.used + 2) as *const u16) }
+    }
+
+    fn used_len(&self, slot: u16) -> u32 {
+        // SAFETY: as above.
+        unsafe { read_volatile((self.used + 8 + 8 * u64::from(slot)) as *const u32) }
+    }
+}
+
+struct Bad {
+    t: Transport,
+    info: &'static BootInfo,
+    failures: u32,
+}
+
+impl Bad {
+    /// Resets the device and takes it to FEATURES_OK.
+    fn negotiate(&self) -> bool {
+        self.t.negotiate(F_VERSION_1).is_ok()
+    }
+
+    /// Points queue `index` at `q` (or at `desc` for the descriptor table) and marks it ready.
+    fn setup(&self, index: u32, desc: u64, q: &RawQueue) {
+        self.t.write(REG_QUEUE_SEL, index);
+        self.t.write(REG_QUEUE_NUM, u32::from(QSIZE));
+        for (low, high, addr) in [
+            (REG_QUEUE_DESC_LOW, REG_QUEUE_DESC_HIGH, desc),
+            (REG_QUEUE_DRIVER_LOW, REG_QUEUE_DRIVER_HIGH, q.avail),
+            (REG_QUEUE_DEVICE_LOW, REG_QUEUE_DEVICE_HIGH, q.used),
+        ] {
+            self.t.write(low, addr as u32);
+            self.t.write(high, (addr >> 32) as u32);
+        }
+        self.t.write(REG_QUEUE_READY, 1);
+    }
+
+    fn driver_ok(&self) {
+        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        self.t.write(REG_STATUS, s);
+    }
+
+    /// Waits up to half a second for the device to ask for a reset.
+    fn needs_reset(&self) -> bool {
+        for _ in 0..500 {
+            if self.t.read(REG_STATUS) & STATUS_NEEDS_RESET != 0 {
+                return true;
+            }
+            spin_for(self.info, 1000);
+        }
+        false
+    }
+
+    fn expect(&mut self, what: &str, ok: bool) {
+        println!("bad-queue: {what}: {}", if ok { "handled" } else { "NOT HANDLED" });
+        if !ok {
+            self.failures += 1;
+        }
+    }
+
+    /// A queue-0 set-up with a control request whose chain is built by `chain`, notified.
+    fn control_chain(&self, chain: impl FnOnce(&RawQueue, u64)) -> RawQueue {
+        let q = RawQueue::new();
+        let req = pages::alloc(4096).expect("RAM");
+        let request = ControlRequest { op: op::STATS, ..Default::default() }.to_bytes();
+        // SAFETY: our own page.
+        unsafe { core::ptr::copy_nonoverlapping(request.as_ptr(), req as *mut u8, request.len()) };
+        self.negotiate();
+        self.setup(0, q.desc, &q);
+        self.driver_ok();
+        chain(&q, req);
+        q.publish(0, 0, 1);
+        self.t.write(REG_QUEUE_NOTIFY, 0);
+        q
+    }
+}
+
+fn main(info: &'static BootInfo) -> u32 {
+    let Some(peer) = info.arg("peer").and_then(Endpoint::parse) else {
+        println!("bad-queue: needs peer=NODE:PARTITION:PROCESS");
+        return 2;
+    };
+    let Some(dev) = info.find_device(DeviceKind::SecureChannel) else { return 2 };
+    let Ok(t) = Transport::probe(dev, abi::DEVICE_ID) else { return 2 };
+    let mut bad = Bad { t, info, failures: 0 };
+
+    bad.negotiate();
+    let q = RawQueue::new();
+    bad.setup(0, q.desc, &q);
+    bad.t.write(REG_QUEUE_NOTIFY, 0);
+    let answer = bad.needs_reset();
+    bad.expect("notification before DRIVER_OK", answer);
+
+    bad.negotiate();
+    bad.setup(0, NOT_RAM, &q);
+    bad.driver_ok();
+    let answer = bad.needs_reset();
+    bad.expect("descriptor table outside RAM", answer);
+
+    bad.control_chain(|q, _| q.set_desc(0, NOT_RAM, 64, 0, 0));
+    let answer = bad.needs_reset();
+    bad.expect("descriptor pointing outside RAM", answer);
+
+    bad.control_chain(|q, req| q.set_desc(0, req, 0x8000_0000, 0, 0));
+    let answer = bad.needs_reset();
+    bad.expect("descriptor length past RAM", answer);
+
+    let looped = bad.control_chain(|q, req| q.set_desc(0, req, 64, DESC_F_NEXT, 0));
+    spin_for(info, 100_000);
+    let answered_empty = looped.used_idx() == 1 && looped.used_len(0) == 0;
+    let still_fine = bad.t.read(REG_STATUS) & STATUS_NEEDS_RESET == 0;
+    bad.expect(
+        "descriptor loop (answered with nothing, device still usable)",
+        answered_empty && still_fine,
+    );
+
+    let ahead = bad.control_chain(|q, req| q.set_desc(0, req, 64, 0, 0));
+    spin_for(info, 100_000);
+    ahead.publish(1, 0, 1 + 2 * QSIZE);
+    bad.t.write(REG_QUEUE_NOTIFY, 0);
+    let answer = bad.needs_reset();
+    bad.expect("avail index ahead by more than the queue size", answer);
+
+    bad.negotiate();
+    bad.t.write(REG_QUEUE_SEL, 9);
+    let no_queue = bad.t.read(REG_QUEUE_NUM_MAX) == 0;
+    bad.t.write(REG_QUEUE_READY, 1);
+    bad.t.write(REG_QUEUE_NOTIFY, 9);
+    let ignored =
+        bad.t.read(REG_QUEUE_READY) == 0 && bad.t.read(REG_STATUS) & STATUS_NEEDS_RESET == 0;
+    bad.expect("invalid queue index (no such queue; notify ignored)", no_queue && ignored);
+
+    let recovered = talk_to_echo(info, peer);
+    bad.expect("after a reset a normal driver works again", recovered);
+    println!("bad-queue: {} cases not handled", bad.failures);
+    u32::from(bad.failures != 0)
+}
+
+/// Brings the device up properly and exchanges one message with the echo partition.
+fn talk_to_echo(info: &BootInfo, peer: Endpoint) -> bool {
+    let Ok(mut ch) = SecureChannel::open(info) else { return false };
+    let mut channel = None;
+    for _ in 0..500 {
+        match ch.connect(1, peer, None) {
+            Ok(c) => {
+                channel = Some(c);
+                break;
+            }
+            Err(ChannelError::Status(abi::status::NO_LISTENER)) => spin_for(info, 10_000),
+            Err(ChannelError::Driver(DriverError::NeedsReset)) | Err(_) => return false,
+        }
+    }
+    let Some(channel) = channel else { return false };
+    let mut back = [0u8; 8];
+    if ch.send(channel, 1, b"again").is_err() {
+        return false;
+    }
+    let echoed = loop {
+        match ch.recv(&mut back) {
+            Ok(Some(msg)) => break msg.copied == 5 && &back[..5] == b"again",
+            Ok(None) => core::hint::spin_loop(),
+            Err(_) => break false,
+        }
+    };
+    let _ = ch.send(channel, 1, &[]);
+    echoed
+}
+
+guest_agent::entry!(main);
