@@ -59,10 +59,13 @@ impl Vcpu {
             self.partition,
             process_start.elapsed().as_secs_f64() * 1e3
         );
+        // Every return from KVM_RUN is a VM exit: the scarce resource (MACHINE.md).
+        let mut exits: u64 = 0;
         let reason = loop {
             if self.timed_out.load(Ordering::Acquire) {
                 break StopReason::TimedOut;
             }
+            exits += 1;
             match self.step() {
                 Step::Continue => {}
                 Step::Stop(reason) => break reason,
@@ -70,7 +73,7 @@ impl Vcpu {
         };
         kick::forget_kvm_run();
         log::info!(
-            "partition {}: stopped {:.2} ms after process start",
+            "partition {}: stopped {:.2} ms after process start, after {exits} VM exits",
             self.partition,
             process_start.elapsed().as_secs_f64() * 1e3
         );
