@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# Builds keyhold and its firmware fixtures, then boots partitions to show what it does.
-# Needs read-write access to /dev/kvm.
+# Builds keyhold and its firmware fixtures, then shows what it does on one machine:
+# a partition booting, secure channels between partitions of one node, and a hostile
+# partition whose every forgery is refused and audited. Needs read-write /dev/kvm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --workspace
 bin=target/release/keyhold
-fx=target/fixtures
 
 echo
-echo "==> one partition: $bin run --firmware $fx/hello.elf"
-"$bin" run --firmware "$fx/hello.elf"
+echo "==> one partition: $bin run --firmware target/fixtures/hello.elf"
+"$bin" run --firmware target/fixtures/hello.elf
 
 echo
-echo "==> four partitions at once; one faults, one spins until --timeout"
-set +e
-"$bin" run --firmware "$fx/hello.elf" --partition "7=$fx/hello.elf" \
-    --partition "8=$fx/fault.elf" --partition "9=$fx/spin.elf" --timeout 0.5
-status=$?
-set -e
-echo "exit status $status: the first non-zero status, here the fault's (121)"
+echo "==> one node, three partitions: ping <-> echo over a secure channel, rng reading entropy"
+echo "    $bin node --config examples/one-node.toml"
+rm -f target/one-node-audit.jsonl
+"$bin" node --config examples/one-node.toml --timeout 60
+
+echo
+echo "==> a hostile partition beside an honest one: $bin node --config examples/hostile.toml"
+rm -f target/hostile-audit.jsonl
+"$bin" node --config examples/hostile.toml --timeout 60
+
+echo
+echo "==> the audit log of that node (target/hostile-audit.jsonl): decisions by event and reason"
+grep -oE '"event":"[a-z_]+","reason":"[a-z_]+"' target/hostile-audit.jsonl | sort | uniq -c
