@@ -16,7 +16,7 @@ use guest_agent::channel::abi::{
     self, op, status, ControlRequest, ControlResponse, TxHeader, CHANNEL_INFO_SIZE,
     CONTROL_REQUEST_SIZE, CONTROL_RESPONSE_SIZE, RX_HEADER_SIZE, TX_HEADER_SIZE,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -166,12 +166,7 @@ impl ChannelNode {
     ) -> Result<u32, Malformed> {
         let partition = self.devices[index].partition;
         let mem = self.devices[index].mem.clone();
-        let mut reader = chain
-            .clone()
-            .reader(&mem)
-            .map_err(|_| Malformed("control request outside guest RAM"))?;
-        let mut writer =
-            chain.writer(&mem).map_err(|_| Malformed("control response outside guest RAM"))?;
+        let (mut reader, mut writer) = split(chain, &mem, "control chain outside guest RAM")?;
         let mut raw = [0u8; CONTROL_REQUEST_SIZE];
         let mut request =
             reader.read_exact(&mut raw).ok().and_then(|()| ControlRequest::from_bytes(&raw));
@@ -276,12 +271,7 @@ impl ChannelNode {
     ) -> Result<u32, Malformed> {
         let partition = self.devices[index].partition;
         let mem = self.devices[index].mem.clone();
-        let mut reader = chain
-            .clone()
-            .reader(&mem)
-            .map_err(|_| Malformed("transmit buffer outside guest RAM"))?;
-        let mut writer =
-            chain.writer(&mem).map_err(|_| Malformed("transmit status outside guest RAM"))?;
+        let (mut reader, mut writer) = split(chain, &mem, "transmit chain outside guest RAM")?;
         let code = match self.read_message(&mut reader) {
             Ok((header, payload)) => match self.cmm.send(partition, &header, payload) {
                 Ok(delivery) => {
@@ -388,6 +378,18 @@ impl ChannelNode {
             shared.signal(INT_USED_BUFFER);
         }
     }
+}
+
+/// The device-readable and device-writable parts of a chain; `Malformed(what)` if any of its
+/// buffers lies outside guest RAM.
+fn split<'m>(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &'m GuestMemoryMmap,
+    what: &'static str,
+) -> Result<(Reader<'m>, Writer<'m>), Malformed> {
+    let reader = chain.clone().reader(mem).map_err(|_| Malformed(what))?;
+    let writer = chain.writer(mem).map_err(|_| Malformed(what))?;
+    Ok((reader, writer))
 }
 
 /// The next receive buffer, re-enabling notifications when there is none so the guest's next
