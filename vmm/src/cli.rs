@@ -22,6 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Boot one or more bare-metal partitions and wait until all have stopped.
     Run(RunArgs),
+    /// Print a new private key (base64 X25519), as `wg genkey` does.
+    Keygen,
+    /// Read a private key on stdin and print its public key, as `wg pubkey` does.
+    Pubkey,
     /// Run a node: the partitions of a node.toml, each with virtio-rng and a secure-channel
     /// device, sharing one connection management mechanism.
     Node(NodeArgs),

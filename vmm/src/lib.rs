@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cpu;
 pub mod device_thread;
 pub mod host;
+pub mod keys;
 pub mod kick;
 pub mod launch;
 pub mod layout;
