@@ -9,4 +9,5 @@ pub mod cmm;
 pub mod console;
 pub mod entropy;
 pub mod exit_port;
+pub mod link;
 pub mod virtio;

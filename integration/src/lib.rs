@@ -110,6 +110,26 @@ where
     run_with_deadline(keyhold_bin().as_os_str(), args, Duration::from_secs(30))
 }
 
+/// Starts `keyhold` with `args` in the background; collect it with [`finish`].
+pub fn spawn_keyhold<I, S>(args: I) -> Child
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(keyhold_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keyhold")
+}
+
+/// Waits for a spawned process, killing it after `deadline`.
+pub fn finish(child: Child, deadline: Duration) -> Outcome {
+    wait(child, deadline)
+}
+
 fn wait(mut child: Child, deadline: Duration) -> Outcome {
     // Read the pipes on threads so a chatty child cannot block on a full pipe.
     let mut stdout = child.stdout.take().expect("piped");

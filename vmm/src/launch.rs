@@ -9,7 +9,10 @@ use std::time::Instant;
 use keyhold_devices::console::{shared_output, LineSink, SharedOutput};
 use thiserror::Error;
 
+use keyhold_devices::link::LinkManager;
+
 use crate::cli::{NodeArgs, RunArgs};
+use crate::cluster_config::LinkSettings;
 use crate::node_config::{self, ConfigError};
 use std::sync::{Arc, Mutex};
 
@@ -48,6 +51,14 @@ pub enum LaunchError {
     /// The node config is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The link listener cannot bind.
+    #[error("cannot listen for host links on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The audit log cannot be opened.
     #[error("cannot open audit log {}: {source}", path.display())]
     AuditLog {
@@ -131,7 +142,7 @@ fn config(id: u32, firmware: PathBuf, memory_mib: u64) -> PartitionConfig {
 }
 
 /// What one keyhold process runs: a node with its partitions.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Launch {
     /// The node ID (0 for `keyhold run`).
     pub node: u32,
@@ -143,6 +154,8 @@ pub struct Launch {
     pub console: Option<PathBuf>,
     /// Where audit records go (the log, at info level, if `None`).
     pub audit_log: Option<PathBuf>,
+    /// The host links, if the node is part of a cluster.
+    pub links: Option<LinkSettings>,
 }
 
 /// `keyhold run`: boots the partitions named on the command line.
@@ -153,6 +166,7 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         timeout: args.timeout,
         console: args.console.clone(),
         audit_log: None,
+        links: None,
     };
     boot(&launch, process_start)
 }
@@ -180,6 +194,19 @@ pub fn boot(launch: &Launch, process_start: Instant) -> Result<u8, LaunchError> 
         let console = LineSink::new(prefix, output.clone());
         partitions.push(partition::create(&kvm, config, firmware, console, Limits::default())?);
     }
+    let _links = match &launch.links {
+        Some(l) => Some(
+            LinkManager::start(
+                launch.node,
+                l.private_key,
+                l.directory.clone(),
+                l.listen,
+                audit.clone(),
+            )
+            .map_err(|source| LaunchError::Listen { addr: l.listen, source })?,
+        ),
+        None => None,
+    };
     let _device_thread = start_devices(&mut partitions, launch.node, audit)?;
     let stops = supervisor::run(partitions, launch.timeout, process_start, |stopped| {
         if let Some(report) = stopped.report() {

@@ -6,6 +6,7 @@
 //! says, then run by its vCPU thread ([`vcpu`]) under the [`supervisor`].
 
 pub mod cli;
+pub mod cluster_config;
 pub mod cpu;
 pub mod device_thread;
 pub mod host;

@@ -4,6 +4,9 @@
 //! [node]
 //! id = 1
 //! audit_log = "audit.jsonl"        # optional; relative paths are relative to this file
+//! cluster = "cluster.toml"         # optional: without it the node has no host links
+//! private_key_file = "node1.key"   # with cluster: this node's key, mode 600
+//! listen = "0.0.0.0:7000"          # optional: default, this node's address in the cluster
 //!
 //! [[partition]]
 //! id = 1
@@ -19,6 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::cluster_config;
 use crate::launch::Launch;
 use crate::partition::PartitionConfig;
 
@@ -69,6 +73,9 @@ struct File {
 struct NodeSection {
     id: u32,
     audit_log: Option<PathBuf>,
+    cluster: Option<PathBuf>,
+    private_key_file: Option<PathBuf>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,12 +126,35 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             dump_ram: None,
         });
     }
+    let links = match (&file.node.cluster, &file.node.private_key_file) {
+        (Some(cluster), Some(key)) => Some(cluster_config::link_settings(
+            path,
+            file.node.id,
+            &base.join(cluster),
+            &base.join(key),
+            file.node.listen.as_deref(),
+        )?),
+        (None, None) if file.node.listen.is_none() => None,
+        (None, _) => {
+            return Err(invalid(
+                "node.cluster".into(),
+                "private_key_file and listen need a cluster",
+            ))
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "node.private_key_file".into(),
+                "a node in a cluster needs its key",
+            ))
+        }
+    };
     Ok(Launch {
         node: file.node.id,
         partitions,
         timeout: None,
         console: None,
         audit_log: file.node.audit_log.map(|p| base.join(p)),
+        links,
     })
 }
 

@@ -5,14 +5,16 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use guest_agent::channel::abi::Endpoint;
 
-/// Where audit records go.
+/// Where audit records go. Clones share the file, so the CMM and the host links write one log.
+#[derive(Clone)]
 pub struct Audit {
     node: u32,
-    file: Option<File>,
+    file: Option<Arc<Mutex<File>>>,
 }
 
 /// One security decision.
@@ -26,20 +28,39 @@ pub struct Record<'a> {
     pub source: Option<&'a Endpoint>,
     /// Destination endpoint, when there is one.
     pub destination: Option<&'a Endpoint>,
+    /// The peer node of a host-link decision.
+    pub peer: Option<u32>,
+}
+
+impl<'a> Record<'a> {
+    /// A decision about a message or offer between two endpoints.
+    pub fn endpoints(
+        event: &'static str,
+        reason: &'static str,
+        source: &'a Endpoint,
+        destination: &'a Endpoint,
+    ) -> Self {
+        Self { event, reason, source: Some(source), destination: Some(destination), peer: None }
+    }
+
+    /// A decision about the host link to or from `peer` (when known).
+    pub fn link(event: &'static str, reason: &'static str, peer: Option<u32>) -> Self {
+        Self { event, reason, source: None, destination: None, peer }
+    }
 }
 
 impl Audit {
     /// An audit log for `node`, appended to `file`, or into the process log at warn level.
     pub fn new(node: u32, file: Option<File>) -> Self {
-        Self { node, file }
+        Self { node, file: file.map(|f| Arc::new(Mutex::new(f))) }
     }
 
     /// Writes one record.
-    pub fn record(&mut self, record: Record<'_>) {
+    pub fn record(&self, record: Record<'_>) {
         let line = self.format(&record);
-        match &mut self.file {
+        match &self.file {
             Some(file) => {
-                if let Err(e) = writeln!(file, "{line}") {
+                if let Err(e) = writeln!(crate::bus::lock(file), "{line}") {
                     log::error!("audit log write failed: {e}; record: {line}");
                 }
             }
@@ -57,8 +78,9 @@ impl Audit {
             ),
             None => "null".into(),
         };
+        let peer = r.peer.map_or_else(|| "null".to_owned(), |p| p.to_string());
         format!(
-            "{{\"time\":{time:.6},\"node\":{},\"event\":\"{}\",\"reason\":\"{}\",\"source\":{},\"destination\":{}}}",
+            "{{\"time\":{time:.6},\"node\":{},\"event\":\"{}\",\"reason\":\"{}\",\"source\":{},\"destination\":{},\"peer\":{peer}}}",
             self.node,
             r.event,
             r.reason,
@@ -77,15 +99,17 @@ mod tests {
         let audit = Audit::new(3, None);
         let a = Endpoint { node: 3, partition: 1, process: 2 };
         let line = audit.format(&Record {
-            event: "offer_rejected",
-            reason: "no_listener",
-            source: Some(&a),
             destination: None,
+            ..Record::endpoints("offer_rejected", "no_listener", &a, &a)
         });
         assert!(line.starts_with("{\"time\":"), "{line}");
         assert!(line.ends_with(
-            "\"node\":3,\"event\":\"offer_rejected\",\"reason\":\"no_listener\",\"source\":{\"node\":3,\"partition\":1,\"process\":2},\"destination\":null}"
+            "\"node\":3,\"event\":\"offer_rejected\",\"reason\":\"no_listener\",\"source\":{\"node\":3,\"partition\":1,\"process\":2},\"destination\":null,\"peer\":null}"
         ), "{line}");
+        let link = audit.format(&Record::link("link_rejected", "unknown_key", None));
+        assert!(link.ends_with("\"source\":null,\"destination\":null,\"peer\":null}"), "{link}");
+        let link = audit.format(&Record::link("link_up", "authenticated", Some(2)));
+        assert!(link.ends_with("\"peer\":2}"), "{link}");
         assert!(!line.contains('\n'));
     }
 }

@@ -91,18 +91,13 @@ impl Cmm {
     }
 
     fn audit(
-        &mut self,
+        &self,
         event: &'static str,
         reason: &'static str,
         source: &Endpoint,
         destination: &Endpoint,
     ) {
-        self.audit.record(Record {
-            event,
-            reason,
-            source: Some(source),
-            destination: Some(destination),
-        });
+        self.audit.record(Record::endpoints(event, reason, source, destination));
     }
 
     fn refuse(&mut self, partition: u32, code: Status) -> Status {
