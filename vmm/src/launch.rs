@@ -9,7 +9,7 @@ use std::time::Instant;
 use keyhold_devices::console::{shared_output, LineSink, SharedOutput};
 use thiserror::Error;
 
-use keyhold_devices::link::LinkManager;
+use keyhold_devices::link::{Inbox, LinkHandle, LinkManager};
 
 use crate::cli::{NodeArgs, RunArgs};
 use crate::cluster_config::LinkSettings;
@@ -194,25 +194,30 @@ pub fn boot(launch: &Launch, process_start: Instant) -> Result<u8, LaunchError> 
         let console = LineSink::new(prefix, output.clone());
         partitions.push(partition::create(&kvm, config, firmware, console, Limits::default())?);
     }
-    let _links = match &launch.links {
-        Some(l) => Some(
-            LinkManager::start(
+    let (links, inbox) = match &launch.links {
+        Some(l) => {
+            let (manager, inbox) = LinkManager::start(
                 launch.node,
                 l.private_key,
                 l.directory.clone(),
                 l.listen,
                 audit.clone(),
             )
-            .map_err(|source| LaunchError::Listen { addr: l.listen, source })?,
-        ),
-        None => None,
+            .map_err(|source| LaunchError::Listen { addr: l.listen, source })?;
+            (Some(manager), Some(inbox))
+        }
+        None => (None, None),
     };
-    let _device_thread = start_devices(&mut partitions, launch.node, audit)?;
+    let link_io = links.as_ref().map(LinkManager::handle).zip(inbox);
+    let device_thread = start_devices(&mut partitions, launch.node, audit, link_io)?;
     let stops = supervisor::run(partitions, launch.timeout, process_start, |stopped| {
         if let Some(report) = stopped.report() {
             eprintln!("keyhold: {report}");
         }
     })?;
+    // Devices stop before the links, so nothing is sent over a link being torn down.
+    drop(device_thread);
+    drop(links);
     Ok(stops.iter().map(|s| s.exit_status()).find(|&s| s != 0).unwrap_or(0))
 }
 
@@ -222,12 +227,13 @@ fn start_devices(
     partitions: &mut [Partition],
     node: u32,
     audit: Audit,
+    links: Option<(LinkHandle, Inbox)>,
 ) -> Result<DeviceThread, LaunchError> {
     let mut backends: Vec<Backend> =
         partitions.iter_mut().flat_map(Partition::take_backends).collect();
     let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
     let cmm = Cmm::new(node, CMM_CAPACITY, Limits::default(), audit).map_err(LaunchError::Cmm)?;
-    backends.push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels))));
+    backends.push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels, links))));
     DeviceThread::start(backends).map_err(LaunchError::DeviceThread)
 }
 

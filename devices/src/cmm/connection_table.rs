@@ -165,6 +165,13 @@ impl ConnectionTable {
         Some(entry)
     }
 
+    /// Every entry, with its ID.
+    pub fn all(&self) -> impl Iterator<Item = (ChannelId, &Entry)> {
+        self.slots.iter().enumerate().filter_map(|(index, slot)| {
+            Some((Self::id(index, slot.generation), slot.entry.as_ref()?))
+        })
+    }
+
     /// The entries of `partition`, with their IDs.
     pub fn of_partition(&self, partition: u32) -> impl Iterator<Item = (ChannelId, &Entry)> {
         self.slots.iter().enumerate().filter_map(move |(index, slot)| {

@@ -85,3 +85,37 @@ impl DataRejection {
         }
     }
 }
+
+/// The answer to an offer, as OFFER_REPLY carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferResult {
+    /// Stored; the channel is open.
+    Accepted,
+    /// Refused.
+    Rejected(Rejection),
+}
+
+impl OfferResult {
+    /// The code OFFER_REPLY carries.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Accepted => 0,
+            Self::Rejected(Rejection::NoListener) => 1,
+            Self::Rejected(Rejection::ForgedSourceNode) => 2,
+            Self::Rejected(Rejection::NotLocal) => 3,
+            Self::Rejected(Rejection::TableFull) => 4,
+        }
+    }
+
+    /// Decodes a code; `None` if unknown.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => Self::Accepted,
+            1 => Self::Rejected(Rejection::NoListener),
+            2 => Self::Rejected(Rejection::ForgedSourceNode),
+            3 => Self::Rejected(Rejection::NotLocal),
+            4 => Self::Rejected(Rejection::TableFull),
+            _ => return None,
+        })
+    }
+}

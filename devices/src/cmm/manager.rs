@@ -45,6 +45,43 @@ pub struct Delivery {
     pub payload: Vec<u8>,
 }
 
+/// How an OPEN proceeds.
+pub enum Opening {
+    /// The receiving CMM (on this node) answered: the channel is open.
+    Done(ChannelId),
+    /// The offer must go to another node; the channel stays OFFERING until it answers.
+    Remote {
+        /// The channel, whose ID is the offer's ID on the wire.
+        channel: ChannelId,
+        /// The offer to send.
+        offer: Offer,
+    },
+}
+
+/// Where a sealed message goes.
+pub enum Routed {
+    /// To a partition of this node, verified and decrypted.
+    Local(Delivery),
+    /// To another node, over its host link.
+    Remote {
+        /// The destination node.
+        node: u32,
+        /// The sealed frame.
+        frame: DataFrame,
+    },
+}
+
+/// A close the peer on another node must hear of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    /// The peer's node.
+    pub node: u32,
+    /// The closing endpoint.
+    pub source: Endpoint,
+    /// Its peer.
+    pub destination: Endpoint,
+}
+
 /// A status code for the guest (one of `abi::status`).
 pub type Status = u32;
 
@@ -131,19 +168,16 @@ impl Cmm {
     }
 
     /// OPEN: `process` of `partition` opens a channel to `remote`, keyed with `guest_key` or
-    /// with a key the CMM makes. Completes with the receiving CMM's answer.
+    /// with a key the CMM makes. On one node the answer is immediate; for another node the
+    /// offer goes out over the host link and [`Cmm::offer_answered`] completes it.
     pub fn open(
         &mut self,
         partition: u32,
         process: u32,
         remote: Endpoint,
         guest_key: Option<[u8; KEY_SIZE]>,
-    ) -> Result<ChannelId, Status> {
+    ) -> Result<Opening, Status> {
         let local = self.endpoint(partition, process);
-        if remote.node != self.node {
-            // Cross-node offers travel over host links (not on this node yet).
-            return Err(self.refuse(partition, status::UNREACHABLE));
-        }
         let mut key = match guest_key {
             Some(key) => key,
             None => {
@@ -157,11 +191,44 @@ impl Cmm {
         let id = self.insert(partition, Entry::new(local, remote, ChannelState::Offering))?;
         let offer = Offer { key, source: local, destination: remote };
         key.zeroize();
+        if self.install_keys(id, &offer.key, ChannelState::Offering).is_none() {
+            self.table.remove(id);
+            return Err(self.refuse(partition, status::TABLE_FULL));
+        }
+        if remote.node != self.node {
+            return Ok(Opening::Remote { channel: id, offer });
+        }
         let answer = self.receive_offer(&offer, self.node);
-        match answer.and_then(|_| self.install_keys(id, &offer.key).ok_or(Rejection::TableFull)) {
-            Ok(()) => Ok(id),
+        self.offer_answered(id, answer.map(|_| ()), self.node).map(Opening::Done)
+    }
+
+    /// The answer to the offer of channel `id`, from `link_node`: the channel opens, or its
+    /// entry and keys go and the guest learns why.
+    pub fn offer_answered(
+        &mut self,
+        id: ChannelId,
+        answer: Result<(), Rejection>,
+        link_node: u32,
+    ) -> Result<ChannelId, Status> {
+        let Some(entry) = self
+            .table
+            .get(id)
+            .filter(|e| e.state == ChannelState::Offering && e.remote.node == link_node)
+        else {
+            // Not an offer of ours pending with that node: a stale or forged answer.
+            self.audit.record(Record::link("reply_rejected", "no_such_offer", Some(link_node)));
+            return Err(status::INTERNAL);
+        };
+        let partition = entry.local.partition;
+        match answer {
+            Ok(()) => {
+                if let Some(entry) = self.table.get_mut(id) {
+                    entry.state = ChannelState::Open;
+                }
+                Ok(id)
+            }
             Err(rejection) => {
-                self.table.remove(id);
+                self.remove(id);
                 let code = match rejection {
                     Rejection::NoListener => status::NO_LISTENER,
                     Rejection::TableFull => status::TABLE_FULL,
@@ -172,8 +239,23 @@ impl Cmm {
         }
     }
 
-    /// Stores the keys of channel `id` derived from `channel_key`; marks it open.
-    fn install_keys(&mut self, id: ChannelId, channel_key: &[u8; KEY_SIZE]) -> Option<()> {
+    /// The offer of channel `id` could not be sent: the destination node is unreachable.
+    pub fn offer_failed(&mut self, id: ChannelId) -> Status {
+        let partition = self.table.get(id).map(|e| e.local.partition);
+        self.remove(id);
+        match partition {
+            Some(p) => self.refuse(p, status::UNREACHABLE),
+            None => status::UNREACHABLE,
+        }
+    }
+
+    /// Stores the keys of channel `id` derived from `channel_key` and puts it in `state`.
+    fn install_keys(
+        &mut self,
+        id: ChannelId,
+        channel_key: &[u8; KEY_SIZE],
+        state: ChannelState,
+    ) -> Option<()> {
         let entry = self.table.get(id)?;
         let keys = ChannelKeys {
             channel: *channel_key,
@@ -184,8 +266,33 @@ impl Cmm {
         drop(keys);
         let entry = self.table.get_mut(id)?;
         entry.key = Some(slot);
-        entry.state = ChannelState::Open;
+        entry.state = state;
         Some(())
+    }
+
+    /// The link to `node` is gone: its open channels are closed (keys erased) and offers
+    /// pending with it fail. Returns the channels whose OPEN must be answered UNREACHABLE.
+    pub fn link_down(&mut self, node: u32) -> Vec<ChannelId> {
+        let affected: Vec<(ChannelId, ChannelState)> = self
+            .table
+            .all()
+            .filter(|(_, e)| e.remote.node == node && e.state != ChannelState::Listening)
+            .map(|(id, e)| (id, e.state))
+            .collect();
+        let mut failed = Vec::new();
+        for (id, state) in affected {
+            if state == ChannelState::Offering {
+                self.offer_failed(id);
+                failed.push(id);
+            } else if let Some(entry) = self.table.get_mut(id) {
+                entry.state = ChannelState::PeerClosed;
+                if let Some(slot) = entry.key.take() {
+                    self.keys.remove(slot);
+                }
+            }
+        }
+        self.audit.record(Record::link("channels_closed", "link_down", Some(node)));
+        failed
     }
 
     /// Receives an offer that came from `link_node` (claim 1): both IDs are verified against
@@ -213,12 +320,18 @@ impl Cmm {
         if !listening {
             return Err(Rejection::NoListener);
         }
-        self.install_keys(id, &offer.key).ok_or(Rejection::TableFull)?;
+        self.install_keys(id, &offer.key, ChannelState::Open).ok_or(Rejection::TableFull)?;
         Ok(id)
     }
 
-    /// CLOSE: removes the entry and its key; the peer learns the channel is closed.
-    pub fn close(&mut self, partition: u32, process: u32, channel: u32) -> Result<(), Status> {
+    /// CLOSE: removes the entry and its key; the peer learns the channel is closed (at once on
+    /// this node; for another node the returned notice goes out over the link).
+    pub fn close(
+        &mut self,
+        partition: u32,
+        process: u32,
+        channel: u32,
+    ) -> Result<Option<Closing>, Status> {
         let id = ChannelId(channel);
         let local = self.endpoint(partition, process);
         match self.table.get(id) {
@@ -229,12 +342,12 @@ impl Cmm {
             _ => return Err(self.refuse(partition, status::NO_CHANNEL)),
         }
         let entry = self.remove(id);
-        if let Some(entry) = entry.filter(|e| e.state == ChannelState::Open) {
-            if entry.remote.node == self.node {
-                self.receive_close(&local, &entry.remote, self.node);
-            }
+        let Some(entry) = entry.filter(|e| e.state == ChannelState::Open) else { return Ok(None) };
+        if entry.remote.node == self.node {
+            self.receive_close(&local, &entry.remote, self.node);
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(Closing { node: entry.remote.node, source: local, destination: entry.remote }))
     }
 
     fn remove(&mut self, id: ChannelId) -> Option<Entry> {
@@ -275,7 +388,7 @@ impl Cmm {
         partition: u32,
         header: &TxHeader,
         mut payload: Vec<u8>,
-    ) -> Result<Delivery, Status> {
+    ) -> Result<Routed, Status> {
         let id = ChannelId(header.channel);
         let claimed = header.source;
         let owner = self
@@ -309,9 +422,9 @@ impl Cmm {
         stats.sent_bytes += payload.len() as u64;
         let frame = DataFrame { source: local, destination: remote, seq, payload, tag };
         if remote.node != self.node {
-            return Err(status::UNREACHABLE);
+            return Ok(Routed::Remote { node: remote.node, frame });
         }
-        self.receive_data(frame, self.node).map_err(|r| match r {
+        self.receive_data(frame, self.node).map(Routed::Local).map_err(|r| match r {
             DataRejection::NoChannel => status::NOT_OPEN,
             _ => status::INTERNAL,
         })
@@ -421,6 +534,33 @@ mod tests {
         Cmm::new(NODE, 16, Limits::default(), Audit::new(NODE, None)).unwrap()
     }
 
+    /// OPEN on one node, which answers at once.
+    fn open_local(
+        cmm: &mut Cmm,
+        partition: u32,
+        process: u32,
+        remote: Endpoint,
+        key: Option<[u8; 32]>,
+    ) -> Result<ChannelId, Status> {
+        match cmm.open(partition, process, remote, key)? {
+            Opening::Done(id) => Ok(id),
+            Opening::Remote { .. } => panic!("a local OPEN went remote"),
+        }
+    }
+
+    /// SEND on one node: the delivery it makes.
+    fn send_local(
+        cmm: &mut Cmm,
+        partition: u32,
+        header: &TxHeader,
+        payload: Vec<u8>,
+    ) -> Result<Delivery, Status> {
+        match cmm.send(partition, header, payload)? {
+            Routed::Local(delivery) => Ok(delivery),
+            Routed::Remote { .. } => panic!("a local SEND went remote"),
+        }
+    }
+
     fn ep(partition: u32, process: u32) -> Endpoint {
         Endpoint { node: NODE, partition, process }
     }
@@ -428,7 +568,7 @@ mod tests {
     /// Partition 1 process 10 listens for partition 2 process 20, which opens.
     fn open_pair(cmm: &mut Cmm, key: Option<[u8; 32]>) -> (ChannelId, ChannelId) {
         let listener = cmm.listen(1, 10, ep(2, 20)).unwrap();
-        let opener = cmm.open(2, 20, ep(1, 10), key).unwrap();
+        let opener = open_local(cmm, 2, 20, ep(1, 10), key).unwrap();
         (listener, opener)
     }
 
@@ -439,10 +579,10 @@ mod tests {
     #[test]
     fn offer_needs_a_matching_listen() {
         let mut cmm = cmm();
-        assert_eq!(cmm.open(2, 20, ep(1, 10), None), Err(status::NO_LISTENER));
+        assert_eq!(open_local(&mut cmm, 2, 20, ep(1, 10), None), Err(status::NO_LISTENER));
         cmm.listen(1, 10, ep(2, 99)).unwrap();
         assert_eq!(
-            cmm.open(2, 20, ep(1, 10), None),
+            open_local(&mut cmm, 2, 20, ep(1, 10), None),
             Err(status::NO_LISTENER),
             "listens for another process"
         );
@@ -455,14 +595,14 @@ mod tests {
         let mut cmm = cmm();
         let (listener, opener) = open_pair(&mut cmm, None);
         assert_eq!(cmm.key_count(), 2);
-        let d = cmm.send(2, &tx(opener, ep(2, 20), 5), b"hello".to_vec()).unwrap();
+        let d = send_local(&mut cmm, 2, &tx(opener, ep(2, 20), 5), b"hello".to_vec()).unwrap();
         assert_eq!((d.partition, d.channel, d.payload.as_slice()), (1, listener, &b"hello"[..]));
         assert_eq!(d.header.source, ep(2, 20));
         assert_eq!(d.header.process, 10);
-        let back = cmm.send(1, &tx(listener, ep(1, 10), 3), b"hi!".to_vec()).unwrap();
+        let back = send_local(&mut cmm, 1, &tx(listener, ep(1, 10), 3), b"hi!".to_vec()).unwrap();
         assert_eq!((back.partition, back.payload.as_slice()), (2, &b"hi!"[..]));
         assert_eq!(back.header.seq, 0);
-        let again = cmm.send(1, &tx(listener, ep(1, 10), 1), b"x".to_vec()).unwrap();
+        let again = send_local(&mut cmm, 1, &tx(listener, ep(1, 10), 1), b"x".to_vec()).unwrap();
         assert_eq!(again.header.seq, 1);
     }
 
@@ -470,7 +610,7 @@ mod tests {
     fn guest_supplied_keys_work_too() {
         let mut cmm = cmm();
         let (_, opener) = open_pair(&mut cmm, Some([42; 32]));
-        assert!(cmm.send(2, &tx(opener, ep(2, 20), 2), b"ok".to_vec()).is_ok());
+        assert!(send_local(&mut cmm, 2, &tx(opener, ep(2, 20), 2), b"ok".to_vec()).is_ok());
     }
 
     #[test]
@@ -479,26 +619,26 @@ mod tests {
         let (listener, opener) = open_pair(&mut cmm, None);
         let other_partition = Endpoint { node: NODE, partition: 3, process: 20 };
         assert_eq!(
-            cmm.send(2, &tx(opener, other_partition, 1), vec![0]).unwrap_err(),
+            send_local(&mut cmm, 2, &tx(opener, other_partition, 1), vec![0]).unwrap_err(),
             status::FORGED_SOURCE
         );
         let other_node = Endpoint { node: 9, partition: 2, process: 20 };
         assert_eq!(
-            cmm.send(2, &tx(opener, other_node, 1), vec![0]).unwrap_err(),
+            send_local(&mut cmm, 2, &tx(opener, other_node, 1), vec![0]).unwrap_err(),
             status::FORGED_SOURCE
         );
         let other_process = ep(2, 21);
         assert_eq!(
-            cmm.send(2, &tx(opener, other_process, 1), vec![0]).unwrap_err(),
+            send_local(&mut cmm, 2, &tx(opener, other_process, 1), vec![0]).unwrap_err(),
             status::FORGED_SOURCE
         );
         // Partition 2 naming partition 1's channel: it does not exist for partition 2.
         assert_eq!(
-            cmm.send(2, &tx(listener, ep(2, 20), 1), vec![0]).unwrap_err(),
+            send_local(&mut cmm, 2, &tx(listener, ep(2, 20), 1), vec![0]).unwrap_err(),
             status::NO_CHANNEL
         );
         assert_eq!(
-            cmm.send(2, &tx(ChannelId(0x7777), ep(2, 20), 1), vec![0]).unwrap_err(),
+            send_local(&mut cmm, 2, &tx(ChannelId(0x7777), ep(2, 20), 1), vec![0]).unwrap_err(),
             status::NO_CHANNEL
         );
         assert_eq!(cmm.stats(2).forged, 3);
@@ -542,7 +682,7 @@ mod tests {
         assert_eq!(cmm.key_count(), 0);
         assert_eq!(cmm.list(1)[0].state, guest_agent::channel::abi::state::PEER_CLOSED);
         assert_eq!(
-            cmm.send(1, &tx(listener, ep(1, 10), 1), vec![0]).unwrap_err(),
+            send_local(&mut cmm, 1, &tx(listener, ep(1, 10), 1), vec![0]).unwrap_err(),
             status::NOT_OPEN
         );
         assert!(cmm.list(2).is_empty());
@@ -570,11 +710,75 @@ mod tests {
                 .unwrap();
         let (_, opener) = open_pair(&mut cmm, None);
         assert_eq!(
-            cmm.send(2, &tx(opener, ep(2, 20), 9), vec![0; 9]).unwrap_err(),
+            send_local(&mut cmm, 2, &tx(opener, ep(2, 20), 9), vec![0; 9]).unwrap_err(),
             status::TOO_BIG
         );
         cmm.listen(1, 11, ep(2, 20)).unwrap();
         assert_eq!(cmm.listen(1, 12, ep(2, 20)), Err(status::TABLE_FULL));
         assert_eq!(cmm.listen(2, 20, ep(1, 10)), Err(status::EXISTS));
+    }
+}
+
+#[cfg(test)]
+mod remote_tests {
+    use super::*;
+
+    fn ep(node: u32, partition: u32, process: u32) -> Endpoint {
+        Endpoint { node, partition, process }
+    }
+
+    /// Two CMMs, nodes 1 and 2, passing frames by hand as the links would.
+    #[test]
+    fn offers_and_messages_cross_nodes_and_link_loss_closes_channels() {
+        let mut a = Cmm::new(1, 16, Limits::default(), Audit::new(1, None)).unwrap();
+        let mut b = Cmm::new(2, 16, Limits::default(), Audit::new(2, None)).unwrap();
+        let listener = b.listen(1, 10, ep(1, 1, 20)).unwrap();
+        let Ok(Opening::Remote { channel, offer }) = a.open(1, 20, ep(2, 1, 10), None) else {
+            panic!()
+        };
+        assert_eq!(a.list(1)[0].state, guest_agent::channel::abi::state::OFFERING);
+        // B checks the link's node against the offer's source.
+        assert_eq!(b.receive_offer(&offer, 3).unwrap_err(), Rejection::ForgedSourceNode);
+        assert_eq!(b.receive_offer(&offer, 1).unwrap(), listener);
+        // A reply from the wrong node is ignored; the right one opens the channel.
+        assert!(a.offer_answered(channel, Ok(()), 3).is_err());
+        assert_eq!(a.offer_answered(channel, Ok(()), 2), Ok(channel));
+
+        let header = TxHeader { channel: channel.0, source: ep(1, 1, 20), len: 5 };
+        let Ok(Routed::Remote { node: 2, frame }) = a.send(1, &header, b"hello".to_vec()) else {
+            panic!()
+        };
+        let delivery = b.receive_data(frame, 1).unwrap();
+        assert_eq!(
+            (delivery.payload.as_slice(), delivery.header.source),
+            (&b"hello"[..], ep(1, 1, 20))
+        );
+
+        assert!(b.link_down(1).is_empty());
+        assert_eq!(b.list(1)[0].state, guest_agent::channel::abi::state::PEER_CLOSED);
+        assert_eq!(b.key_count(), 0);
+    }
+
+    #[test]
+    fn a_rejected_or_unsent_offer_leaves_nothing_behind() {
+        let mut a = Cmm::new(1, 16, Limits::default(), Audit::new(1, None)).unwrap();
+        let Ok(Opening::Remote { channel, .. }) = a.open(1, 20, ep(2, 1, 10), None) else {
+            panic!()
+        };
+        assert_eq!(
+            a.offer_answered(channel, Err(Rejection::NoListener), 2),
+            Err(status::NO_LISTENER)
+        );
+        assert!(a.list(1).is_empty());
+        let Ok(Opening::Remote { channel, .. }) = a.open(1, 20, ep(2, 1, 10), None) else {
+            panic!()
+        };
+        assert_eq!(a.offer_failed(channel), status::UNREACHABLE);
+        let Ok(Opening::Remote { channel, .. }) = a.open(1, 20, ep(2, 1, 10), None) else {
+            panic!()
+        };
+        assert_eq!(a.link_down(2), vec![channel]);
+        assert!(a.list(1).is_empty());
+        assert_eq!(a.key_count(), 0);
     }
 }

@@ -9,4 +9,4 @@ pub mod key_table;
 pub mod manager;
 pub mod secret_memory;
 
-pub use manager::{Cmm, Delivery, Limits};
+pub use manager::{Closing, Cmm, Delivery, Limits, Opening, Routed};

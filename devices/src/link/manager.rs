@@ -1,20 +1,23 @@
 //! The link manager: accepts links from any listed node, initiates links to the nodes with a
 //! higher ID (so each pair has one link), keeps them alive, notices them die, and reconnects
-//! with backoff. Every decision about a link is audited.
+//! with backoff. Frames for the CMM go to an inbox the device thread drains; the CMM sends
+//! through a [`LinkHandle`]. Every decision about a link is audited.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use snow::TransportState;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::directory::{Directory, Peer};
 use super::handshake::{self, HandshakeError};
-use super::wire::{self, Frame, MAX_MESSAGE};
+use super::wire::{self, Assembler, Frame, MAX_MESSAGE};
 use crate::bus::lock;
 use crate::cmm::audit::{Audit, Record};
 
@@ -42,6 +45,53 @@ pub struct LinkStatus {
     pub established: u64,
 }
 
+/// What the links tell the CMM.
+pub enum Inbound {
+    /// A frame for the CMM from an authenticated peer.
+    Frame {
+        /// The node authenticated on the link it came over.
+        node: u32,
+        /// The frame.
+        frame: Frame,
+    },
+    /// The link to `node` went down: its channels are gone.
+    LinkDown(u32),
+}
+
+/// Where the links put what the CMM must handle, and the eventfd that wakes the device thread.
+pub struct Inbox {
+    /// Frames and events, in arrival order.
+    pub receiver: Receiver<Inbound>,
+    /// Written whenever something is queued.
+    pub wake: EventFd,
+}
+
+/// One authenticated link.
+struct Conn {
+    id: u64,
+    /// Encrypting and writing a frame's messages happen under this lock, so the order on the
+    /// wire is the order of the Noise nonces.
+    writer: Mutex<TcpStream>,
+    transport: Mutex<TransportState>,
+}
+
+impl Conn {
+    fn send(&self, frame: &Frame) -> io::Result<()> {
+        let mut bytes = Vec::new();
+        frame.encode(&mut bytes);
+        let mut out = Box::new([0u8; MAX_MESSAGE]);
+        let mut writer = lock(&self.writer);
+        let result = wire::chunks(&bytes, |plain| {
+            let n = lock(&self.transport)
+                .write_message(plain, &mut out[..])
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            wire::write_message(&mut *writer, &out[..n])
+        });
+        zeroize::Zeroize::zeroize(&mut bytes);
+        result
+    }
+}
+
 struct Shared {
     own_id: u32,
     own_key: [u8; 32],
@@ -50,8 +100,54 @@ struct Shared {
     stop: AtomicBool,
     status: Mutex<BTreeMap<u32, LinkStatus>>,
     next_link: AtomicU64,
-    /// The link currently owning each peer's status (a newer link replaces an older one).
-    owner: Mutex<BTreeMap<u32, u64>>,
+    links: Mutex<BTreeMap<u32, Arc<Conn>>>,
+    inbox: Sender<Inbound>,
+    wake: EventFd,
+}
+
+impl Shared {
+    fn deliver(&self, item: Inbound) {
+        if self.inbox.send(item).is_ok() {
+            if let Err(e) = self.wake.write(1) {
+                log::error!("waking the device thread: {e}");
+            }
+        }
+    }
+}
+
+/// Sends frames to other nodes; cheap to clone.
+#[derive(Clone)]
+pub struct LinkHandle {
+    shared: Arc<Shared>,
+}
+
+/// Why a frame could not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// No link to that node is up.
+    NoLink,
+    /// The link failed while sending; it is being torn down.
+    Broken,
+}
+
+impl LinkHandle {
+    /// Sends `frame` to `node` over its link.
+    pub fn send(&self, node: u32, frame: &Frame) -> Result<(), SendError> {
+        let conn = lock(&self.shared.links).get(&node).cloned().ok_or(SendError::NoLink)?;
+        conn.send(frame).map_err(|_| {
+            if let Ok(stream) = lock(&conn.writer).try_clone() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            SendError::Broken
+        })?;
+        update(&self.shared, node, conn.id, |s| s.frames_out += 1);
+        Ok(())
+    }
+
+    /// Every peer's link status.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        lock(&self.shared.status).values().cloned().collect()
+    }
 }
 
 /// The running links of a node; dropping it says goodbye on every link.
@@ -62,14 +158,15 @@ pub struct LinkManager {
 }
 
 impl LinkManager {
-    /// Listens on `listen` and starts linking to the other nodes of `directory`.
+    /// Listens on `listen` and starts linking to the other nodes of `directory`; returns the
+    /// manager and the inbox the CMM must drain.
     pub fn start(
         own_id: u32,
         own_key: [u8; 32],
         directory: Directory,
         listen: SocketAddr,
         audit: Audit,
-    ) -> io::Result<Self> {
+    ) -> io::Result<(Self, Inbox)> {
         let listener = TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
@@ -90,6 +187,8 @@ impl LinkManager {
                 )
             })
             .collect();
+        let (inbox, receiver) = mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let shared = Arc::new(Shared {
             own_id,
             own_key,
@@ -98,7 +197,9 @@ impl LinkManager {
             stop: AtomicBool::new(false),
             status: Mutex::new(status),
             next_link: AtomicU64::new(1),
-            owner: Mutex::new(BTreeMap::new()),
+            links: Mutex::new(BTreeMap::new()),
+            inbox,
+            wake: wake.try_clone()?,
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -115,7 +216,7 @@ impl LinkManager {
                     .spawn(move || connect_loop(&s, &peer))?,
             );
         }
-        Ok(Self { shared, local_addr, threads })
+        Ok((Self { shared, local_addr, threads }, Inbox { receiver, wake }))
     }
 
     /// The address the node listens on.
@@ -123,9 +224,9 @@ impl LinkManager {
         self.local_addr
     }
 
-    /// Every peer's link status.
-    pub fn status(&self) -> Vec<LinkStatus> {
-        lock(&self.shared.status).values().cloned().collect()
+    /// A handle to send frames with.
+    pub fn handle(&self) -> LinkHandle {
+        LinkHandle { shared: self.shared.clone() }
     }
 }
 
@@ -186,9 +287,8 @@ fn connect_loop(shared: &Arc<Shared>, peer: &Peer) {
     let mut backoff = BACKOFF_MIN;
     while !shared.stop.load(Ordering::Acquire) {
         let started = Instant::now();
-        match connect_one(shared, peer) {
-            Ok(()) => {}
-            Err(e) => log::debug!("link to node {} at {}: {e}", peer.id, peer.address),
+        if let Err(e) = connect_one(shared, peer) {
+            log::debug!("link to node {} at {}: {e}", peer.id, peer.address);
         }
         // A link that lived a while earns a quick reconnect; repeated failures back off.
         backoff = if started.elapsed() > BACKOFF_MAX {
@@ -224,9 +324,19 @@ fn sleep_unless_stopped(shared: &Shared, total: Duration) {
 
 /// Serves an authenticated link until it ends: keepalives out, frames in.
 fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, peer: &Peer) {
-    let link = shared.next_link.fetch_add(1, Ordering::Relaxed);
-    lock(&shared.owner).insert(peer.id, link);
-    update(shared, peer.id, link, |s| {
+    let Ok(writer) = stream.try_clone() else { return };
+    let conn = Arc::new(Conn {
+        id: shared.next_link.fetch_add(1, Ordering::Relaxed),
+        writer: Mutex::new(writer),
+        transport: Mutex::new(transport),
+    });
+    // A newer link to the same node (it restarted) replaces the older one.
+    if let Some(old) = lock(&shared.links).insert(peer.id, conn.clone()) {
+        if let Ok(stream) = lock(&old.writer).try_clone() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+    update(shared, peer.id, conn.id, |s| {
         s.up = true;
         s.frames_in = 0;
         s.frames_out = 0;
@@ -234,40 +344,45 @@ fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, 
     });
     shared.audit.record(Record::link("link_up", "authenticated", Some(peer.id)));
     log::info!("link to node {} up", peer.id);
-    let transport = Arc::new(Mutex::new(transport));
     let done = Arc::new(AtomicBool::new(false));
-    let writer = stream.try_clone().ok().and_then(|out| {
-        let (s, t, d, id) = (shared.clone(), transport.clone(), done.clone(), peer.id);
+    let keeper = {
+        let (s, c, d, id) = (shared.clone(), conn.clone(), done.clone(), peer.id);
         std::thread::Builder::new()
-            .name(format!("link-{id}-out"))
-            .spawn(move || keepalive(&s, out, &t, &d, id, link))
+            .name(format!("link-{id}-alive"))
+            .spawn(move || keepalive(&s, &c, &d, id))
             .ok()
-    });
-    let reason = read_frames(shared, &stream, &transport, peer.id, link);
+    };
+    let reason = read_frames(shared, &stream, &conn, peer.id);
     done.store(true, Ordering::Release);
     let _ = stream.shutdown(Shutdown::Both);
-    if let Some(writer) = writer {
-        let _ = writer.join();
+    if let Some(keeper) = keeper {
+        let _ = keeper.join();
     }
-    update(shared, peer.id, link, |s| s.up = false);
+    update(shared, peer.id, conn.id, |s| s.up = false);
+    let current = {
+        let mut links = lock(&shared.links);
+        let current = links.get(&peer.id).is_some_and(|c| c.id == conn.id);
+        if current {
+            links.remove(&peer.id);
+        }
+        current
+    };
     shared.audit.record(Record::link("link_down", reason, Some(peer.id)));
     log::info!("link to node {} down: {reason}", peer.id);
+    if current {
+        shared.deliver(Inbound::LinkDown(peer.id));
+    }
 }
 
 /// Reads and checks frames until the link ends; returns why it ended.
-fn read_frames(
-    shared: &Shared,
-    stream: &TcpStream,
-    transport: &Mutex<TransportState>,
-    peer: u32,
-    link: u64,
-) -> &'static str {
+fn read_frames(shared: &Shared, stream: &TcpStream, conn: &Conn, peer: u32) -> &'static str {
     if stream.set_read_timeout(Some(DEAD_AFTER)).is_err() {
         return "socket_error";
     }
     let mut reader = stream;
     let mut buf = Box::new([0u8; MAX_MESSAGE]);
     let mut plain = Box::new([0u8; MAX_MESSAGE]);
+    let mut assembler = Assembler::default();
     loop {
         let len = match wire::read_message(&mut reader, &mut buf) {
             Ok(len) => len,
@@ -278,7 +393,9 @@ fn read_frames(
                     "keepalive_timeout"
                 };
             }
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => return "malformed_frame",
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return reject(shared, peer, "malformed_message")
+            }
             Err(_) => {
                 return if shared.stop.load(Ordering::Acquire) {
                     "shutdown"
@@ -287,49 +404,45 @@ fn read_frames(
                 }
             }
         };
-        let Ok(n) = lock(transport).read_message(&buf[..len], &mut plain[..]) else {
-            shared.audit.record(Record::link(
-                "frame_rejected",
-                "bad_link_authentication",
-                Some(peer),
-            ));
-            return "bad_link_authentication";
+        let Ok(n) = lock(&conn.transport).read_message(&buf[..len], &mut plain[..]) else {
+            return reject(shared, peer, "bad_link_authentication");
         };
-        match Frame::decode(&plain[..n]) {
-            Ok(Frame::Keepalive) => update(shared, peer, link, |s| s.frames_in += 1),
+        let frame = match assembler.push(&plain[..n]) {
+            Ok(None) => continue,
+            Ok(Some(bytes)) => Frame::decode(bytes),
+            Err(e) => Err(e),
+        };
+        assembler.reset();
+        update(shared, peer, conn.id, |s| s.frames_in += 1);
+        match frame {
+            Ok(Frame::Keepalive) => {}
             Ok(Frame::Goodbye) => return "goodbye",
-            Err(e) => {
-                shared.audit.record(Record::link("frame_rejected", e.reason(), Some(peer)));
-                return e.reason();
-            }
+            Ok(frame) => shared.deliver(Inbound::Frame { node: peer, frame }),
+            Err(e) => return reject(shared, peer, e.reason()),
         }
     }
 }
 
+/// Audits a frame that ends the link.
+fn reject(shared: &Shared, peer: u32, reason: &'static str) -> &'static str {
+    shared.audit.record(Record::link("frame_rejected", reason, Some(peer)));
+    reason
+}
+
 /// Sends a keepalive every [`KEEPALIVE`] until the link is done, and a goodbye on shutdown.
-fn keepalive(
-    shared: &Shared,
-    mut out: TcpStream,
-    transport: &Mutex<TransportState>,
-    done: &AtomicBool,
-    peer: u32,
-    link: u64,
-) {
-    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+fn keepalive(shared: &Shared, conn: &Conn, done: &AtomicBool, peer: u32) {
     let mut next = Instant::now();
     while !done.load(Ordering::Acquire) {
         let stopping = shared.stop.load(Ordering::Acquire);
         if stopping || Instant::now() >= next {
             let frame = if stopping { Frame::Goodbye } else { Frame::Keepalive };
-            let sent = lock(transport)
-                .write_message(&frame.encode(), &mut buf[..])
-                .map_err(|e| io::Error::other(e.to_string()))
-                .and_then(|n| wire::write_message(&mut out, &buf[..n]));
-            if sent.is_err() || stopping {
-                let _ = out.shutdown(Shutdown::Both);
+            if conn.send(&frame).is_err() || stopping {
+                if let Ok(stream) = lock(&conn.writer).try_clone() {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
                 return;
             }
-            update(shared, peer, link, |s| s.frames_out += 1);
+            update(shared, peer, conn.id, |s| s.frames_out += 1);
             next = Instant::now() + KEEPALIVE;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -338,7 +451,7 @@ fn keepalive(
 
 /// Updates `peer`'s status if `link` is still the one that owns it.
 fn update(shared: &Shared, peer: u32, link: u64, f: impl FnOnce(&mut LinkStatus)) {
-    if lock(&shared.owner).get(&peer) != Some(&link) {
+    if lock(&shared.links).get(&peer).is_none_or(|c| c.id != link) {
         return;
     }
     if let Some(status) = lock(&shared.status).get_mut(&peer) {

@@ -8,4 +8,4 @@ pub mod manager;
 pub mod wire;
 
 pub use directory::{Directory, Peer};
-pub use manager::{LinkManager, LinkStatus};
+pub use manager::{Inbound, Inbox, LinkHandle, LinkManager, LinkStatus, SendError};

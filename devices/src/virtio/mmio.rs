@@ -266,10 +266,12 @@ impl MmioTransport {
                 }
             }
         }
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         *lock(&self.shared.activation) = Activation::Active { queues };
     }
 
     fn reset(&mut self) {
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         *lock(&self.shared.activation) = Activation::Inactive;
         self.shared.interrupt_status.store(0, Ordering::Release);
         self.status = 0;

@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -17,7 +18,7 @@ use guest_agent::channel::abi::{
     CONTROL_REQUEST_SIZE, CONTROL_RESPONSE_SIZE, RX_HEADER_SIZE, TX_HEADER_SIZE,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use zeroize::Zeroize;
@@ -25,7 +26,11 @@ use zeroize::Zeroize;
 use super::mmio::DeviceDescription;
 use super::shared::{Activation, DeviceShared, INT_USED_BUFFER};
 use crate::bus::lock;
-use crate::cmm::{Cmm, Delivery};
+use crate::cmm::connection_table::ChannelId;
+use crate::cmm::frames::OfferResult;
+use crate::cmm::{Cmm, Delivery, Opening, Routed};
+use crate::link::wire::Frame;
+use crate::link::{Inbound, Inbox, LinkHandle};
 
 /// Size of the control queue.
 pub const CONTROL_QUEUE_SIZE: u16 = 64;
@@ -70,16 +75,38 @@ impl ChannelDevice {
 /// A chain the guest made that the device cannot parse: the device needs a reset.
 struct Malformed(&'static str);
 
+/// An OPEN waiting for another node's answer: where to write the response once it comes.
+struct PendingOpen {
+    channel: ChannelId,
+    device: usize,
+    generation: u64,
+    head: u16,
+    response: GuestAddress,
+}
+
+/// What a control request gets.
+enum Answer {
+    /// A response head and body, written now.
+    Now(ControlResponse, Vec<u8>),
+    /// Nothing yet: the chain stays with the device until the offer is answered.
+    Later,
+}
+
 /// The CMM and every partition's device, on the device thread.
 pub struct ChannelNode {
     cmm: Cmm,
     devices: Vec<ChannelDevice>,
+    links: Option<(LinkHandle, Inbox)>,
+    pending_opens: Vec<PendingOpen>,
 }
 
+/// Event data of the link inbox (queue events use `device * QUEUES + queue`).
+const INBOX: u32 = u32::MAX;
+
 impl ChannelNode {
-    /// The node's devices in front of `cmm`.
-    pub fn new(cmm: Cmm, devices: Vec<ChannelDevice>) -> Self {
-        Self { cmm, devices }
+    /// The node's devices in front of `cmm`, and the host links if the node has any.
+    pub fn new(cmm: Cmm, devices: Vec<ChannelDevice>, links: Option<(LinkHandle, Inbox)>) -> Self {
+        Self { cmm, devices, links, pending_opens: Vec::new() }
     }
 
     fn device_of(&self, partition: u32) -> Option<usize> {
@@ -112,7 +139,7 @@ impl ChannelNode {
             &mut Self,
             usize,
             DescriptorChain<&GuestMemoryMmap>,
-        ) -> Result<u32, Malformed>,
+        ) -> Result<Option<u32>, Malformed>,
     ) -> Result<(), Malformed> {
         let device = &self.devices[index];
         let (shared, mem) = (device.shared.clone(), device.mem.clone());
@@ -137,11 +164,13 @@ impl ChannelNode {
                     .next();
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let written = handle(self, index, chain)?;
-                queue
-                    .add_used(&mem, head, written)
-                    .map_err(|_| Malformed("used ring not writable"))?;
-                used_any = true;
+                // `None`: the handler keeps the chain and completes it later.
+                if let Some(written) = handle(self, index, chain)? {
+                    queue
+                        .add_used(&mem, head, written)
+                        .map_err(|_| Malformed("used ring not writable"))?;
+                    used_any = true;
+                }
             }
             if !queue
                 .enable_notification(&mem)
@@ -158,38 +187,170 @@ impl ChannelNode {
         Ok(())
     }
 
-    /// One control request: read it, act on it, write the response.
+    /// One control request: read it, act on it, write the response (or keep the chain until
+    /// another node answers an OPEN).
     fn control(
         &mut self,
         index: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Result<u32, Malformed> {
+    ) -> Result<Option<u32>, Malformed> {
         let partition = self.devices[index].partition;
         let mem = self.devices[index].mem.clone();
+        let head_index = chain.head_index();
+        let response_at = chain.clone().writable().next().map(|d| (d.addr(), d.len() as usize));
         let (mut reader, mut writer) = split(chain, &mem, "control chain outside guest RAM")?;
         let mut raw = [0u8; CONTROL_REQUEST_SIZE];
         let mut request =
             reader.read_exact(&mut raw).ok().and_then(|()| ControlRequest::from_bytes(&raw));
         raw.zeroize();
         let room = writer.available_bytes();
-        let (head, body) = match &request {
+        let answer = match &request {
+            Some(request)
+                if request.op == op::OPEN && request.flags & !abi::FLAG_GUEST_KEY == 0 =>
+            {
+                match response_at.filter(|(_, len)| *len >= CONTROL_RESPONSE_SIZE) {
+                    Some((response, _)) => {
+                        self.open(index, partition, request, head_index, response)
+                    }
+                    None => {
+                        Answer::Now(self.refused(partition, status::BUFFER_TOO_SMALL), Vec::new())
+                    }
+                }
+            }
             Some(request) => {
                 self.execute(partition, request, room.saturating_sub(CONTROL_RESPONSE_SIZE))
             }
-            None => (self.refused(partition, status::BAD_REQUEST), Vec::new()),
+            None => Answer::Now(self.refused(partition, status::BAD_REQUEST), Vec::new()),
         };
         // A guest-supplied key was copied into the key table; no other copy may stay behind.
         if let Some(request) = &mut request {
             request.key.zeroize();
         }
+        let Answer::Now(head, body) = answer else { return Ok(None) };
         if room < CONTROL_RESPONSE_SIZE {
-            return Ok(0);
+            return Ok(Some(0));
         }
         writer
             .write_all(&head.to_bytes())
             .map_err(|_| Malformed("control response not writable"))?;
         writer.write_all(&body).map_err(|_| Malformed("control response not writable"))?;
-        Ok((CONTROL_RESPONSE_SIZE + body.len()) as u32)
+        Ok(Some((CONTROL_RESPONSE_SIZE + body.len()) as u32))
+    }
+
+    /// OPEN: on this node it completes at once; to another node the offer goes over the link
+    /// and the request waits for the answer.
+    fn open(
+        &mut self,
+        index: usize,
+        partition: u32,
+        req: &ControlRequest,
+        head: u16,
+        response: GuestAddress,
+    ) -> Answer {
+        let key = (req.flags & abi::FLAG_GUEST_KEY != 0).then_some(req.key);
+        let (channel, offer) = match self.cmm.open(partition, req.process, req.remote, key) {
+            Ok(Opening::Done(id)) => return Answer::Now(opened(Ok(id)), Vec::new()),
+            Err(code) => return Answer::Now(opened(Err(code)), Vec::new()),
+            Ok(Opening::Remote { channel, offer }) => (channel, offer),
+        };
+        let node = offer.destination.node;
+        let sent = match &self.links {
+            Some((links, _)) => links.send(node, &Frame::Offer { id: channel.0, offer }).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Answer::Now(opened(Err(self.cmm.offer_failed(channel))), Vec::new());
+        }
+        let generation = self.devices[index].shared.generation.load(Ordering::Acquire);
+        self.pending_opens.push(PendingOpen { channel, device: index, generation, head, response });
+        Answer::Later
+    }
+
+    /// Writes the answer to a pending OPEN and hands its chain back to the guest.
+    fn complete_open(&mut self, pending: PendingOpen, response: ControlResponse) {
+        let device = &self.devices[pending.device];
+        if device.shared.generation.load(Ordering::Acquire) != pending.generation {
+            // The guest reset the device meanwhile: the chain is gone with its queue.
+            return;
+        }
+        let (shared, mem) = (device.shared.clone(), device.mem.clone());
+        if mem.write_slice(&response.to_bytes(), pending.response).is_err() {
+            shared.fail("control response not writable");
+            return;
+        }
+        let mut activation = lock(&shared.activation);
+        let Activation::Active { queues } = &mut *activation else { return };
+        let Some(queue) = queues.get_mut(0) else { return };
+        if queue.add_used(&mem, pending.head, CONTROL_RESPONSE_SIZE as u32).is_err() {
+            drop(activation);
+            shared.fail("used ring not writable");
+            return;
+        }
+        let interrupt = queue.needs_notification(&mem).unwrap_or(true);
+        drop(activation);
+        if interrupt {
+            shared.signal(INT_USED_BUFFER);
+        }
+    }
+
+    /// Answers the pending OPEN of `channel`, if there is one.
+    fn answer_open(&mut self, channel: ChannelId, result: Result<ChannelId, u32>) {
+        if let Some(at) = self.pending_opens.iter().position(|p| p.channel == channel) {
+            let pending = self.pending_opens.swap_remove(at);
+            self.complete_open(pending, opened(result));
+        }
+    }
+
+    /// Handles everything the host links queued.
+    fn drain_inbox(&mut self) {
+        let mut items = Vec::new();
+        if let Some((_, inbox)) = &self.links {
+            let _ = inbox.wake.read();
+            items.extend(inbox.receiver.try_iter());
+        }
+        for item in items {
+            match item {
+                Inbound::Frame { node, frame } => self.frame_from_link(node, frame),
+                Inbound::LinkDown(node) => {
+                    for channel in self.cmm.link_down(node) {
+                        self.answer_open(channel, Err(status::UNREACHABLE));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A frame from `node`, authenticated by its link.
+    fn frame_from_link(&mut self, node: u32, frame: Frame) {
+        match frame {
+            Frame::Offer { id, offer } => {
+                let result = match self.cmm.receive_offer(&offer, node) {
+                    Ok(_) => OfferResult::Accepted,
+                    Err(rejection) => OfferResult::Rejected(rejection),
+                };
+                if let Some((links, _)) = &self.links {
+                    let _ = links.send(node, &Frame::OfferReply { id, result });
+                }
+            }
+            Frame::OfferReply { id, result } => {
+                let answer = match result {
+                    OfferResult::Accepted => Ok(()),
+                    OfferResult::Rejected(r) => Err(r),
+                };
+                let channel = ChannelId(id);
+                let outcome = self.cmm.offer_answered(channel, answer, node);
+                self.answer_open(channel, outcome);
+            }
+            Frame::Data(frame) => {
+                if let Ok(delivery) = self.cmm.receive_data(frame, node) {
+                    self.deliver(delivery);
+                }
+            }
+            Frame::Close { source, destination } => {
+                self.cmm.receive_close(&source, &destination, node)
+            }
+            Frame::Keepalive | Frame::Goodbye => {}
+        }
     }
 
     fn refused(&mut self, partition: u32, code: u32) -> ControlResponse {
@@ -198,27 +359,37 @@ impl ChannelNode {
     }
 
     /// Carries out a decoded request; `room` is the space after the response head.
-    fn execute(
+    fn execute(&mut self, partition: u32, req: &ControlRequest, room: usize) -> Answer {
+        let (head, body) = self.execute_now(partition, req, room);
+        Answer::Now(head, body)
+    }
+
+    fn execute_now(
         &mut self,
         partition: u32,
         req: &ControlRequest,
         room: usize,
     ) -> (ControlResponse, Vec<u8>) {
-        let reply = |result: Result<crate::cmm::connection_table::ChannelId, u32>| match result {
-            Ok(id) => ControlResponse { status: status::OK, channel: id.0, count: 0 },
-            Err(code) => ControlResponse { status: code, ..Default::default() },
-        };
         match req.op {
             op::LISTEN if req.flags == 0 => {
-                (reply(self.cmm.listen(partition, req.process, req.remote)), Vec::new())
-            }
-            op::OPEN if req.flags & !abi::FLAG_GUEST_KEY == 0 => {
-                let key = (req.flags & abi::FLAG_GUEST_KEY != 0).then_some(req.key);
-                (reply(self.cmm.open(partition, req.process, req.remote, key)), Vec::new())
+                (opened(self.cmm.listen(partition, req.process, req.remote)), Vec::new())
             }
             op::CLOSE if req.flags == 0 => {
-                let result = self.cmm.close(partition, req.process, req.channel);
-                let status = result.err().unwrap_or(status::OK);
+                let status = match self.cmm.close(partition, req.process, req.channel) {
+                    Ok(Some(closing)) => {
+                        if let Some((links, _)) = &self.links {
+                            let frame = Frame::Close {
+                                source: closing.source,
+                                destination: closing.destination,
+                            };
+                            // An unreachable peer learns of the close when its link goes down.
+                            let _ = links.send(closing.node, &frame);
+                        }
+                        status::OK
+                    }
+                    Ok(None) => status::OK,
+                    Err(code) => code,
+                };
                 (ControlResponse { status, ..Default::default() }, Vec::new())
             }
             op::LIST => {
@@ -268,16 +439,20 @@ impl ChannelNode {
         index: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         deliveries: &mut Vec<Delivery>,
-    ) -> Result<u32, Malformed> {
+    ) -> Result<Option<u32>, Malformed> {
         let partition = self.devices[index].partition;
         let mem = self.devices[index].mem.clone();
         let (mut reader, mut writer) = split(chain, &mem, "transmit chain outside guest RAM")?;
         let code = match self.read_message(&mut reader) {
             Ok((header, payload)) => match self.cmm.send(partition, &header, payload) {
-                Ok(delivery) => {
+                Ok(Routed::Local(delivery)) => {
                     deliveries.push(delivery);
                     status::OK
                 }
+                Ok(Routed::Remote { node, frame }) => match &self.links {
+                    Some((links, _)) if links.send(node, &Frame::Data(frame)).is_ok() => status::OK,
+                    _ => status::UNREACHABLE,
+                },
                 Err(code) => code,
             },
             Err(code) => {
@@ -286,19 +461,16 @@ impl ChannelNode {
             }
         };
         if writer.available_bytes() < 4 {
-            return Ok(0);
+            return Ok(Some(0));
         }
         writer
             .write_all(&code.to_le_bytes())
             .map_err(|_| Malformed("transmit status not writable"))?;
-        Ok(4)
+        Ok(Some(4))
     }
 
     /// Reads a transmit header and its payload, within the device's limits.
-    fn read_message(
-        &self,
-        reader: &mut virtio_queue::Reader<'_>,
-    ) -> Result<(TxHeader, Vec<u8>), u32> {
+    fn read_message(&self, reader: &mut Reader<'_>) -> Result<(TxHeader, Vec<u8>), u32> {
         let mut raw = [0u8; TX_HEADER_SIZE];
         reader.read_exact(&mut raw).map_err(|_| status::BAD_REQUEST)?;
         let header = TxHeader::from_bytes(&raw).ok_or(status::BAD_REQUEST)?;
@@ -392,6 +564,14 @@ fn split<'m>(
     Ok((reader, writer))
 }
 
+/// The response to LISTEN or OPEN.
+fn opened(result: Result<ChannelId, u32>) -> ControlResponse {
+    match result {
+        Ok(id) => ControlResponse { status: status::OK, channel: id.0, count: 0 },
+        Err(code) => ControlResponse { status: code, ..Default::default() },
+    }
+}
+
 /// The next receive buffer, re-enabling notifications when there is none so the guest's next
 /// post wakes the device.
 fn next_chain<'m>(
@@ -429,6 +609,11 @@ fn write_delivery(
 
 impl MutEventSubscriber for ChannelNode {
     fn init(&mut self, ops: &mut EventOps) {
+        if let Some((_, inbox)) = &self.links {
+            if let Err(e) = ops.add(Events::with_data(&inbox.wake, INBOX, EventSet::IN)) {
+                log::error!("secure channel: watching the link inbox: {e:?}");
+            }
+        }
         for (index, device) in self.devices.iter().enumerate() {
             for (queue, evt) in device.queue_evts.iter().enumerate() {
                 let data = (index * QUEUES + queue) as u32;
@@ -443,6 +628,10 @@ impl MutEventSubscriber for ChannelNode {
     }
 
     fn process(&mut self, events: Events, _: &mut EventOps) {
+        if events.data() == INBOX {
+            self.drain_inbox();
+            return;
+        }
         let data = events.data() as usize;
         let (index, queue) = (data / QUEUES, data % QUEUES);
         let Some(device) = self.devices.get(index) else {

@@ -1,7 +1,7 @@
 //! State a virtio device shares between its transport (vCPU thread) and its backend (device
 //! thread): the queues once the driver has set them up, and the interrupt line.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use virtio_queue::Queue;
@@ -35,6 +35,9 @@ pub struct DeviceShared {
     pub interrupt_status: AtomicU32,
     /// Signals the guest's interrupt line (an irqfd).
     pub irq: EventFd,
+    /// Bumped on every activation and reset, so work started before one (a pending OPEN)
+    /// is not completed into a queue the guest has since replaced.
+    pub generation: AtomicU64,
 }
 
 impl DeviceShared {
@@ -44,6 +47,7 @@ impl DeviceShared {
             activation: Mutex::new(Activation::Inactive),
             interrupt_status: AtomicU32::new(0),
             irq,
+            generation: AtomicU64::new(0),
         }
     }
 

@@ -233,6 +233,30 @@ impl SecureChannel {
         Ok(self.control_with_key(req.to_bytes(), key)?.channel)
     }
 
+    /// [`Self::connect`], retrying every 10 ms for up to `attempts` tries while the peer is not
+    /// listening yet or its node is not linked yet (partitions and nodes start concurrently).
+    pub fn connect_patiently(
+        &mut self,
+        info: &BootInfo,
+        process: u32,
+        remote: Endpoint,
+        key: Option<&[u8; 32]>,
+        attempts: u32,
+    ) -> Result<u32, ChannelError> {
+        let mut last = ChannelError::Status(status::NO_LISTENER);
+        for _ in 0..attempts {
+            match self.connect(process, remote, key) {
+                Ok(channel) => return Ok(channel),
+                Err(e @ ChannelError::Status(status::NO_LISTENER | status::UNREACHABLE)) => {
+                    last = e;
+                    crate::time::spin_for(info, 10_000);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
     /// CLOSE: ends the channel (its keys are erased; the peer learns of it).
     pub fn close(&mut self, process: u32, channel: u32) -> Result<(), ChannelError> {
         self.control(ControlRequest { channel, ..Self::request(op::CLOSE, process) }).map(|_| ())

@@ -10,10 +10,10 @@ use core::ptr::{read_volatile, write_volatile};
 
 use guest_agent::boot_info::DeviceKind;
 use guest_agent::channel::abi::{self, op, ControlRequest, Endpoint};
-use guest_agent::channel::{ChannelError, SecureChannel};
+use guest_agent::channel::SecureChannel;
 use guest_agent::time::spin_for;
 use guest_agent::virtio::transport::*;
-use guest_agent::virtio::{DriverError, F_VERSION_1};
+use guest_agent::virtio::F_VERSION_1;
 use guest_agent::{pages, println, BootInfo};
 
 /// Guest-physical memory that is neither RAM nor a device (RAM is far smaller).
@@ -197,18 +197,7 @@ fn main(info: &'static BootInfo) -> u32 {
 /// Brings the device up properly and exchanges one message with the echo partition.
 fn talk_to_echo(info: &BootInfo, peer: Endpoint) -> bool {
     let Ok(mut ch) = SecureChannel::open(info) else { return false };
-    let mut channel = None;
-    for _ in 0..500 {
-        match ch.connect(1, peer, None) {
-            Ok(c) => {
-                channel = Some(c);
-                break;
-            }
-            Err(ChannelError::Status(abi::status::NO_LISTENER)) => spin_for(info, 10_000),
-            Err(ChannelError::Driver(DriverError::NeedsReset)) | Err(_) => return false,
-        }
-    }
-    let Some(channel) = channel else { return false };
+    let Ok(channel) = ch.connect_patiently(info, 1, peer, None, 1000) else { return false };
     let mut back = [0u8; 8];
     if ch.send(channel, 1, b"again").is_err() {
         return false;

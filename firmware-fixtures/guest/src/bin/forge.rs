@@ -8,7 +8,6 @@
 
 use guest_agent::channel::abi::{op, status, ControlRequest, Endpoint, TxHeader};
 use guest_agent::channel::{ChannelError, SecureChannel};
-use guest_agent::time::spin_for;
 use guest_agent::{println, BootInfo};
 
 fn main(info: &'static BootInfo) -> u32 {
@@ -21,7 +20,7 @@ fn main(info: &'static BootInfo) -> u32 {
         println!("forge: cannot open the secure channel device");
         return 2;
     };
-    let Some(channel) = connect(info, &mut ch, process, peer) else {
+    let Ok(channel) = ch.connect_patiently(info, process, peer, None, 1000) else {
         println!("forge: could not open the legitimate channel");
         return 2;
     };
@@ -108,17 +107,6 @@ fn status_of(result: Result<(), ChannelError>) -> u32 {
         Err(ChannelError::Status(code)) => code,
         Err(_) => u32::MAX,
     }
-}
-
-fn connect(info: &BootInfo, ch: &mut SecureChannel, process: u32, peer: Endpoint) -> Option<u32> {
-    for _ in 0..500 {
-        match ch.connect(process, peer, None) {
-            Ok(channel) => return Some(channel),
-            Err(ChannelError::Status(status::NO_LISTENER)) => spin_for(info, 10_000),
-            Err(_) => return None,
-        }
-    }
-    None
 }
 
 fn wait_echo(ch: &mut SecureChannel, buf: &mut [u8]) -> Option<(Endpoint, usize)> {

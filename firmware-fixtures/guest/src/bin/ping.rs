@@ -6,8 +6,8 @@
 #![no_main]
 
 use guest_agent::channel::abi::{status, Endpoint};
-use guest_agent::channel::{ChannelError, SecureChannel};
-use guest_agent::time::{nanos, spin_for, ticks};
+use guest_agent::channel::SecureChannel;
+use guest_agent::time::{nanos, ticks};
 use guest_agent::virtio::rng::Rng;
 use guest_agent::{println, BootInfo};
 
@@ -42,7 +42,8 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
     }
     let mut ch = SecureChannel::open(info).map_err(|_| "cannot open the secure channel device")?;
     let key = guest_key(info)?;
-    let channel = connect(info, &mut ch, process, peer, key.as_ref())?;
+    let channel =
+        ch.connect_patiently(info, process, peer, key.as_ref(), 1000).map_err(|_| "open failed")?;
     println!(
         "ping: channel {channel:#x} to {}:{}:{} open",
         peer.node, peer.partition, peer.process
@@ -97,25 +98,6 @@ fn guest_key(info: &BootInfo) -> Result<Option<[u8; 32]>, &'static str> {
     let mut key = [0u8; 32];
     Rng::open(info).and_then(|mut rng| rng.fill(&mut key)).map_err(|_| "virtio-rng failed")?;
     Ok(Some(key))
-}
-
-/// Opens the channel, retrying for a few seconds while the peer is not listening yet (the
-/// partitions boot concurrently).
-fn connect(
-    info: &BootInfo,
-    ch: &mut SecureChannel,
-    process: u32,
-    peer: Endpoint,
-    key: Option<&[u8; 32]>,
-) -> Result<u32, &'static str> {
-    for _ in 0..500 {
-        match ch.connect(process, peer, key) {
-            Ok(channel) => return Ok(channel),
-            Err(ChannelError::Status(status::NO_LISTENER)) => spin_for(info, 10_000),
-            Err(_) => return Err("open failed"),
-        }
-    }
-    Err("the peer never listened")
 }
 
 type Buffers = (&'static mut [u8], &'static mut [u8], &'static mut [u64]);

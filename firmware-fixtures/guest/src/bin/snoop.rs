@@ -7,10 +7,9 @@
 #![no_std]
 #![no_main]
 
-use guest_agent::channel::abi::{status, ChannelInfo, Endpoint};
-use guest_agent::channel::{ChannelError, SecureChannel};
+use guest_agent::channel::abi::{ChannelInfo, Endpoint};
+use guest_agent::channel::SecureChannel;
 use guest_agent::mmio::read32;
-use guest_agent::time::spin_for;
 use guest_agent::{println, BootInfo};
 
 /// A marker the test finds in the RAM dump, proving the dump holds this partition's memory.
@@ -97,26 +96,15 @@ fn connect_with_key(
     seed: u64,
 ) -> Option<u32> {
     let mut key = [0u8; 32];
-    let mut result = None;
-    for _ in 0..500 {
-        for (i, byte) in key.iter_mut().enumerate() {
-            *byte = key_byte(seed, i);
-        }
-        let attempt = ch.connect(process, peer, Some(&key));
-        for byte in key.iter_mut() {
-            // SAFETY: a byte of our own stack buffer; volatile so the wipe is kept.
-            unsafe { core::ptr::write_volatile(byte, 0) };
-        }
-        match attempt {
-            Ok(channel) => {
-                result = Some(channel);
-                break;
-            }
-            Err(ChannelError::Status(status::NO_LISTENER)) => spin_for(info, 10_000),
-            Err(_) => break,
-        }
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = key_byte(seed, i);
     }
-    result
+    let result = ch.connect_patiently(info, process, peer, Some(&key), 1000);
+    for byte in key.iter_mut() {
+        // SAFETY: a byte of our own stack buffer; volatile so the wipe is kept.
+        unsafe { core::ptr::write_volatile(byte, 0) };
+    }
+    result.ok()
 }
 
 fn wait_echo(ch: &mut SecureChannel, buf: &mut [u8]) -> bool {
