@@ -53,12 +53,27 @@ fn cluster(dir: &Path, name: &str, nodes: &[(u32, u16, &str)]) -> PathBuf {
 
 /// Writes `node-<name>.toml`: node `id` of `cluster` with `key`, one `spin` partition.
 fn node(dir: &Path, name: &str, id: u32, cluster: &Path, key: &Path) -> PathBuf {
+    node_with(dir, name, id, cluster, key, "spin", "", "")
+}
+
+/// As [`node`], with partition 1 running `fixture` with `args`, and `extra` in `[node]`.
+#[allow(clippy::too_many_arguments)]
+fn node_with(
+    dir: &Path,
+    name: &str,
+    id: u32,
+    cluster: &Path,
+    key: &Path,
+    firmware: &str,
+    args: &str,
+    extra: &str,
+) -> PathBuf {
     let text = format!(
-        "[node]\nid = {id}\naudit_log = \"audit-{name}.jsonl\"\ncluster = \"{}\"\nprivate_key_file = \"{}\"\n\n\
-         [[partition]]\nid = 1\nfirmware = \"{}\"\n",
+        "[node]\nid = {id}\naudit_log = \"audit-{name}.jsonl\"\ncluster = \"{}\"\nprivate_key_file = \"{}\"\n{extra}\n\
+         [[partition]]\nid = 1\nfirmware = \"{}\"\nargs = \"{args}\"\n",
         cluster.display(),
         key.display(),
-        fixture("spin").display()
+        fixture(firmware).display()
     );
     let path = dir.join(format!("node-{name}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -159,4 +174,198 @@ fn bad_link_settings_are_one_line_naming_file_and_field() {
     run(&node(d, "nokey", 1, &c, &d.join("missing.key"))).assert_bad_input("cannot read");
     let dup = cluster(d, "dup", &[(1, free_port(), &p1), (1, free_port(), &p2)]);
     run(&node(d, "dup", 1, &dup, &k1)).assert_bad_input("node[1].id: ID 1 is also node[0]'s");
+}
+
+/// Two nodes of one cluster in `dir`: (key, public key) each, and the cluster file.
+struct Pair {
+    k1: PathBuf,
+    k2: PathBuf,
+    cluster: PathBuf,
+    port2: u16,
+}
+
+fn pair(dir: &Path) -> Pair {
+    let ((k1, p1), (k2, p2)) = (keygen(dir, "1.key"), keygen(dir, "2.key"));
+    let port2 = free_port();
+    let cluster = cluster(dir, "real", &[(1, free_port(), &p1), (2, port2, &p2)]);
+    Pair { k1, k2, cluster, port2 }
+}
+
+#[test]
+fn echo_and_ping_on_different_nodes() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, p) = (dir.path(), pair(dir.path()));
+    let n1 = node_with(d, "1", 1, &p.cluster, &p.k1, "echo", "peer=2:1:1", "");
+    let n2 = node_with(
+        d,
+        "2",
+        2,
+        &p.cluster,
+        &p.k2,
+        "ping",
+        "peer=1:1:1 count=100 size=2000 batch=8",
+        "",
+    );
+    let outs = run_nodes(&[&n1, &n2], "60");
+    assert_eq!(outs[1].code(), 0, "{:#?}", outs[1]);
+    assert!(outs[1].stdout.contains("ping: 100 messages of 2000 bytes"), "{:#?}", outs[1]);
+    assert_eq!(outs[0].code(), 0, "{:#?}", outs[0]);
+    assert!(outs[0].stdout.contains("echo: echoed 100 messages"), "{:#?}", outs[0]);
+    let a1 = audit(d, "1");
+    assert!(
+        a1.contains(
+            "\"event\":\"offer_accepted\",\"reason\":\"listener_matched\",\"source\":{\"node\":2,"
+        ),
+        "{a1}"
+    );
+}
+
+#[test]
+fn forgeries_across_nodes_are_refused_too() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, p) = (dir.path(), pair(dir.path()));
+    let n1 = node_with(d, "1", 1, &p.cluster, &p.k1, "echo", "peer=2:1:1", "");
+    let n2 = node_with(d, "2", 2, &p.cluster, &p.k2, "forge", "peer=1:1:1", "");
+    let outs = run_nodes(&[&n1, &n2], "60");
+    assert_eq!(outs[1].code(), 0, "{:#?}", outs[1]);
+    assert_eq!(outs[1].stdout.matches("refused as expected").count(), 10, "{:#?}", outs[1]);
+    assert!(outs[1].stdout.contains("forge: genuine message echoed: true"), "{:#?}", outs[1]);
+    // The offer to a process that never listened was refused by node 1's CMM.
+    let a1 = audit(d, "1");
+    assert!(a1.contains("\"event\":\"offer_rejected\",\"reason\":\"no_listener\""), "{a1}");
+}
+
+#[test]
+fn garbage_from_a_raw_client_is_refused_and_the_node_serves_on() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, p) = (dir.path(), pair(dir.path()));
+    let n1 = node(d, "1", 1, &p.cluster, &p.k1);
+    let n2 = node(d, "2", 2, &p.cluster, &p.k2);
+    let children: Vec<_> = [&n1, &n2]
+        .iter()
+        .map(|c| spawn_keyhold(["node", "--config", &c.display().to_string(), "--timeout", "4"]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    use std::io::Write;
+    for junk in [&b"\x00\x05hello"[..], &b"\xff\xff\x01"[..], &b"\x00\x00"[..]] {
+        if let Ok(mut raw) = std::net::TcpStream::connect(("127.0.0.1", p.port2)) {
+            let _ = raw.write_all(junk);
+        }
+    }
+    let outs: Vec<_> = children.into_iter().map(|c| finish(c, Duration::from_secs(60))).collect();
+    for out in &outs {
+        out.assert_no_panic();
+        assert_eq!(out.code(), 124, "{out:#?}");
+    }
+    let a2 = audit(d, "2");
+    assert!(a2.matches("\"event\":\"link_rejected\"").count() >= 2, "{a2}");
+    assert!(a2.contains("\"event\":\"link_up\""), "{a2}");
+    assert!(
+        !a2.contains("\"event\":\"link_down\",\"reason\":\"keepalive_timeout\""),
+        "the real link stayed up: {a2}"
+    );
+}
+
+#[test]
+fn a_killed_node_is_reported_down_and_links_again_when_restarted() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, p) = (dir.path(), pair(dir.path()));
+    let n1 = node(d, "1", 1, &p.cluster, &p.k1);
+    let n2 = node(d, "2", 2, &p.cluster, &p.k2);
+    let first = spawn_keyhold(["node", "--config", &n1.display().to_string(), "--timeout", "12"]);
+    let mut victim =
+        spawn_keyhold(["node", "--config", &n2.display().to_string(), "--timeout", "12"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    victim.kill().unwrap(); // SIGKILL
+    let _ = victim.wait();
+    std::thread::sleep(Duration::from_millis(4500));
+    let again = spawn_keyhold(["node", "--config", &n2.display().to_string(), "--timeout", "3"]);
+    let again = finish(again, Duration::from_secs(60));
+    let first = finish(first, Duration::from_secs(60));
+    first.assert_no_panic();
+    again.assert_no_panic();
+    assert_eq!(first.code(), 124, "node 1 ran on: {first:#?}");
+    let a1 = audit(d, "1");
+    assert_eq!(a1.matches("\"event\":\"link_up\"").count(), 2, "{a1}");
+    assert!(
+        a1.contains("\"event\":\"link_down\",\"reason\":\"keepalive_timeout\"")
+            || a1.contains("\"event\":\"link_down\",\"reason\":\"connection_lost\""),
+        "{a1}"
+    );
+}
+
+#[test]
+fn a_replayed_link_message_is_rejected() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ((k1, p1), (k2, p2)) = (keygen(d, "1.key"), keygen(d, "2.key"));
+    // Node 1 reaches node 2 through a proxy that replays one of node 1's messages.
+    let (proxy_port, real_port) = (free_port(), free_port());
+    let c = cluster(d, "real", &[(1, free_port(), &p1), (2, proxy_port, &p2)]);
+    let n1 = node_with(d, "1", 1, &c, &k1, "ping", "peer=2:1:1 count=200 batch=1", "");
+    let n2 = node_with(
+        d,
+        "2",
+        2,
+        &c,
+        &k2,
+        "echo",
+        "peer=1:1:1",
+        &format!("listen = \"127.0.0.1:{real_port}\""),
+    );
+    let proxy = replaying_proxy(proxy_port, real_port);
+    let outs = run_nodes(&[&n1, &n2], "8");
+    for out in &outs {
+        out.assert_no_panic();
+    }
+    drop(proxy);
+    let a2 = audit(d, "2");
+    assert!(
+        a2.contains("\"event\":\"frame_rejected\",\"reason\":\"bad_link_authentication\""),
+        "{a2}"
+    );
+}
+
+/// Forwards one connection from `listen` to `upstream`, and after the 20th message from the
+/// client side sends the 10th again (a captured DATA frame, replayed on the wire).
+fn replaying_proxy(listen: u16, upstream: u16) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut client, _)) = listener.accept() else { return };
+        let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
+        let (mut client_back, mut server_back) =
+            (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut server_back, &mut client_back);
+        });
+        let mut captured = None;
+        for n in 1.. {
+            let mut len = [0u8; 2];
+            if client.read_exact(&mut len).is_err() {
+                return;
+            }
+            let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if client.read_exact(&mut body).is_err() {
+                return;
+            }
+            let message = [&len[..], &body[..]].concat();
+            if n == 10 {
+                captured = Some(message.clone());
+            }
+            if server.write_all(&message).is_err() {
+                return;
+            }
+            if n == 20 {
+                if let Some(replay) = &captured {
+                    let _ = server.write_all(replay);
+                }
+            }
+        }
+    })
 }
