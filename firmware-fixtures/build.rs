@@ -82,11 +82,22 @@ fn install(from: &Path, to: &Path) {
 fn write_index(names: &[String], fixtures_dir: &Path) {
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("index.rs");
     let dir = fixtures_dir.canonicalize().expect("canonical target/fixtures");
+    let arms: String = names
+        .iter()
+        .map(|name| {
+            format!(
+                "        {name:?} => Some(include_bytes!({:?})),\n",
+                dir.join(format!("{name}.elf"))
+            )
+        })
+        .collect();
     let code = format!(
         "/// Directory holding `<name>.elf` for every fixture.\n\
          pub const DIR: &str = {dir:?};\n\
          /// Names of all fixtures, sorted.\n\
-         pub const NAMES: &[&str] = &{names:?};\n"
+         pub const NAMES: &[&str] = &{names:?};\n\
+         /// The image of fixture `name`, built into this crate.\n\
+         pub fn image(name: &str) -> Option<&'static [u8]> {{\n    match name {{\n{arms}        _ => None,\n    }}\n}}\n"
     );
     fs::write(out, code).expect("write fixture index");
 }

@@ -369,3 +369,17 @@ fn replaying_proxy(listen: u16, upstream: u16) -> std::thread::JoinHandle<()> {
         }
     })
 }
+
+#[test]
+fn the_demo_runs_from_nothing_and_says_everything_held() {
+    require_kvm!();
+    let out = keyhold(["demo"]);
+    out.assert_no_panic();
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(
+        out.stdout.contains("keyhold demo: every message echoed, every forgery refused"),
+        "{out:#?}"
+    );
+    assert!(out.stdout.contains("same node") && out.stdout.contains("across nodes"), "{out:#?}");
+    assert!(out.stdout.contains("10 forgeries refused"), "{out:#?}");
+}

@@ -22,6 +22,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot one or more bare-metal partitions and wait until all have stopped.
     Run(RunArgs),
+    /// Run two linked nodes on this machine and show channels within and across nodes, and a
+    /// hostile partition whose forgeries are all refused. Needs nothing prepared.
+    Demo,
     /// Print a new private key (base64 X25519), as `wg genkey` does.
     Keygen,
     /// Read a private key on stdin and print its public key, as `wg pubkey` does.

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod cluster_config;
 pub mod cpu;
+pub mod demo;
 pub mod device_thread;
 pub mod host;
 pub mod keys;

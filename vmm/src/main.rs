@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use keyhold_vmm::cli::{Cli, Command};
-use keyhold_vmm::{keys, launch};
+use keyhold_vmm::{demo, keys, launch};
 use zeroize::Zeroize;
 
 fn main() -> ExitCode {
@@ -16,6 +16,10 @@ fn main() -> ExitCode {
     let status = match &cli.command {
         Command::Run(args) => launch::run(args, process_start),
         Command::Node(args) => launch::node(args, process_start),
+        Command::Demo => demo::run().or_else(|e| {
+            eprintln!("keyhold: {e}");
+            Ok(1)
+        }),
         Command::Keygen => key_command(keygen()),
         Command::Pubkey => key_command(pubkey()),
     };

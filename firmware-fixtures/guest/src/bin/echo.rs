@@ -1,5 +1,6 @@
-//! Listens for one peer and echoes every message back on the channel it came in on, until an
-//! empty message says goodbye. Arguments: `peer=N:P:Q` (required), `process=N` (default 1).
+//! Listens for its peers and echoes every message back on the channel it came in on, until each
+//! peer has said goodbye with an empty message. Arguments: `peer=N:P:Q[,N:P:Q...]` (required),
+//! `process=N` (default 1).
 #![no_std]
 #![no_main]
 
@@ -10,10 +11,11 @@ use guest_agent::{println, BootInfo};
 const MAX: usize = 64 * 1024;
 
 fn main(info: &'static BootInfo) -> u32 {
-    let Some(peer) = info.arg("peer").and_then(Endpoint::parse) else {
-        println!("echo: needs peer=NODE:PARTITION:PROCESS");
+    let peers = info.arg("peer").unwrap_or("");
+    if peers.is_empty() || peers.split(',').any(|p| Endpoint::parse(p).is_none()) {
+        println!("echo: needs peer=NODE:PARTITION:PROCESS[,NODE:PARTITION:PROCESS...]");
         return 2;
-    };
+    }
     let process = info.arg_u64("process", 1).unwrap_or(1) as u32;
     let mut ch = match SecureChannel::open(info) {
         Ok(ch) => ch,
@@ -22,14 +24,15 @@ fn main(info: &'static BootInfo) -> u32 {
             return 2;
         }
     };
-    if let Err(e) = ch.listen(process, peer) {
-        println!("echo: listen failed: {e:?}");
-        return 2;
+    let mut waiting = 0;
+    for peer in peers.split(',').filter_map(Endpoint::parse) {
+        if let Err(e) = ch.listen(process, peer) {
+            println!("echo: listen failed: {e:?}");
+            return 2;
+        }
+        println!("echo: process {process} listening for {}:{}:{}", peer.node, peer.partition, peer.process);
+        waiting += 1;
     }
-    println!(
-        "echo: process {process} listening for {}:{}:{}",
-        peer.node, peer.partition, peer.process
-    );
     let buf = match guest_agent::pages::alloc(MAX as u64) {
         // SAFETY: fresh pages of MAX bytes, used only here.
         Some(addr) => unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, MAX) },
@@ -78,7 +81,10 @@ fn main(info: &'static BootInfo) -> u32 {
             }
         }
         if bye {
-            break;
+            waiting -= 1;
+            if waiting == 0 {
+                break;
+            }
         }
     }
     println!("echo: echoed {echoed} messages; goodbye");
