@@ -383,3 +383,73 @@ fn the_demo_runs_from_nothing_and_says_everything_held() {
     assert!(out.stdout.contains("same node") && out.stdout.contains("across nodes"), "{out:#?}");
     assert!(out.stdout.contains("10 forgeries refused"), "{out:#?}");
 }
+
+#[test]
+fn the_control_api_lists_without_keys_and_revokes_on_both_sides() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let socket = d.join("api.sock");
+    let config = d.join("node.toml");
+    let text = format!(
+        "[node]\nid = 1\napi_socket = \"{}\"\n\n[[partition]]\nid = 1\nfirmware = \"{}\"\nargs = \"peer=1:2:1\"\n\n\
+         [[partition]]\nid = 2\nfirmware = \"{}\"\nargs = \"peer=1:1:1 count=1000000 batch=1\"\n",
+        socket.display(),
+        fixture("echo").display(),
+        fixture("ping").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let node = spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "8"]);
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--socket"];
+        let s = socket.display().to_string();
+        all.push(&s);
+        all.extend_from_slice(args);
+        keyhold(&all)
+    };
+    // Wait for the channel to open.
+    let mut channels = String::new();
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        let out = ctl(&["channels"]);
+        if out.code() == 0 && out.stdout.matches("\"open\"").count() == 2 {
+            channels = out.stdout;
+            break;
+        }
+    }
+    assert_eq!(channels.matches("\"open\"").count(), 2, "{channels}");
+    assert!(!channels.contains("key"), "no key in the API: {channels}");
+    let echo_channel = channels
+        .split("\"channel\": \"")
+        .skip(1)
+        .find(|rest| rest.contains("\"partition\": 1"))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let revoked = ctl(&["revoke", "1", &echo_channel]);
+    assert_eq!(revoked.code(), 0, "{revoked:#?}");
+    let after = ctl(&["channels"]);
+    assert!(after.stdout.contains("\"peer_closed\""), "ping's side learned of it: {after:#?}");
+    assert_eq!(
+        after.stdout.matches("\"channel\":").count(),
+        1,
+        "echo's entry is gone: {after:#?}"
+    );
+    let partitions = ctl(&["partitions"]);
+    assert!(partitions.stdout.contains("\"running\""), "{partitions:#?}");
+    assert_eq!(ctl(&["revoke", "1", "0x4242"]).code(), 1);
+    let audit = ctl(&["audit"]);
+    assert!(audit.stdout.contains("\"channel_revoked\""), "{audit:#?}");
+    let out = finish(node, Duration::from_secs(60));
+    out.assert_no_panic();
+    // Whichever side tried next was refused: the echo (its entry is gone) or the ping (its
+    // entry is closed).
+    let refused = out.stdout.contains("[p1] echo: the device refused an echo with status 3")
+        || out.stdout.contains("[p2] ping: the device refused a message");
+    assert!(refused, "delivery stopped: {out:#?}");
+    assert_eq!(
+        keyhold(["ctl", "--socket", &socket.display().to_string(), "links"]).code(),
+        2,
+        "the node is gone"
+    );
+}

@@ -25,6 +25,8 @@ pub enum Command {
     /// Run two linked nodes on this machine and show channels within and across nodes, and a
     /// hostile partition whose forgeries are all refused. Needs nothing prepared.
     Demo,
+    /// Ask a running node, through its control API socket.
+    Ctl(CtlArgs),
     /// Print a new private key (base64 X25519), as `wg genkey` does.
     Keygen,
     /// Read a private key on stdin and print its public key, as `wg pubkey` does.
@@ -83,6 +85,60 @@ pub struct RunArgs {
     /// Stop any partition still running after SECS seconds (fractions allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+}
+
+/// Arguments of `keyhold ctl`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Prints the node's JSON answer. Exit status: 0 answered, 1 the node refused the \
+request, 2 no node answers on the socket. The same routes answer curl --unix-socket SOCKET \
+http://keyhold/v1/...; docs/API.md lists them."
+)]
+pub struct CtlArgs {
+    /// The node's API socket (api_socket in its node.toml).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// What to ask.
+    #[command(subcommand)]
+    pub request: CtlRequest,
+}
+
+/// Requests of `keyhold ctl`.
+#[derive(Debug, Subcommand)]
+pub enum CtlRequest {
+    /// The node's partitions and whether they still run.
+    Partitions,
+    /// Every connection-table entry: endpoints, state, counters (never keys).
+    Channels,
+    /// Each partition's device counters.
+    Stats,
+    /// The host links: up or down, frames in and out.
+    Links,
+    /// The most recent audit records.
+    Audit,
+    /// End a channel now; its peer learns it is closed.
+    Revoke {
+        /// The partition holding the channel.
+        partition: u32,
+        /// The channel ID (decimal or 0x hexadecimal, as `channels` prints it).
+        channel: String,
+    },
+}
+
+impl CtlRequest {
+    /// The HTTP method and path of the request.
+    pub fn route(&self) -> (&'static str, String) {
+        match self {
+            Self::Partitions => ("GET", "/v1/partitions".into()),
+            Self::Channels => ("GET", "/v1/channels".into()),
+            Self::Stats => ("GET", "/v1/stats".into()),
+            Self::Links => ("GET", "/v1/links".into()),
+            Self::Audit => ("GET", "/v1/audit".into()),
+            Self::Revoke { partition, channel } => {
+                ("POST", format!("/v1/channels/{partition}/{channel}/revoke"))
+            }
+        }
+    }
 }
 
 /// Arguments of `keyhold node`.

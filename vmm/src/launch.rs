@@ -9,7 +9,11 @@ use std::time::Instant;
 use keyhold_devices::console::{shared_output, LineSink, SharedOutput};
 use thiserror::Error;
 
+use keyhold_devices::bus::lock;
+use keyhold_devices::cmm::query::{self, QueryPort};
 use keyhold_devices::link::{Inbox, LinkHandle, LinkManager};
+
+use crate::api::{ApiServer, ApiState, PartitionState};
 
 use crate::cli::{NodeArgs, RunArgs};
 use crate::cluster_config::LinkSettings;
@@ -51,6 +55,14 @@ pub enum LaunchError {
     /// The node config is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The control API socket cannot be made.
+    #[error("cannot listen on API socket {}: {source}", path.display())]
+    ApiSocket {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The link listener cannot bind.
     #[error("cannot listen for host links on {addr}: {source}")]
     Listen {
@@ -156,6 +168,8 @@ pub struct Launch {
     pub audit_log: Option<PathBuf>,
     /// The host links, if the node is part of a cluster.
     pub links: Option<LinkSettings>,
+    /// Where the control API listens, if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// `keyhold run`: boots the partitions named on the command line.
@@ -167,6 +181,7 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         console: args.console.clone(),
         audit_log: None,
         links: None,
+        api_socket: None,
     };
     boot(&launch, process_start)
 }
@@ -209,12 +224,36 @@ pub fn boot(launch: &Launch, process_start: Instant) -> Result<u8, LaunchError> 
         None => (None, None),
     };
     let link_io = links.as_ref().map(LinkManager::handle).zip(inbox);
-    let device_thread = start_devices(&mut partitions, launch.node, audit, link_io)?;
-    let stops = supervisor::run(partitions, launch.timeout, process_start, |stopped| {
-        if let Some(report) = stopped.report() {
+    let (queries, query_port) = query::channel().map_err(LaunchError::DeviceThread)?;
+    let api_state = Arc::new(ApiState {
+        node: launch.node,
+        partitions: Mutex::new(configs.iter().map(api_partition).collect()),
+        queries,
+        links: links.as_ref().map(LinkManager::handle),
+        audit: audit.clone(),
+    });
+    let device_thread = start_devices(&mut partitions, launch.node, audit, link_io, query_port)?;
+    let api = match &launch.api_socket {
+        Some(path) => Some(
+            ApiServer::start(path, api_state.clone())
+                .map_err(|source| LaunchError::ApiSocket { path: path.clone(), source })?,
+        ),
+        None => None,
+    };
+    let state = api_state.clone();
+    let stops = supervisor::run(partitions, launch.timeout, process_start, move |stopped| {
+        let report = stopped.report();
+        if let Some(report) = &report {
             eprintln!("keyhold: {report}");
         }
+        if let Some(p) = lock(&state.partitions).iter_mut().find(|p| p.id == stopped.partition) {
+            p.stopped = Some((
+                stopped.exit_status(),
+                report.unwrap_or_else(|| "exited with status 0".into()),
+            ));
+        }
     })?;
+    drop(api);
     // Devices stop before the links, so nothing is sent over a link being torn down.
     drop(device_thread);
     drop(links);
@@ -228,13 +267,24 @@ fn start_devices(
     node: u32,
     audit: Audit,
     links: Option<(LinkHandle, Inbox)>,
+    queries: QueryPort,
 ) -> Result<DeviceThread, LaunchError> {
     let mut backends: Vec<Backend> =
         partitions.iter_mut().flat_map(Partition::take_backends).collect();
     let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
     let cmm = Cmm::new(node, CMM_CAPACITY, Limits::default(), audit).map_err(LaunchError::Cmm)?;
-    backends.push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels, links))));
+    backends
+        .push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels, links).with_queries(queries))));
     DeviceThread::start(backends).map_err(LaunchError::DeviceThread)
+}
+
+fn api_partition(config: &PartitionConfig) -> PartitionState {
+    PartitionState {
+        id: config.id,
+        firmware: config.firmware.clone(),
+        memory_mib: config.memory_mib,
+        stopped: None,
+    }
 }
 
 fn open_audit(launch: &Launch) -> Result<Audit, LaunchError> {

@@ -5,6 +5,7 @@
 //! tables ([`page_tables`]) and a 64-bit CPL-3 entry state ([`cpu`]), laid out as [`layout`]
 //! says, then run by its vCPU thread ([`vcpu`]) under the [`supervisor`].
 
+pub mod api;
 pub mod cli;
 pub mod cluster_config;
 pub mod cpu;

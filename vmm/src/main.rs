@@ -13,6 +13,9 @@ fn main() -> ExitCode {
     let process_start = Instant::now();
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if matches!(cli.command, Command::Ctl(_) | Command::Keygen | Command::Pubkey) {
+        restore_sigpipe();
+    }
     let status = match &cli.command {
         Command::Run(args) => launch::run(args, process_start),
         Command::Node(args) => launch::node(args, process_start),
@@ -20,6 +23,7 @@ fn main() -> ExitCode {
             eprintln!("keyhold: {e}");
             Ok(1)
         }),
+        Command::Ctl(args) => Ok(ctl(args)),
         Command::Keygen => key_command(keygen()),
         Command::Pubkey => key_command(pubkey()),
     };
@@ -40,6 +44,37 @@ fn key_command(result: Result<String, String>) -> Result<u8, launch::LaunchError
         Err(e) => {
             eprintln!("keyhold: {e}");
             Ok(2)
+        }
+    }
+}
+
+/// Lets the short-lived output commands end quietly when their reader goes away (`| head`), as
+/// Unix tools do, instead of failing a write; the VMM commands keep ignoring SIGPIPE and handle
+/// write errors themselves.
+fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default has no preconditions; no handler
+    // of ours is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// `keyhold ctl`: one request to a node's API, its JSON answer printed.
+fn ctl(args: &keyhold_vmm::cli::CtlArgs) -> u8 {
+    let (method, path) = args.request.route();
+    match keyhold_vmm::api::request(&args.socket, method, &path) {
+        Ok((200, body)) => {
+            let pretty = serde_json::from_str::<serde_json::Value>(&body)
+                .and_then(|v| serde_json::to_string_pretty(&v))
+                .unwrap_or(body);
+            println!("{pretty}");
+            0
+        }
+        Ok((code, body)) => {
+            eprintln!("keyhold: the node answered {code}: {}", body.trim());
+            1
+        }
+        Err(e) => {
+            eprintln!("keyhold: no node answers on {}: {e}", args.socket.display());
+            2
         }
     }
 }

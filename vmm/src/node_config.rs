@@ -7,6 +7,7 @@
 //! cluster = "cluster.toml"         # optional: without it the node has no host links
 //! private_key_file = "node1.key"   # with cluster: this node's key, mode 600
 //! listen = "0.0.0.0:7000"          # optional: default, this node's address in the cluster
+//! api_socket = "node1.sock"        # optional: the control API (docs/API.md)
 //!
 //! [[partition]]
 //! id = 1
@@ -76,6 +77,7 @@ struct NodeSection {
     cluster: Option<PathBuf>,
     private_key_file: Option<PathBuf>,
     listen: Option<String>,
+    api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +157,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
         console: None,
         audit_log: file.node.audit_log.map(|p| base.join(p)),
         links,
+        api_socket: file.node.api_socket.map(|p| base.join(p)),
     })
 }
 

@@ -3,6 +3,7 @@
 //! Lines carry only numbers and fixed strings from this crate, so no escaping is needed and no
 //! outsider-controlled text can forge a line.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,11 @@ use guest_agent::channel::abi::Endpoint;
 pub struct Audit {
     node: u32,
     file: Option<Arc<Mutex<File>>>,
+    recent: Arc<Mutex<VecDeque<String>>>,
 }
+
+/// Records kept in memory for the control API.
+pub const RECENT: usize = 256;
 
 /// One security decision.
 #[derive(Debug, Clone, Copy)]
@@ -52,12 +57,19 @@ impl<'a> Record<'a> {
 impl Audit {
     /// An audit log for `node`, appended to `file`, or into the process log at warn level.
     pub fn new(node: u32, file: Option<File>) -> Self {
-        Self { node, file: file.map(|f| Arc::new(Mutex::new(f))) }
+        Self { node, file: file.map(|f| Arc::new(Mutex::new(f))), recent: Arc::default() }
     }
 
     /// Writes one record.
     pub fn record(&self, record: Record<'_>) {
         let line = self.format(&record);
+        {
+            let mut recent = crate::bus::lock(&self.recent);
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(line.clone());
+        }
         match &self.file {
             Some(file) => {
                 if let Err(e) = writeln!(crate::bus::lock(file), "{line}") {
@@ -66,6 +78,11 @@ impl Audit {
             }
             None => log::info!(target: "audit", "{line}"),
         }
+    }
+
+    /// The most recent records (at most [`RECENT`]), oldest first, each one JSON object.
+    pub fn recent(&self) -> Vec<String> {
+        crate::bus::lock(&self.recent).iter().cloned().collect()
     }
 
     fn format(&self, r: &Record<'_>) -> String {

@@ -341,13 +341,45 @@ impl Cmm {
             }
             _ => return Err(self.refuse(partition, status::NO_CHANNEL)),
         }
-        let entry = self.remove(id);
-        let Some(entry) = entry.filter(|e| e.state == ChannelState::Open) else { return Ok(None) };
-        if entry.remote.node == self.node {
-            self.receive_close(&local, &entry.remote, self.node);
-            return Ok(None);
+        Ok(self.end(id, &local))
+    }
+
+    /// Removes channel `id` of `local` and tells its peer; the notice for another node is
+    /// returned for the link.
+    fn end(&mut self, id: ChannelId, local: &Endpoint) -> Option<Closing> {
+        let entry = self.remove(id)?;
+        if entry.state != ChannelState::Open {
+            return None;
         }
-        Ok(Some(Closing { node: entry.remote.node, source: local, destination: entry.remote }))
+        if entry.remote.node == self.node {
+            self.receive_close(local, &entry.remote, self.node);
+            return None;
+        }
+        Some(Closing { node: entry.remote.node, source: *local, destination: entry.remote })
+    }
+
+    /// Revocation by the operator: ends channel `channel` of `partition` whatever process owns
+    /// it, as CLOSE would; `Err` if there is no such channel.
+    pub fn revoke(&mut self, partition: u32, channel: u32) -> Result<Option<Closing>, Status> {
+        let id = ChannelId(channel);
+        let local = match self.table.get(id) {
+            Some(e) if e.local.partition == partition => e.local,
+            _ => return Err(status::NO_CHANNEL),
+        };
+        self.audit("channel_revoked", "operator", &local, &local);
+        Ok(self.end(id, &local))
+    }
+
+    /// Every connection-table entry of the node, with its partition (never a key).
+    pub fn list_all(&self) -> Vec<(u32, ChannelInfo)> {
+        self.table.all().map(|(id, e)| (e.local.partition, e.info(id))).collect()
+    }
+
+    /// Every partition's counters.
+    pub fn all_stats(&self) -> Vec<(u32, Stats)> {
+        let mut all: Vec<(u32, Stats)> = self.stats.iter().map(|(p, s)| (*p, *s)).collect();
+        all.sort_by_key(|(p, _)| *p);
+        all
     }
 
     fn remove(&mut self, id: ChannelId) -> Option<Entry> {

@@ -7,6 +7,7 @@ pub mod crypto;
 pub mod frames;
 pub mod key_table;
 pub mod manager;
+pub mod query;
 pub mod secret_memory;
 
 pub use manager::{Closing, Cmm, Delivery, Limits, Opening, Routed};

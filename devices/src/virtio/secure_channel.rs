@@ -28,6 +28,7 @@ use super::shared::{Activation, DeviceShared, INT_USED_BUFFER};
 use crate::bus::lock;
 use crate::cmm::connection_table::ChannelId;
 use crate::cmm::frames::OfferResult;
+use crate::cmm::query::{Query, QueryPort, Reply};
 use crate::cmm::{Cmm, Delivery, Opening, Routed};
 use crate::link::wire::Frame;
 use crate::link::{Inbound, Inbox, LinkHandle};
@@ -97,16 +98,56 @@ pub struct ChannelNode {
     cmm: Cmm,
     devices: Vec<ChannelDevice>,
     links: Option<(LinkHandle, Inbox)>,
+    queries: Option<QueryPort>,
     pending_opens: Vec<PendingOpen>,
 }
 
 /// Event data of the link inbox (queue events use `device * QUEUES + queue`).
 const INBOX: u32 = u32::MAX;
+/// Event data of the control API's questions.
+const QUERIES: u32 = u32::MAX - 1;
 
 impl ChannelNode {
     /// The node's devices in front of `cmm`, and the host links if the node has any.
     pub fn new(cmm: Cmm, devices: Vec<ChannelDevice>, links: Option<(LinkHandle, Inbox)>) -> Self {
-        Self { cmm, devices, links, pending_opens: Vec::new() }
+        Self { cmm, devices, links, queries: None, pending_opens: Vec::new() }
+    }
+
+    /// Answers the control API's questions from `port`.
+    pub fn with_queries(mut self, port: QueryPort) -> Self {
+        self.queries = Some(port);
+        self
+    }
+
+    /// Answers every question waiting.
+    fn answer_queries(&mut self) {
+        let mut questions = Vec::new();
+        if let Some(port) = &self.queries {
+            let _ = port.wake.read();
+            questions.extend(port.receiver.try_iter());
+        }
+        for (query, reply) in questions {
+            let answer = match query {
+                Query::Channels => Reply::Channels(self.cmm.list_all()),
+                Query::Stats => Reply::Stats(self.cmm.all_stats()),
+                Query::Revoke { partition, channel } => {
+                    Reply::Revoked(self.revoke(partition, channel))
+                }
+            };
+            // The asker may have given up waiting; nothing to do then.
+            let _ = reply.send(answer);
+        }
+    }
+
+    fn revoke(&mut self, partition: u32, channel: u32) -> Result<(), u32> {
+        if let Some(closing) = self.cmm.revoke(partition, channel)? {
+            if let Some((links, _)) = &self.links {
+                let frame =
+                    Frame::Close { source: closing.source, destination: closing.destination };
+                let _ = links.send(closing.node, &frame);
+            }
+        }
+        Ok(())
     }
 
     fn device_of(&self, partition: u32) -> Option<usize> {
@@ -614,6 +655,11 @@ impl MutEventSubscriber for ChannelNode {
                 log::error!("secure channel: watching the link inbox: {e:?}");
             }
         }
+        if let Some(port) = &self.queries {
+            if let Err(e) = ops.add(Events::with_data(&port.wake, QUERIES, EventSet::IN)) {
+                log::error!("secure channel: watching the control API: {e:?}");
+            }
+        }
         for (index, device) in self.devices.iter().enumerate() {
             for (queue, evt) in device.queue_evts.iter().enumerate() {
                 let data = (index * QUEUES + queue) as u32;
@@ -628,9 +674,10 @@ impl MutEventSubscriber for ChannelNode {
     }
 
     fn process(&mut self, events: Events, _: &mut EventOps) {
-        if events.data() == INBOX {
-            self.drain_inbox();
-            return;
+        match events.data() {
+            INBOX => return self.drain_inbox(),
+            QUERIES => return self.answer_queries(),
+            _ => {}
         }
         let data = events.data() as usize;
         let (index, queue) = (data / QUEUES, data % QUEUES);

@@ -1,0 +1,79 @@
+//! Questions the control API asks the CMM, which lives on the device thread: each goes through a
+//! channel with an eventfd to wake that thread, and is answered on a channel of its own.
+
+use std::io;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
+
+use guest_agent::channel::abi::{ChannelInfo, Stats};
+use vmm_sys_util::eventfd::EventFd;
+
+/// A question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    /// Every connection-table entry (never keys).
+    Channels,
+    /// Every partition's counters.
+    Stats,
+    /// End a channel on the operator's word; its peer learns of it.
+    Revoke {
+        /// The partition holding the channel.
+        partition: u32,
+        /// The channel.
+        channel: u32,
+    },
+}
+
+/// An answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `(partition, entry)` pairs.
+    Channels(Vec<(u32, ChannelInfo)>),
+    /// `(partition, counters)` pairs.
+    Stats(Vec<(u32, Stats)>),
+    /// The revocation's outcome: a status code on failure.
+    Revoked(Result<(), u32>),
+}
+
+type Envelope = (Query, Sender<Reply>);
+
+/// The device thread's end.
+pub struct QueryPort {
+    /// Questions, in order.
+    pub receiver: Receiver<Envelope>,
+    /// Written with each question.
+    pub wake: EventFd,
+}
+
+/// The asking end; cheap to clone.
+pub struct QueryHandle {
+    sender: Sender<Envelope>,
+    wake: EventFd,
+}
+
+impl Clone for QueryHandle {
+    fn clone(&self) -> Self {
+        Self {
+            sender: self.sender.clone(),
+            wake: self.wake.try_clone().expect("cloning an eventfd only fails when out of fds"),
+        }
+    }
+}
+
+/// A connected pair.
+pub fn channel() -> io::Result<(QueryHandle, QueryPort)> {
+    let (sender, receiver) = mpsc::channel();
+    let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+    Ok((QueryHandle { sender, wake: wake.try_clone()? }, QueryPort { receiver, wake }))
+}
+
+impl QueryHandle {
+    /// Asks `query` and waits up to two seconds for the answer; `None` if the device thread is
+    /// gone or too busy.
+    pub fn ask(&self, query: Query) -> Option<Reply> {
+        let (reply, answer) = mpsc::channel();
+        self.sender.send((query, reply)).ok()?;
+        self.wake.write(1).ok()?;
+        answer.recv_timeout(Duration::from_secs(2)).ok()
+    }
+}
