@@ -430,11 +430,7 @@ fn the_control_api_lists_without_keys_and_revokes_on_both_sides() {
     assert_eq!(revoked.code(), 0, "{revoked:#?}");
     let after = ctl(&["channels"]);
     assert!(after.stdout.contains("\"peer_closed\""), "ping's side learned of it: {after:#?}");
-    assert_eq!(
-        after.stdout.matches("\"channel\":").count(),
-        1,
-        "echo's entry is gone: {after:#?}"
-    );
+    assert_eq!(after.stdout.matches("\"channel\":").count(), 1, "echo's entry is gone: {after:#?}");
     let partitions = ctl(&["partitions"]);
     assert!(partitions.stdout.contains("\"running\""), "{partitions:#?}");
     assert_eq!(ctl(&["revoke", "1", "0x4242"]).code(), 1);
@@ -451,5 +447,56 @@ fn the_control_api_lists_without_keys_and_revokes_on_both_sides() {
         keyhold(["ctl", "--socket", &socket.display().to_string(), "links"]).code(),
         2,
         "the node is gone"
+    );
+}
+
+/// Runs `scripts/<script>` with the test build of keyhold and a scratch cluster directory.
+fn script(script: &str, args: &[&str], dir: &Path) -> Outcome {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut full = vec![root.join("scripts").join(script).display().to_string()];
+    full.extend(args.iter().map(|a| a.to_string()));
+    let mut cmd = std::process::Command::new("bash");
+    cmd.args(&full)
+        .env("KEYHOLD_BIN", keyhold_integration::keyhold_bin())
+        .env("KEYHOLD_CLUSTER_DIR", dir)
+        .stdin(std::process::Stdio::null());
+    let out = cmd.output().unwrap();
+    Outcome {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn cluster_scripts_bring_nodes_up_and_take_them_down() {
+    require_kvm!();
+    let modes: &[&[&str]] = if keyhold_integration::is_root() {
+        &[&["3"], &["3", "--local"]]
+    } else {
+        &[&["3", "--local"]]
+    };
+    for args in modes {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join("cluster");
+        let up = script("cluster-up.sh", args, &dir);
+        let down_after = |up: &Outcome| {
+            let down = script("cluster-down.sh", &[], &dir);
+            assert_eq!(down.code(), 0, "{down:#?} after {up:#?}");
+            assert!(!dir.exists());
+        };
+        if up.code() != 0 {
+            down_after(&up);
+            panic!("cluster-up {args:?}: {up:#?}");
+        }
+        assert!(up.stdout.contains("cluster of 3 nodes up"), "{up:#?}");
+        let links =
+            keyhold(["ctl", "--socket", &dir.join("node2.sock").display().to_string(), "links"]);
+        assert_eq!(links.stdout.matches("\"up\": true").count(), 2, "{links:#?}");
+        down_after(&up);
+    }
+    assert!(
+        script("cluster-up.sh", &["1"], Path::new("/nonexistent")).code() == 2,
+        "N must be 2 or more"
     );
 }

@@ -1,17 +1,20 @@
 //! Opens a channel to an echo partition, sends `count` messages of `size` bytes in batches of
 //! `batch`, checks every echo, and prints message rate and round-trip percentiles.
 //! Arguments: `peer=N:P:Q` (required), `process=N` (1), `count=N` (1000), `size=N` (64),
-//! `batch=N` (16, at most 32), `key=guest` to supply the channel key itself (claim 2).
+//! `batch=N` (16, at most 32), `interval_ms=N` (0: pause between batches), `key=guest` to
+//! supply the channel key itself (claim 2).
 #![no_std]
 #![no_main]
 
 use guest_agent::channel::abi::{status, Endpoint};
 use guest_agent::channel::SecureChannel;
-use guest_agent::time::{nanos, ticks};
+use guest_agent::time::{nanos, spin_for, ticks};
 use guest_agent::virtio::rng::Rng;
 use guest_agent::{println, BootInfo};
 
 const MAX: usize = 64 * 1024;
+/// Most round-trip samples kept.
+const MAX_SAMPLES: u64 = 1 << 16;
 
 /// Message `index` is its index (8 bytes, little-endian) followed by a fixed pattern, so each
 /// message differs (a misrouted or stale echo is caught) and checking one is a memcmp.
@@ -37,6 +40,7 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
     let count = info.arg_u64("count", 1000).ok_or("bad count")?;
     let size = info.arg_u64("size", 64).ok_or("bad size")? as usize;
     let batch = info.arg_u64("batch", 16).ok_or("bad batch")?.clamp(1, 32);
+    let interval_ms = info.arg_u64("interval_ms", 0).ok_or("bad interval_ms")?;
     if size == 0 || size > MAX {
         return Err("size must be 1 to 65536");
     }
@@ -77,11 +81,17 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
                 if !intact || msg.header.source != peer {
                     return Err("an echo did not match what was sent");
                 }
-                rtts[(sent + echoed) as usize] = ticks() - t0;
+                // Round trips are sampled into a bounded table (the first MAX_SAMPLES).
+                if let Some(slot) = rtts.get_mut((sent + echoed) as usize) {
+                    *slot = ticks() - t0;
+                }
                 echoed += 1;
             }
         }
         sent += n;
+        if interval_ms > 0 {
+            spin_for(info, interval_ms * 1000);
+        }
     }
     let elapsed = ticks() - start;
     report(info, count, size, batch, elapsed, rtts);
@@ -104,13 +114,14 @@ type Buffers = (&'static mut [u8], &'static mut [u8], &'static mut [u64]);
 
 fn buffers(count: u64) -> Result<Buffers, &'static str> {
     let alloc = |bytes: u64| guest_agent::pages::alloc(bytes).ok_or("out of memory");
-    let (out, back, rtts) = (alloc(MAX as u64)?, alloc(MAX as u64)?, alloc(count * 8)?);
+    let samples = count.min(MAX_SAMPLES);
+    let (out, back, rtts) = (alloc(MAX as u64)?, alloc(MAX as u64)?, alloc(samples * 8)?);
     // SAFETY: three fresh, disjoint page ranges of the sizes given, used only here.
     unsafe {
         Ok((
             core::slice::from_raw_parts_mut(out as *mut u8, MAX),
             core::slice::from_raw_parts_mut(back as *mut u8, MAX),
-            core::slice::from_raw_parts_mut(rtts as *mut u64, count as usize),
+            core::slice::from_raw_parts_mut(rtts as *mut u64, samples as usize),
         ))
     }
 }

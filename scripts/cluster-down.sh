@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# cluster-down.sh: stops the nodes cluster-up.sh started and removes their namespaces, keys,
+# configs and logs ($KEYHOLD_CLUSTER_DIR, default target/cluster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${KEYHOLD_CLUSTER_DIR:-target/cluster}
+say() { printf '==> %s\n' "$*"; }
+
+if [ -f "$dir/pids" ]; then
+    say "stopping the nodes"
+    while read -r pid; do
+        kill "$pid" 2>/dev/null || true
+    done <"$dir/pids"
+    sleep 0.5
+    while read -r pid; do
+        kill -9 "$pid" 2>/dev/null || true
+    done <"$dir/pids"
+fi
+if [ "$(cat "$dir/mode" 2>/dev/null || true)" = netns ]; then
+    say "removing network namespaces kh-hub and kh1..khN"
+    for ns in $(ip netns list | awk '{print $1}' | grep -E '^kh([0-9]+|-hub)$' || true); do
+        ip netns del "$ns"
+    done
+fi
+say "removing $dir"
+rm -rf "$dir"
