@@ -1,40 +1,83 @@
 #!/usr/bin/env bash
-# Secure channels between two partitions of one node, next to plain TCP between two processes
-# on loopback, measured in the same run with the same message sizes, counts and batches.
+# Secure channels between partitions, on one node and across two nodes linked over loopback,
+# next to plain TCP between two processes on loopback, all measured in this run with the same
+# message sizes, counts and batches; the ratio is channel throughput over TCP's.
 #
-# For each size: the `ping` fixture sends COUNT messages (batches of BATCH) to `echo` through
-# the secure-channel device; it prints messages/s and round-trip percentiles, and keyhold -v
-# reports the VM exits each partition took. Then tcp-pingpong does the same over TCP.
+# For each size the `ping` fixture sends COUNT messages (batches of BATCH) to `echo` and checks
+# every echo; it prints messages/s, MB/s and round-trip percentiles, and keyhold -v reports
+# the VM exits each partition took. tcp-pingpong does the same over TCP. Last, channel set-ups
+# per second (each a full offer and answer) on one node and across nodes.
 #
 #   scripts/bench-channel.sh [COUNT] [BATCH]        (defaults: 5000, 32)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count=${1:-5000}
 batch=${2:-32}
-port=$((20000 + RANDOM % 20000))
 
 cargo build --release --workspace -q
-bin=target/release/keyhold
-fx=target/fixtures
+bin=$(realpath target/release/keyhold)
+fx=$(realpath target/fixtures)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+port() { echo $((20000 + RANDOM % 30000)); }
 
-printf '%-7s %-6s %-58s %s\n' size path "result" "VM exits per message (ping, echo)"
+# Keys and a two-node cluster on loopback, made once.
+for i in 1 2; do
+    (umask 077 && "$bin" keygen >"$work/n$i.key")
+done
+p1=$(port)
+p2=$(port)
+printf '[[node]]\nid = 1\naddress = "127.0.0.1:%s"\npublic_key = "%s"\n\n[[node]]\nid = 2\naddress = "127.0.0.1:%s"\npublic_key = "%s"\n' \
+    "$p1" "$("$bin" pubkey <"$work/n1.key")" "$p2" "$("$bin" pubkey <"$work/n2.key")" >"$work/cluster.toml"
+
+# cross_node ECHO_ARGS PING_ARGS: runs echo on node 1 and ping on node 2; prints ping's output.
+cross_node() {
+    for i in 1 2; do
+        if [ "$i" = 1 ]; then fw=echo args="peer=2:1:1 $1"; else fw=ping args="peer=1:1:1 $2"; fi
+        printf '[node]\nid = %s\ncluster = "cluster.toml"\nprivate_key_file = "n%s.key"\n\n[[partition]]\nid = 1\nfirmware = "%s/%s.elf"\nargs = "%s"\n' \
+            "$i" "$i" "$fx" "$fw" "$args" >"$work/node$i.toml"
+    done
+    "$bin" node --config "$work/node1.toml" --timeout 300 >"$work/node1.out" 2>&1 &
+    local first=$!
+    "$bin" node --config "$work/node2.toml" --timeout 300 2>&1 || true
+    wait "$first" || true
+}
+
+figures() { grep -oE '[0-9]+ msg/s, [0-9]+ MB/s, round trip p50 [0-9]+ us, p99 [0-9]+ us' <<<"$1" || echo "failed"; }
+rate() { grep -oE '^[0-9]+' <<<"$1" || echo 0; }
+
+printf '%-6s %-11s %-64s %s\n' size path "msg/s, MB/s, round trip" "vs TCP; VM exits/msg (ping, echo)"
 for size in 64 4096 65536; do
     n=$count
     [ "$size" -ge 65536 ] && n=$((count / 5))
+    ping_args="count=$n size=$size batch=$batch"
+
     log=$("$bin" -v run --partition "1=$fx/echo.elf" --partition "2=$fx/ping.elf" \
-        --arg 1="peer=0:2:1" --arg 2="peer=0:1:1 count=$n size=$size batch=$batch" --timeout 300 2>&1)
-    result=$(grep -oE 'ping: [0-9]+ messages.*' <<<"$log" || echo "ping failed: $log")
+        --arg 1="peer=0:2:1" --arg 2="peer=0:1:1 $ping_args" --timeout 300 2>&1)
+    local_figures=$(figures "$log")
     exits_ping=$(grep -oE 'partition 2: stopped .* after [0-9]+ VM exits' <<<"$log" | grep -oE '[0-9]+ VM' | grep -oE '[0-9]+')
     exits_echo=$(grep -oE 'partition 1: stopped .* after [0-9]+ VM exits' <<<"$log" | grep -oE '[0-9]+ VM' | grep -oE '[0-9]+')
     per=$(awk -v p="$exits_ping" -v e="$exits_echo" -v n="$n" 'BEGIN { printf "%.3f, %.3f", p / n, e / n }')
-    printf '%-7s %-6s %-58s %s\n' "$size" channel "${result#ping: }" "$per"
 
-    target/release/tcp-pingpong echo "$port" &
+    cross_figures=$(figures "$(cross_node "" "$ping_args")")
+
+    tcp_port=$(port)
+    target/release/tcp-pingpong echo "$tcp_port" &
     server=$!
-    tcp=$(target/release/tcp-pingpong ping "$port" "$n" "$size" "$batch")
+    tcp_figures=$(figures "$(target/release/tcp-pingpong ping "$tcp_port" "$n" "$size" "$batch")")
     wait "$server" || true
-    printf '%-7s %-6s %s\n' "$size" tcp "${tcp#tcp: }"
-    port=$((port + 1))
+
+    tcp_rate=$(rate "$tcp_figures")
+    ratio() { awk -v c="$(rate "$1")" -v t="$tcp_rate" 'BEGIN { if (t > 0) printf "%.3f x TCP", c / t; else print "-" }'; }
+    printf '%-6s %-11s %-64s %s\n' "$size" "one node" "$local_figures" "$(ratio "$local_figures"); $per"
+    printf '%-6s %-11s %-64s %s\n' "$size" "two nodes" "$cross_figures" "$(ratio "$cross_figures")"
+    printf '%-6s %-11s %-64s\n' "$size" "tcp" "$tcp_figures"
 done
+
 echo
+local_setups=$("$bin" run --partition "1=$fx/echo.elf" --partition "2=$fx/ping.elf" \
+    --arg 1="peer=0:2:1 setups=60" --arg 2="peer=0:1:1 count=10 setups=60" --timeout 60 2>&1 |
+    grep -oE '[0-9]+ per second' || echo failed)
+cross_setups=$(cross_node "setups=60" "count=10 setups=60" | grep -oE '[0-9]+ per second' || echo failed)
+echo "channel set-ups (OPEN to an answer, 60 of them): one node $local_setups; two nodes $cross_setups"
 echo "VM exits include device set-up and console output (about 100 per partition)."

@@ -324,6 +324,11 @@ fn sleep_unless_stopped(shared: &Shared, total: Duration) {
 
 /// Serves an authenticated link until it ends: keepalives out, frames in.
 fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, peer: &Peer) {
+    // Frames are written whole; Nagle's algorithm would hold small ones back for an ACK that
+    // the peer delays (40 ms per round trip).
+    if let Err(e) = stream.set_nodelay(true) {
+        log::warn!("link to node {}: TCP_NODELAY: {e}", peer.id);
+    }
     let Ok(writer) = stream.try_clone() else { return };
     let conn = Arc::new(Conn {
         id: shared.next_link.fetch_add(1, Ordering::Relaxed),

@@ -1,6 +1,7 @@
 //! Listens for its peers and echoes every message back on the channel it came in on, until each
 //! peer has said goodbye with an empty message. Arguments: `peer=N:P:Q[,N:P:Q...]` (required),
-//! `process=N` (default 1).
+//! `process=N` (default 1), `setups=N` to also listen for processes 1000..1000+N of the first
+//! peer's partition (the channel set-up benchmark of `ping setups=N`).
 #![no_std]
 #![no_main]
 
@@ -30,8 +31,20 @@ fn main(info: &'static BootInfo) -> u32 {
             println!("echo: listen failed: {e:?}");
             return 2;
         }
-        println!("echo: process {process} listening for {}:{}:{}", peer.node, peer.partition, peer.process);
+        println!(
+            "echo: process {process} listening for {}:{}:{}",
+            peer.node, peer.partition, peer.process
+        );
         waiting += 1;
+    }
+    let setups = info.arg_u64("setups", 0).unwrap_or(0) as u32;
+    if let Some(first) = peers.split(',').find_map(Endpoint::parse) {
+        for process in 1000..1000 + setups {
+            if let Err(e) = ch.listen(1, Endpoint { process, ..first }) {
+                println!("echo: listen for set-up {process} failed: {e:?}");
+                return 2;
+            }
+        }
     }
     let buf = match guest_agent::pages::alloc(MAX as u64) {
         // SAFETY: fresh pages of MAX bytes, used only here.

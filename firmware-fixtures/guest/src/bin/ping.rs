@@ -2,7 +2,8 @@
 //! `batch`, checks every echo, and prints message rate and round-trip percentiles.
 //! Arguments: `peer=N:P:Q` (required), `process=N` (1), `count=N` (1000), `size=N` (64),
 //! `batch=N` (16, at most 32), `interval_ms=N` (0: pause between batches), `key=guest` to
-//! supply the channel key itself (claim 2).
+//! supply the channel key itself (claim 2), `setups=N` to time N more channel set-ups from
+//! processes 1000.. (the echo must be told the same `setups`).
 #![no_std]
 #![no_main]
 
@@ -95,8 +96,41 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
     }
     let elapsed = ticks() - start;
     report(info, count, size, batch, elapsed, rtts);
+    time_setups(info, &mut ch, peer)?;
     ch.send(channel, process, &[]).map_err(|_| "goodbye refused")?;
     ch.close(process, channel).map_err(|_| "close refused")?;
+    Ok(())
+}
+
+/// Opens `setups` channels to `peer` from processes 1000.., each a full offer and answer, and
+/// reports how many per second; then closes them.
+fn time_setups(
+    info: &BootInfo,
+    ch: &mut SecureChannel,
+    peer: Endpoint,
+) -> Result<(), &'static str> {
+    let setups = info.arg_u64("setups", 0).ok_or("bad setups")?.min(60) as u32;
+    if setups == 0 {
+        return Ok(());
+    }
+    let mut channels = [0u32; 60];
+    let start = ticks();
+    for (i, slot) in channels.iter_mut().enumerate().take(setups as usize) {
+        *slot = ch.connect(1000 + i as u32, peer, None).map_err(|_| "a channel set-up failed")?;
+    }
+    let elapsed = ticks() - start;
+    for (i, channel) in channels.iter().enumerate().take(setups as usize) {
+        ch.close(1000 + i as u32, *channel).map_err(|_| "close refused")?;
+    }
+    match nanos(info, elapsed) {
+        Some(ns) if ns > 0 => {
+            println!(
+                "ping: {setups} channel set-ups: {} per second",
+                u128::from(setups) * 1_000_000_000 / u128::from(ns)
+            )
+        }
+        _ => println!("ping: {setups} channel set-ups (no TSC rate for timings)"),
+    }
     Ok(())
 }
 
