@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# The cluster tests make network namespaces with ip (iproute2) when run as root.
+if [ "$(id -u)" = 0 ] && ! command -v ip >/dev/null; then
+    step "installing iproute2 (for the cluster tests' network namespaces)"
+    apt-get install -y -q iproute2 >/dev/null || { apt-get update -q && apt-get install -y -q iproute2; }
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 (cd firmware-fixtures/guest && cargo fmt -- --check)
