@@ -307,7 +307,7 @@ fn a_replayed_link_message_is_rejected() {
     // Node 1 reaches node 2 through a proxy that replays one of node 1's messages.
     let (proxy_port, real_port) = (free_port(), free_port());
     let c = cluster(d, "real", &[(1, free_port(), &p1), (2, proxy_port, &p2)]);
-    let n1 = node_with(d, "1", 1, &c, &k1, "ping", "peer=2:1:1 count=200 batch=1", "");
+    let n1 = node_with(d, "1", 1, &c, &k1, "ping", "peer=2:1:1 count=2000 batch=1", "");
     let n2 = node_with(
         d,
         "2",
@@ -318,12 +318,11 @@ fn a_replayed_link_message_is_rejected() {
         "peer=1:1:1",
         &format!("listen = \"127.0.0.1:{real_port}\""),
     );
-    let proxy = replaying_proxy(proxy_port, real_port);
-    let outs = run_nodes(&[&n1, &n2], "8");
+    let _proxy = replaying_proxy(proxy_port, real_port);
+    let outs = run_nodes(&[&n1, &n2], "15");
     for out in &outs {
         out.assert_no_panic();
     }
-    drop(proxy);
     let a2 = audit(d, "2");
     assert!(
         a2.contains("\"event\":\"frame_rejected\",\"reason\":\"bad_link_authentication\""),
@@ -331,43 +330,51 @@ fn a_replayed_link_message_is_rejected() {
     );
 }
 
-/// Forwards one connection from `listen` to `upstream`, and after the 20th message from the
-/// client side sends the 10th again (a captured DATA frame, replayed on the wire).
+/// Forwards every connection from `listen` to `upstream` (node 1 retries until node 2 is up),
+/// and on each, after the 20th message from the client side, sends the 10th again: a captured
+/// frame, replayed on the wire.
 fn replaying_proxy(listen: u16, upstream: u16) -> std::thread::JoinHandle<()> {
-    use std::io::{Read, Write};
     let listener = TcpListener::bind(("127.0.0.1", listen)).unwrap();
     std::thread::spawn(move || {
-        let Ok((mut client, _)) = listener.accept() else { return };
-        let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
-        let (mut client_back, mut server_back) =
-            (client.try_clone().unwrap(), server.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut server_back, &mut client_back);
-        });
-        let mut captured = None;
-        for n in 1.. {
-            let mut len = [0u8; 2];
-            if client.read_exact(&mut len).is_err() {
-                return;
-            }
-            let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-            if client.read_exact(&mut body).is_err() {
-                return;
-            }
-            let message = [&len[..], &body[..]].concat();
-            if n == 10 {
-                captured = Some(message.clone());
-            }
-            if server.write_all(&message).is_err() {
-                return;
-            }
-            if n == 20 {
-                if let Some(replay) = &captured {
-                    let _ = server.write_all(replay);
-                }
-            }
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            std::thread::spawn(move || forward_and_replay(client, server));
         }
     })
+}
+
+fn forward_and_replay(mut client: std::net::TcpStream, mut server: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let (mut client_back, mut server_back) =
+        (client.try_clone().unwrap(), server.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut server_back, &mut client_back);
+    });
+    let mut captured = None;
+    for n in 1.. {
+        let mut len = [0u8; 2];
+        if client.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if client.read_exact(&mut body).is_err() {
+            return;
+        }
+        let message = [&len[..], &body[..]].concat();
+        if n == 10 {
+            captured = Some(message.clone());
+        }
+        if server.write_all(&message).is_err() {
+            return;
+        }
+        if n == 20 {
+            if let Some(replay) = &captured {
+                let _ = server.write_all(replay);
+            }
+        }
+    }
 }
 
 #[test]

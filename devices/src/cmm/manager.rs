@@ -137,8 +137,14 @@ impl Cmm {
         self.audit.record(Record::endpoints(event, reason, source, destination));
     }
 
-    fn refuse(&mut self, partition: u32, code: Status) -> Status {
+    /// Counts and audits a refused guest request of `partition`.
+    pub fn refuse(&mut self, partition: u32, code: Status) -> Status {
         self.stats(partition).refused += 1;
+        let source = self.endpoint(partition, 0);
+        self.audit.record(Record {
+            source: Some(&source),
+            ..Record::link("request_refused", status::name(code), None)
+        });
         code
     }
 
@@ -463,9 +469,12 @@ impl Cmm {
     }
 
     fn forged(&mut self, partition: u32, claimed: &Endpoint, destination: &Endpoint) -> Status {
-        self.stats(partition).forged += 1;
+        // Its own audit record says more than the generic refusal would.
+        let stats = self.stats(partition);
+        stats.forged += 1;
+        stats.refused += 1;
         self.audit("send_refused", "forged_source", claimed, destination);
-        self.refuse(partition, status::FORGED_SOURCE)
+        status::FORGED_SOURCE
     }
 
     /// Receives a data frame that came from `link_node`: checks the channel, the order and the

@@ -103,6 +103,8 @@ struct Shared {
     links: Mutex<BTreeMap<u32, Arc<Conn>>>,
     inbox: Sender<Inbound>,
     wake: EventFd,
+    /// Threads serving accepted links, joined at shutdown so their last records are written.
+    accepted: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -200,6 +202,7 @@ impl LinkManager {
             links: Mutex::new(BTreeMap::new()),
             inbox,
             wake: wake.try_clone()?,
+            accepted: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -236,6 +239,11 @@ impl Drop for LinkManager {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        // The accept loop has ended, so no thread is added any more.
+        let accepted = std::mem::take(&mut *lock(&self.shared.accepted));
+        for thread in accepted {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -249,8 +257,13 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
                         log::warn!("link from {from} refused: {}", e.reason());
                     }
                 });
-                if let Err(e) = spawned {
-                    log::error!("link from {from}: no thread for it: {e}");
+                match spawned {
+                    Ok(thread) => {
+                        let mut accepted = lock(&shared.accepted);
+                        accepted.retain(|t| !t.is_finished());
+                        accepted.push(thread);
+                    }
+                    Err(e) => log::error!("link from {from}: no thread for it: {e}"),
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -395,8 +395,7 @@ impl ChannelNode {
     }
 
     fn refused(&mut self, partition: u32, code: u32) -> ControlResponse {
-        self.cmm.stats(partition).refused += 1;
-        ControlResponse { status: code, ..Default::default() }
+        ControlResponse { status: self.cmm.refuse(partition, code), ..Default::default() }
     }
 
     /// Carries out a decoded request; `room` is the space after the response head.
@@ -496,10 +495,7 @@ impl ChannelNode {
                 },
                 Err(code) => code,
             },
-            Err(code) => {
-                self.cmm.stats(partition).refused += 1;
-                code
-            }
+            Err(code) => self.cmm.refuse(partition, code),
         };
         if writer.available_bytes() < 4 {
             return Ok(Some(0));

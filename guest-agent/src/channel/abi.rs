@@ -66,6 +66,28 @@ pub mod status {
     pub const NO_ROOM: u32 = 13;
     /// The device failed internally; nothing was done.
     pub const INTERNAL: u32 = 14;
+
+    /// The status's name, as the audit log writes it.
+    pub fn name(code: u32) -> &'static str {
+        match code {
+            OK => "ok",
+            BAD_REQUEST => "bad_request",
+            UNKNOWN_OP => "unknown_op",
+            NO_CHANNEL => "no_channel",
+            FORGED_SOURCE => "forged_source",
+            NO_LISTENER => "no_listener",
+            EXISTS => "exists",
+            TABLE_FULL => "table_full",
+            TOO_BIG => "too_big",
+            NOT_OPEN => "not_open",
+            NOT_OWNER => "not_owner",
+            BUFFER_TOO_SMALL => "buffer_too_small",
+            UNREACHABLE => "unreachable",
+            NO_ROOM => "no_room",
+            INTERNAL => "internal",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Channel states in LIST entries.
