@@ -7,11 +7,18 @@ dir=${KEYHOLD_CLUSTER_DIR:-target/cluster}
 say() { printf '==> %s\n' "$*"; }
 
 if [ -f "$dir/pids" ]; then
-    say "stopping the nodes"
+    say "stopping the nodes (SIGTERM: partitions stop, links say goodbye)"
     while read -r pid; do
         kill "$pid" 2>/dev/null || true
     done <"$dir/pids"
-    sleep 0.5
+    for _ in $(seq 50); do
+        alive=0
+        while read -r pid; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done <"$dir/pids"
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
     while read -r pid; do
         kill -9 "$pid" 2>/dev/null || true
     done <"$dir/pids"

@@ -144,3 +144,26 @@ fn rng_fixture_reads_host_entropy_through_virtio_rng() {
     assert_eq!(out.code(), 0, "{out:#?}");
     assert!(out.stdout.contains("rng: ok"), "{out:#?}");
 }
+
+#[test]
+fn sigterm_and_sigint_stop_every_partition_in_order() {
+    require_kvm!();
+    for (signal, status, name) in [("-TERM", 143, "SIGTERM"), ("-INT", 130, "SIGINT")] {
+        let spin = arg(fixture("spin"));
+        let child =
+            keyhold_integration::spawn_keyhold(["run", "--firmware", &spin, "--firmware", &spin]);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let killed = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = keyhold_integration::finish(child, std::time::Duration::from_secs(30));
+        out.assert_no_panic();
+        assert_eq!(out.code(), status, "{out:#?}");
+        for id in [1, 2] {
+            let line = format!("partition {id} stopped: the node was asked to stop ({name})");
+            assert!(out.stderr.contains(&line), "{out:#?}");
+        }
+    }
+}

@@ -50,6 +50,8 @@ Exit status:
   123    the guest touched an I/O port or MMIO address where no device is
   124    the partition ran past --timeout
   125    the VMM failed while running the partition, or KVM exited unexpectedly
+  130    SIGINT asked the node to stop (every partition is stopped first)
+  143    SIGTERM asked the node to stop (likewise)
   2      bad input: arguments, firmware file, memory size, /dev/kvm missing or not permitted
   1      the host refused a resource (memory, threads) before boot
 

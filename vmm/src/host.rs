@@ -49,3 +49,72 @@ pub fn total_memory() -> u64 {
     }
     info.totalram.saturating_mul(u64::from(info.mem_unit))
 }
+
+/// The signals that ask a node to stop: SIGTERM (service managers, `kill`) and SIGINT (Ctrl-C).
+const SHUTDOWN_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+
+fn shutdown_sigset() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set it is given; sigaddset adds valid signal numbers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in SHUTDOWN_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards, so
+/// that they arrive through [`ShutdownSignals`] instead of killing the process. Call first thing
+/// in `main`, before any thread exists.
+pub fn block_shutdown_signals() -> io::Result<()> {
+    let set = shutdown_sigset();
+    // SAFETY: `set` is a valid, initialised signal set; the old mask is not wanted.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// A signalfd for the blocked shutdown signals.
+pub struct ShutdownSignals {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl ShutdownSignals {
+    /// Opens the signalfd (the signals must be blocked already).
+    pub fn open() -> io::Result<Self> {
+        let set = shutdown_sigset();
+        // SAFETY: -1 asks for a new fd; `set` is valid; the result is checked.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(Self { fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) } })
+    }
+
+    /// The next signal received, if any.
+    pub fn read(&self) -> Option<i32> {
+        // SAFETY: an all-zero signalfd_siginfo is valid; read fills at most its size.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is valid for writes of `size` bytes.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n as usize == size).then_some(info.ssi_signo as i32)
+    }
+}
+
+impl std::os::fd::AsRawFd for ShutdownSignals {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}

@@ -16,6 +16,13 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Ctl(_) | Command::Keygen | Command::Pubkey) {
         restore_sigpipe();
     }
+    if matches!(cli.command, Command::Run(_) | Command::Node(_)) {
+        // Before any thread exists, so every thread inherits the mask: SIGTERM and SIGINT
+        // then stop the partitions in order instead of killing the process.
+        if let Err(e) = keyhold_vmm::host::block_shutdown_signals() {
+            eprintln!("keyhold: blocking SIGTERM and SIGINT: {e}");
+        }
+    }
     let status = match &cli.command {
         Command::Run(args) => launch::run(args, process_start),
         Command::Node(args) => launch::node(args, process_start),

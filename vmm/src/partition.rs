@@ -4,7 +4,6 @@
 //! slot, covering exactly the RAM mmap'd for it.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -27,7 +26,7 @@ use crate::device_thread::Backend;
 use crate::layout::{BOOT_ARGS, BOOT_INFO, MAX_RAM, MIN_RAM};
 use crate::loader::{Firmware, FirmwareError};
 use crate::partition_devices::{AttachError, DeviceSet};
-use crate::stop::Stopped;
+use crate::stop::{StopRequest, Stopped};
 use crate::vcpu::Vcpu;
 use crate::{cpu, host, page_tables};
 
@@ -158,9 +157,9 @@ impl Partition {
         self.vcpu.partition
     }
 
-    /// The flag the supervisor sets when the partition runs past its time limit.
-    pub fn timed_out_flag(&self) -> Arc<AtomicBool> {
-        self.vcpu.timed_out.clone()
+    /// What the supervisor sets to stop the partition from outside.
+    pub fn stop_request(&self) -> Arc<StopRequest> {
+        self.vcpu.stop.clone()
     }
 
     /// Runs the guest until it stops. Takes the whole partition so that the VM and its RAM
@@ -256,8 +255,8 @@ pub fn create(
     let console = Arc::new(Mutex::new(Console::new(console)));
     let pio =
         port_devices(console.clone()).map_err(|source| PartitionError::Device { id, source })?;
-    let timed_out = Arc::new(AtomicBool::new(false));
-    let vcpu = Vcpu { partition: id, fd, pio, mmio, console, timed_out };
+    let stop = Arc::new(StopRequest::default());
+    let vcpu = Vcpu { partition: id, fd, pio, mmio, console, stop };
     let dump_ram = config.dump_ram.clone();
     Ok(Partition { vcpu, backends, channel: Some(channel), dump_ram, _vm: vm, memory })
 }

@@ -11,10 +11,40 @@
 //! | 123 | the guest touched a port or MMIO address with no device |
 //! | 124 | the partition ran past `--timeout` |
 //! | 125 | the VMM failed while running the partition, or KVM exited unexpectedly |
+//! | 130, 143 | the node was asked to stop (SIGINT, SIGTERM), as shells report it |
 //! | 2 | bad input: arguments, firmware file, memory size, /dev/kvm access |
 //! | 1 | the host refused a resource before boot |
 
 use std::fmt;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// Why the supervisor stops a partition from outside; shared with its vCPU thread.
+#[derive(Debug, Default)]
+pub struct StopRequest(AtomicI32);
+
+/// [`StopRequest`]'s value for a timeout (signals use their own numbers).
+const TIMEOUT: i32 = -1;
+
+impl StopRequest {
+    /// Asks for a stop at the time limit.
+    pub fn time_out(&self) {
+        let _ = self.0.compare_exchange(0, TIMEOUT, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Asks for a stop because the node got `signal`.
+    pub fn signalled(&self, signal: i32) {
+        let _ = self.0.compare_exchange(0, signal, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The stop asked for, if any.
+    pub fn pending(&self) -> Option<StopReason> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            TIMEOUT => Some(StopReason::TimedOut),
+            signal => Some(StopReason::Signalled(signal)),
+        }
+    }
+}
 
 /// Highest firmware status passed through unchanged.
 pub const MAX_FIRMWARE_STATUS: u32 = 119;
@@ -63,6 +93,8 @@ pub enum StopReason {
     },
     /// The partition ran past its time limit.
     TimedOut,
+    /// The node was asked to stop by this signal.
+    Signalled(i32),
     /// KVM reported an exit the VMM does not expect from firmware.
     Unexpected(String),
     /// A KVM call failed.
@@ -105,13 +137,15 @@ impl StopReason {
             Self::EmulationFailure { .. } => STATUS_EMULATION_FAILURE,
             Self::UnhandledPort { .. } | Self::UnhandledMmio { .. } => STATUS_UNHANDLED_ACCESS,
             Self::TimedOut => STATUS_TIMEOUT,
+            Self::Signalled(signal) => u8::try_from(128 + signal).unwrap_or(STATUS_VMM_FAILURE),
             Self::Unexpected(_) | Self::VmmFailure(_) => STATUS_VMM_FAILURE,
         }
     }
 
-    /// Whether the partition crashed (as opposed to exiting through the exit port).
+    /// Whether the partition crashed (as opposed to exiting through the exit port, or being
+    /// stopped on the operator's word).
     pub fn is_crash(&self) -> bool {
-        !matches!(self, Self::Exited(_))
+        !matches!(self, Self::Exited(_) | Self::Signalled(_))
     }
 
     /// Whether CR2 tells the operator something: only after a fault.
@@ -143,6 +177,9 @@ impl fmt::Display for StopReason {
                 dir(*write)
             ),
             Self::TimedOut => f.write_str("still running at the --timeout limit"),
+            Self::Signalled(libc::SIGTERM) => f.write_str("the node was asked to stop (SIGTERM)"),
+            Self::Signalled(libc::SIGINT) => f.write_str("the node was asked to stop (SIGINT)"),
+            Self::Signalled(signal) => write!(f, "the node was asked to stop (signal {signal})"),
             Self::Unexpected(exit) => write!(f, "unexpected KVM exit: {exit}"),
             Self::VmmFailure(what) => write!(f, "VMM failure: {what}"),
         }

@@ -4,7 +4,6 @@
 //! its vCPU thread signals when it stops, and a timerfd for `--timeout`. A stopped partition is
 //! reported at once; the others run on.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,9 +15,10 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::host::ShutdownSignals;
 use crate::kick;
 use crate::partition::Partition;
-use crate::stop::{StopReason, Stopped};
+use crate::stop::{StopReason, StopRequest, Stopped};
 
 /// Why the supervisor could not run the partitions.
 #[derive(Debug, Error)]
@@ -42,18 +42,20 @@ struct Running {
     id: u32,
     stopped_evt: EventFd,
     thread: Option<JoinHandle<Stopped>>,
-    timed_out: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<StopRequest>,
 }
 
 /// The event-loop subscriber: collects stops in the order they happen.
 struct Supervisor {
     running: Vec<Running>,
     timer: Option<TimerFd>,
+    signals: Option<ShutdownSignals>,
     stops: Vec<Stopped>,
     on_stop: Box<dyn FnMut(&Stopped) + Send>,
 }
 
 const TIMER_DATA: u32 = u32::MAX;
+const SIGNAL_DATA: u32 = u32::MAX - 1;
 
 impl Supervisor {
     fn all_stopped(&self) -> bool {
@@ -81,9 +83,10 @@ impl Supervisor {
         self.stops.push(stopped);
     }
 
-    fn time_out_all(&mut self) {
+    /// Asks every running partition to stop (`ask` sets the reason) and kicks its vCPU.
+    fn stop_all(&mut self, ask: impl Fn(&StopRequest)) {
         for running in self.running.iter().filter(|r| r.thread.is_some()) {
-            running.timed_out.store(true, Ordering::Release);
+            ask(&running.stop);
             if let Some(thread) = &running.thread {
                 if let Err(e) = thread.kill(kick::kick_signal()) {
                     log::warn!("partition {}: kicking its vCPU: {e}", running.id);
@@ -106,17 +109,30 @@ impl MutEventSubscriber for Supervisor {
                 log::error!("watching the timeout timer: {e:?}");
             }
         }
+        if let Some(signals) = &self.signals {
+            if let Err(e) = ops.add(Events::with_data(signals, SIGNAL_DATA, EventSet::IN)) {
+                log::error!("watching for SIGTERM and SIGINT: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.data() == TIMER_DATA {
-            if let Some(mut timer) = self.timer.take() {
-                let _ = timer.wait();
-                let _ = ops.remove(Events::empty(&timer));
+        match events.data() {
+            TIMER_DATA => {
+                if let Some(mut timer) = self.timer.take() {
+                    let _ = timer.wait();
+                    let _ = ops.remove(Events::empty(&timer));
+                }
+                self.stop_all(StopRequest::time_out);
             }
-            self.time_out_all();
-        } else {
-            self.reap(events.data() as usize, ops);
+            SIGNAL_DATA => {
+                let signal = self.signals.as_ref().and_then(ShutdownSignals::read);
+                if let Some(signal) = signal {
+                    log::info!("signal {signal}: stopping every partition");
+                    self.stop_all(|stop| stop.signalled(signal));
+                }
+            }
+            index => self.reap(index as usize, ops),
         }
     }
 }
@@ -146,6 +162,8 @@ pub fn run(
         })
         .transpose()?;
 
+    // SIGTERM and SIGINT are blocked (main did that); without a signalfd they would be lost.
+    let signals = ShutdownSignals::open().ok();
     let mut running = Vec::with_capacity(partitions.len());
     for partition in partitions {
         running.push(spawn(partition, process_start)?);
@@ -153,6 +171,7 @@ pub fn run(
     let supervisor = Arc::new(Mutex::new(Supervisor {
         running,
         timer,
+        signals,
         stops: Vec::new(),
         on_stop: Box::new(on_stop),
     }));
@@ -177,7 +196,7 @@ fn spawn(partition: Partition, process_start: Instant) -> Result<Running, Superv
     let stopped_evt =
         EventFd::new(libc::EFD_NONBLOCK).map_err(setup_error("creating a stop eventfd"))?;
     let signal = stopped_evt.try_clone().map_err(setup_error("cloning a stop eventfd"))?;
-    let timed_out = partition.timed_out_flag();
+    let stop = partition.stop_request();
     let thread = std::thread::Builder::new()
         .name(format!("p{id}-vcpu"))
         .spawn(move || {
@@ -188,5 +207,5 @@ fn spawn(partition: Partition, process_start: Instant) -> Result<Running, Superv
             stopped
         })
         .map_err(setup_error("starting a vCPU thread"))?;
-    Ok(Running { id, stopped_evt, thread: Some(thread), timed_out })
+    Ok(Running { id, stopped_evt, thread: Some(thread), stop })
 }

@@ -1,6 +1,5 @@
 //! The vCPU loop of a partition: run the guest, route its exits, and say why it stopped.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -9,7 +8,7 @@ use keyhold_devices::console::Console;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::kick;
-use crate::stop::{Registers, StopReason, Stopped};
+use crate::stop::{Registers, StopReason, StopRequest, Stopped};
 
 /// Everything the vCPU thread of one partition owns.
 pub struct Vcpu {
@@ -23,8 +22,8 @@ pub struct Vcpu {
     pub mmio: Bus,
     /// The console, also on `pio`, kept here for its last line.
     pub console: Arc<Mutex<Console>>,
-    /// Set by the supervisor when the partition runs past its time limit.
-    pub timed_out: Arc<AtomicBool>,
+    /// Set by the supervisor to stop the partition from outside.
+    pub stop: Arc<StopRequest>,
 }
 
 /// What one exit asks the loop to do.
@@ -62,8 +61,8 @@ impl Vcpu {
         // Every return from KVM_RUN is a VM exit: the scarce resource (MACHINE.md).
         let mut exits: u64 = 0;
         let reason = loop {
-            if self.timed_out.load(Ordering::Acquire) {
-                break StopReason::TimedOut;
+            if let Some(reason) = self.stop.pending() {
+                break reason;
             }
             exits += 1;
             match self.step() {
