@@ -23,7 +23,7 @@ if [ -f "$dir/pids" ]; then
         kill -9 "$pid" 2>/dev/null || true
     done <"$dir/pids"
 fi
-if [ "$(cat "$dir/mode" 2>/dev/null || true)" = netns ]; then
+if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && ip netns list | grep -qE '^kh(-hub|[0-9]+)( |$)'; then
     say "removing network namespaces kh-hub and kh1..khN"
     for ns in $(ip netns list | awk '{print $1}' | grep -E '^kh([0-9]+|-hub)$' || true); do
         ip netns del "$ns"

@@ -23,8 +23,8 @@ case "$mode" in
     *) echo "usage: $0 N [--local]" >&2; exit 2 ;;
 esac
 dir=${KEYHOLD_CLUSTER_DIR:-target/cluster}
-if [ -e "$dir/pids" ]; then
-    echo "cluster-up.sh: $dir holds a running cluster; run cluster-down.sh first" >&2
+if [ -e "$dir/pids" ] || { [ "$mode" = netns ] && ip netns list | grep -qE '^kh-hub( |$)'; }; then
+    echo "cluster-up.sh: a cluster is already up (in $dir, or namespaces kh-hub/kh*); run cluster-down.sh first" >&2
     exit 2
 fi
 say() { printf '==> %s\n' "$*"; }

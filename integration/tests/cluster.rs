@@ -426,13 +426,7 @@ fn the_control_api_lists_without_keys_and_revokes_on_both_sides() {
     }
     assert_eq!(channels.matches("\"open\"").count(), 2, "{channels}");
     assert!(!channels.contains("key"), "no key in the API: {channels}");
-    let echo_channel = channels
-        .split("\"channel\": \"")
-        .skip(1)
-        .find(|rest| rest.contains("\"partition\": 1"))
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_owned();
+    let echo_channel = channel_of(&channels, 1);
     let revoked = ctl(&["revoke", "1", &echo_channel]);
     assert_eq!(revoked.code(), 0, "{revoked:#?}");
     let after = ctl(&["channels"]);
@@ -487,23 +481,69 @@ fn cluster_scripts_bring_nodes_up_and_take_them_down() {
         let scratch = tempfile::tempdir().unwrap();
         let dir = scratch.path().join("cluster");
         let up = script("cluster-up.sh", args, &dir);
+        // Whatever happens below, the nodes and namespaces go.
+        let _down = ClusterDown(dir.clone());
         let down_after = |up: &Outcome| {
             let down = script("cluster-down.sh", &[], &dir);
             assert_eq!(down.code(), 0, "{down:#?} after {up:#?}");
             assert!(!dir.exists());
         };
-        if up.code() != 0 {
-            down_after(&up);
-            panic!("cluster-up {args:?}: {up:#?}");
-        }
+        assert_eq!(up.code(), 0, "cluster-up {args:?}: {up:#?}");
         assert!(up.stdout.contains("cluster of 3 nodes up"), "{up:#?}");
         let links =
             keyhold(["ctl", "--socket", &dir.join("node2.sock").display().to_string(), "links"]);
         assert_eq!(links.stdout.matches("\"up\": true").count(), 2, "{links:#?}");
+        // The ring's pings reach the next node's echo: node 2's echo channel (from node 1) and
+        // ping channel (to node 3) open, and a revocation there closes node 3's end too.
+        let socket = |i: u32| dir.join(format!("node{i}.sock")).display().to_string();
+        let mut channels = String::new();
+        for _ in 0..100 {
+            channels = keyhold(["ctl", "--socket", &socket(2), "channels"]).stdout;
+            if channels.matches("\"open\"").count() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(channels.matches("\"open\"").count(), 2, "{channels}");
+        let ping_channel = channel_of(&channels, 2);
+        let revoked = keyhold(["ctl", "--socket", &socket(2), "revoke", "2", &ping_channel]);
+        assert_eq!(revoked.code(), 0, "{revoked:#?}");
+        let mut far_end = String::new();
+        for _ in 0..100 {
+            far_end = keyhold(["ctl", "--socket", &socket(3), "channels"]).stdout;
+            if far_end.contains("\"peer_closed\"") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(far_end.contains("\"peer_closed\""), "the revocation reached node 3: {far_end}");
         down_after(&up);
     }
     assert!(
         script("cluster-up.sh", &["1"], Path::new("/nonexistent")).code() == 2,
         "N must be 2 or more"
     );
+}
+
+/// The channel ID of partition `partition`'s entry in `keyhold ctl channels` output.
+fn channel_of(channels: &str, partition: u64) -> String {
+    let entries: serde_json::Value = serde_json::from_str(channels).unwrap();
+    let entry = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["partition"].as_u64() == Some(partition))
+        .unwrap_or_else(|| panic!("no entry of partition {partition} in {channels}"));
+    entry["channel"].as_str().unwrap().to_owned()
+}
+
+/// Runs cluster-down.sh for a cluster directory when dropped (also when a test fails).
+struct ClusterDown(PathBuf);
+
+impl Drop for ClusterDown {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = script("cluster-down.sh", &[], &self.0);
+        }
+    }
 }
