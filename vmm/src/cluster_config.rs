@@ -12,14 +12,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use keyhold_devices::link::{Directory, Peer};
 use serde::Deserialize;
 use zeroize::Zeroize;
 
 use crate::keys;
-use crate::node_config::ConfigError;
+use crate::node_config::{self, ConfigError};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,15 +68,12 @@ fn invalid(path: &Path, field: impl Into<String>, problem: impl Into<String>) ->
 
 /// Reads and checks `cluster.toml`.
 pub fn load_cluster(path: &Path) -> Result<Directory, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    parse_cluster(path, &text)
+    parse_cluster(path, &node_config::read(path)?)
 }
 
 /// Checks the text of a cluster config read from `path`.
 pub fn parse_cluster(path: &Path, text: &str) -> Result<Directory, ConfigError> {
-    let file: ClusterFile = toml::from_str(text)
-        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+    let file: ClusterFile = node_config::from_toml(path, text)?;
     if file.node.is_empty() {
         return Err(invalid(path, "node", "a cluster needs at least one [[node]]"));
     }
@@ -159,11 +156,6 @@ pub fn link_settings(
         None => me.address,
     };
     Ok(LinkSettings { private_key: secret.to_bytes(), directory, listen })
-}
-
-/// Resolves `path` against the directory of the file that named it.
-pub fn relative_to(file: &Path, path: &Path) -> PathBuf {
-    file.parent().unwrap_or(Path::new(".")).join(path)
 }
 
 #[cfg(test)]

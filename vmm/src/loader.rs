@@ -173,11 +173,6 @@ impl Firmware {
         Ok(Self { file, layout })
     }
 
-    /// Where the image runs and ends.
-    pub fn layout(&self) -> ImageLayout {
-        self.layout
-    }
-
     /// Copies the image's segments into guest memory.
     pub fn load(mut self, mem: &GuestMemoryMmap) -> Result<ImageLayout, FirmwareError> {
         load_checked(&mut self.file, mem)?;

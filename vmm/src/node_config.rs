@@ -92,15 +92,27 @@ struct PartitionSection {
 
 /// Reads and checks `path`.
 pub fn load(path: &Path) -> Result<Launch, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    parse(path, &text)
+    parse(path, &read(path)?)
+}
+
+/// The text of config file `path`.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })
+}
+
+/// `text` (read from `path`) as a `T`, with TOML errors naming the file.
+pub fn from_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
 }
 
 /// Checks the text of a node config read from `path`.
 pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
-    let file: File = toml::from_str(text)
-        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+    let file: File = from_toml(path, text)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let invalid = |field: String, problem: &str| ConfigError::Invalid {
         path: path.to_owned(),
