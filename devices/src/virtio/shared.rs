@@ -38,7 +38,12 @@ pub struct DeviceShared {
     /// Bumped on every activation and reset, so work started before one (a pending OPEN)
     /// is not completed into a queue the guest has since replaced.
     pub generation: AtomicU64,
+    /// Times the device failed, to bound how often that is logged.
+    failures: AtomicU64,
 }
+
+/// Failures of one device logged as warnings; later ones are logged at debug level.
+const MAX_FAILURE_WARNINGS: u64 = 10;
 
 impl DeviceShared {
     /// A device with its interrupt line.
@@ -48,6 +53,7 @@ impl DeviceShared {
             interrupt_status: AtomicU32::new(0),
             irq,
             generation: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         }
     }
 
@@ -61,7 +67,13 @@ impl DeviceShared {
 
     /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver.
     pub fn fail(&self, why: &str) {
-        log::warn!("virtio device needs reset: {why}");
+        // A hostile driver can fail the device in a loop (resetting each time): the first few
+        // failures are warnings, the rest only debug lines, so it cannot flood the log.
+        if self.failures.fetch_add(1, Ordering::Relaxed) < MAX_FAILURE_WARNINGS {
+            log::warn!("virtio device needs reset: {why}");
+        } else {
+            log::debug!("virtio device needs reset: {why}");
+        }
         *crate::bus::lock(&self.activation) = Activation::NeedsReset;
         self.signal(INT_CONFIG_CHANGE);
     }
