@@ -4,7 +4,7 @@
 //! through a [`LinkHandle`]. Every decision about a link is audited.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -71,24 +71,40 @@ struct Conn {
     id: u64,
     /// Encrypting and writing a frame's messages happen under this lock, so the order on the
     /// wire is the order of the Noise nonces.
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Writer>,
     transport: Mutex<TransportState>,
+}
+
+/// The sending side of a link, with buffers reused from frame to frame.
+struct Writer {
+    stream: TcpStream,
+    /// The encoded frame (wiped after each send: an offer carries a key).
+    frame: Vec<u8>,
+    /// One length-prefixed Noise message.
+    message: Vec<u8>,
 }
 
 impl Conn {
     fn send(&self, frame: &Frame) -> io::Result<()> {
-        let mut bytes = Vec::new();
-        frame.encode(&mut bytes);
-        let mut out = Box::new([0u8; MAX_MESSAGE]);
         let mut writer = lock(&self.writer);
-        let result = wire::chunks(&bytes, |plain| {
+        let Writer { stream, frame: bytes, message } = &mut *writer;
+        frame.encode(bytes);
+        message.resize(2 + MAX_MESSAGE, 0);
+        let result = wire::chunks(bytes, |plain| {
             let n = lock(&self.transport)
-                .write_message(plain, &mut out[..])
+                .write_message(plain, &mut message[2..])
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            wire::write_message(&mut *writer, &out[..n])
+            // Noise messages are at most MAX_MESSAGE (65,535) bytes, so the length fits.
+            message[..2].copy_from_slice(&(n as u16).to_be_bytes());
+            stream.write_all(&message[..2 + n])
         });
-        zeroize::Zeroize::zeroize(&mut bytes);
+        zeroize::Zeroize::zeroize(bytes);
         result
+    }
+
+    /// Ends the connection (both directions), waking its reader.
+    fn shut_down(&self) {
+        let _ = lock(&self.writer).stream.shutdown(Shutdown::Both);
     }
 }
 
@@ -137,9 +153,7 @@ impl LinkHandle {
     pub fn send(&self, node: u32, frame: &Frame) -> Result<(), SendError> {
         let conn = lock(&self.shared.links).get(&node).cloned().ok_or(SendError::NoLink)?;
         conn.send(frame).map_err(|_| {
-            if let Ok(stream) = lock(&conn.writer).try_clone() {
-                let _ = stream.shutdown(Shutdown::Both);
-            }
+            conn.shut_down();
             SendError::Broken
         })?;
         update(&self.shared, node, conn.id, |s| s.frames_out += 1);
@@ -345,14 +359,12 @@ fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, 
     let Ok(writer) = stream.try_clone() else { return };
     let conn = Arc::new(Conn {
         id: shared.next_link.fetch_add(1, Ordering::Relaxed),
-        writer: Mutex::new(writer),
+        writer: Mutex::new(Writer { stream: writer, frame: Vec::new(), message: Vec::new() }),
         transport: Mutex::new(transport),
     });
     // A newer link to the same node (it restarted) replaces the older one.
     if let Some(old) = lock(&shared.links).insert(peer.id, conn.clone()) {
-        if let Ok(stream) = lock(&old.writer).try_clone() {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
+        old.shut_down();
     }
     update(shared, peer.id, conn.id, |s| {
         s.up = true;
@@ -455,9 +467,7 @@ fn keepalive(shared: &Shared, conn: &Conn, done: &AtomicBool, peer: u32) {
         if stopping || Instant::now() >= next {
             let frame = if stopping { Frame::Goodbye } else { Frame::Keepalive };
             if conn.send(&frame).is_err() || stopping {
-                if let Ok(stream) = lock(&conn.writer).try_clone() {
-                    let _ = stream.shutdown(Shutdown::Both);
-                }
+                conn.shut_down();
                 return;
             }
             update(shared, peer, conn.id, |s| s.frames_out += 1);
