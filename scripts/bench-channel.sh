@@ -55,8 +55,10 @@ for size in 64 4096 65536; do
     log=$("$bin" -v run --partition "1=$fx/echo.elf" --partition "2=$fx/ping.elf" \
         --arg 1="peer=0:2:1" --arg 2="peer=0:1:1 $ping_args" --timeout 300 2>&1)
     local_figures=$(figures "$log")
-    exits_ping=$(grep -oE 'partition 2: stopped .* after [0-9]+ VM exits' <<<"$log" | grep -oE '[0-9]+ VM' | grep -oE '[0-9]+')
-    exits_echo=$(grep -oE 'partition 1: stopped .* after [0-9]+ VM exits' <<<"$log" | grep -oE '[0-9]+ VM' | grep -oE '[0-9]+')
+    exits() { grep -oE "partition $1: stopped .* after [0-9]+ VM exits" <<<"$log" | grep -oE '[0-9]+ VM' | grep -oE '[0-9]+' || echo 0; }
+    exits_ping=$(exits 2)
+    exits_echo=$(exits 1)
+    [ "$local_figures" = failed ] && echo "one-node run failed: $log" >&2
     per=$(awk -v p="$exits_ping" -v e="$exits_echo" -v n="$n" 'BEGIN { printf "%.3f, %.3f", p / n, e / n }')
 
     cross_figures=$(figures "$(cross_node "" "$ping_args")")

@@ -9,5 +9,6 @@ pub mod cmm;
 pub mod console;
 pub mod entropy;
 pub mod exit_port;
+pub mod idle;
 pub mod link;
 pub mod virtio;

@@ -10,6 +10,7 @@ pub mod boot_info;
 pub mod channel;
 pub mod console;
 pub mod exit;
+pub mod idle;
 pub mod mmio;
 pub mod pages;
 pub mod platform;

@@ -11,6 +11,10 @@ pub const CONSOLE_PORT_COUNT: u16 = 8;
 /// QEMU the status is taken as written, not shifted.
 pub const EXIT_PORT: u16 = 0xf4;
 
+/// I/O port a polling guest writes the longest it will wait (in microseconds, 32 bits) to: its
+/// vCPU sleeps until one of its devices uses a buffer, or that long (at most 10 ms).
+pub const IDLE_PORT: u16 = 0xf8;
+
 /// Exit status the guest runtime reports when the firmware panics (as `std` does for a panic).
 pub const PANIC_EXIT_STATUS: u32 = 101;
 

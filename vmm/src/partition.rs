@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use guest_agent::boot_info::{BootInfo, MAX_ARGS};
-use guest_agent::platform::{CONSOLE_PORT, CONSOLE_PORT_COUNT, EXIT_PORT};
+use guest_agent::platform::{CONSOLE_PORT, CONSOLE_PORT_COUNT, EXIT_PORT, IDLE_PORT};
 use keyhold_devices::bus::{Bus, BusError};
 use keyhold_devices::console::{Console, LineSink};
 use keyhold_devices::exit_port::ExitPort;
+use keyhold_devices::idle::{IdlePort, Wake};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -240,7 +241,9 @@ pub fn create(
     info.tsc_khz = fd.get_tsc_khz().unwrap_or(0);
     let mut mmio = Bus::new();
     let device_error = |source| PartitionError::Devices { id, source };
-    let mut devices = DeviceSet::new(&vm, &memory, &mut mmio, &mut info);
+    // Devices wake the vCPU when it idles on the idle port waiting for them.
+    let wake = Arc::new(Wake::default());
+    let mut devices = DeviceSet::new(&vm, &memory, &mut mmio, &mut info, wake.clone());
     let backends = vec![devices.attach_rng().map_err(device_error)?];
     let channel =
         devices.attach_secure_channel(config.node_id, id, limits).map_err(device_error)?;
@@ -253,8 +256,8 @@ pub fn create(
     fd.set_fpu(&cpu::boot_fpu()).map_err(kvm_error("setting FPU state"))?;
 
     let console = Arc::new(Mutex::new(Console::new(console)));
-    let pio =
-        port_devices(console.clone()).map_err(|source| PartitionError::Device { id, source })?;
+    let pio = port_devices(console.clone(), wake)
+        .map_err(|source| PartitionError::Device { id, source })?;
     let stop = Arc::new(StopRequest::default());
     let vcpu = Vcpu { partition: id, fd, pio, mmio, console, stop };
     let dump_ram = config.dump_ram.clone();
@@ -288,9 +291,10 @@ fn write_boot_state(
     Ok(cr3)
 }
 
-/// The console and the exit port on the port bus.
-fn port_devices(console: Arc<Mutex<Console>>) -> Result<Bus, BusError> {
+/// The console, the exit port and the idle port on the port bus.
+fn port_devices(console: Arc<Mutex<Console>>, wake: Arc<Wake>) -> Result<Bus, BusError> {
     let mut pio = Bus::new();
+    pio.insert(u64::from(IDLE_PORT), 4, Box::new(IdlePort::new(wake)))?;
     pio.insert(u64::from(CONSOLE_PORT), u64::from(CONSOLE_PORT_COUNT), Box::new(console))?;
     pio.insert(u64::from(EXIT_PORT), 4, Box::new(ExitPort))?;
     Ok(pio)

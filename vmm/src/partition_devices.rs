@@ -9,6 +9,7 @@ use guest_agent::boot_info::{BootInfo, DeviceInfo, DeviceKind};
 use guest_agent::channel::abi;
 use keyhold_devices::bus::{Bus, BusError};
 use keyhold_devices::cmm::Limits;
+use keyhold_devices::idle::Wake;
 use keyhold_devices::virtio::mmio::{reg, DeviceDescription, MmioTransport, WINDOW_SIZE};
 use keyhold_devices::virtio::rng::{self, Rng};
 use keyhold_devices::virtio::secure_channel::{self, ChannelDevice};
@@ -54,6 +55,7 @@ pub struct DeviceSet<'a> {
     mem: &'a GuestMemoryMmap,
     mmio: &'a mut Bus,
     info: &'a mut BootInfo,
+    wake: Arc<Wake>,
     count: u32,
 }
 
@@ -66,14 +68,15 @@ pub struct Attached {
 }
 
 impl<'a> DeviceSet<'a> {
-    /// Starts adding devices to a partition.
+    /// Starts adding devices to a partition; they wake its idle vCPU through `wake`.
     pub fn new(
         vm: &'a VmFd,
         mem: &'a GuestMemoryMmap,
         mmio: &'a mut Bus,
         info: &'a mut BootInfo,
+        wake: Arc<Wake>,
     ) -> Self {
-        Self { vm, mem, mmio, info, count: 0 }
+        Self { vm, mem, mmio, info, wake, count: 0 }
     }
 
     /// Attaches a virtio device described by `desc`.
@@ -99,7 +102,7 @@ impl<'a> DeviceSet<'a> {
                 .map_err(kvm("registering an ioeventfd"))?;
             queue_evts.push(evt);
         }
-        let shared = Arc::new(DeviceShared::new(irq));
+        let shared = Arc::new(DeviceShared::new(irq, self.wake.clone()));
         let transport = MmioTransport::new(desc, shared.clone(), self.mem.clone());
         self.mmio.insert(base, WINDOW_SIZE, Box::new(transport))?;
         let entry =

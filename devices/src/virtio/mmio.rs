@@ -321,7 +321,7 @@ mod tests {
 
     fn transport() -> (MmioTransport, Arc<DeviceShared>) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
-        let shared = Arc::new(DeviceShared::new(EventFd::new(0).unwrap()));
+        let shared = Arc::new(DeviceShared::new(EventFd::new(0).unwrap(), Arc::default()));
         let desc = DeviceDescription {
             device_id: 4,
             features: 0,

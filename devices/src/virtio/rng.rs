@@ -50,11 +50,15 @@ impl Rng {
             return;
         };
         match drain(queue, &self.mem) {
-            Ok(true) => {
+            Ok((used, interrupt)) => {
                 drop(activation);
-                self.shared.signal(INT_USED_BUFFER);
+                if used {
+                    self.shared.used();
+                }
+                if interrupt {
+                    self.shared.signal(INT_USED_BUFFER);
+                }
             }
-            Ok(false) => {}
             Err(e) => {
                 drop(activation);
                 self.shared.fail(&format!("virtio-rng request queue: {e}"));
@@ -64,8 +68,9 @@ impl Rng {
 }
 
 /// Serves requests until the queue is empty with notifications re-enabled (so a request
-/// added meanwhile is not missed); returns whether the driver wants an interrupt.
-fn drain(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+/// added meanwhile is not missed); returns whether it used any buffer and whether the driver
+/// wants an interrupt.
+fn drain(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(bool, bool), virtio_queue::Error> {
     let mut used_any = false;
     loop {
         queue.disable_notification(mem)?;
@@ -82,7 +87,7 @@ fn drain(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue:
             break;
         }
     }
-    Ok(used_any && queue.needs_notification(mem)?)
+    Ok((used_any, used_any && queue.needs_notification(mem)?))
 }
 
 /// Writes up to [`MAX_REQUEST`] bytes of entropy into `out`; returns how many.

@@ -222,6 +222,9 @@ impl ChannelNode {
         }
         let interrupt = used_any && queue.needs_notification(&mem).unwrap_or(true);
         drop(activation);
+        if used_any {
+            shared.used();
+        }
         if interrupt {
             shared.signal(INT_USED_BUFFER);
         }
@@ -329,6 +332,7 @@ impl ChannelNode {
         }
         let interrupt = queue.needs_notification(&mem).unwrap_or(true);
         drop(activation);
+        shared.used();
         if interrupt {
             shared.signal(INT_USED_BUFFER);
         }
@@ -581,6 +585,9 @@ impl ChannelNode {
         }
         let interrupt = used_any && queue.needs_notification(&mem).unwrap_or(true);
         drop(activation);
+        if used_any {
+            shared.used();
+        }
         if let Some(why) = failure {
             shared.fail(why);
         } else if interrupt {

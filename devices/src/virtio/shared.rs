@@ -2,10 +2,12 @@
 //! thread): the queues once the driver has set them up, and the interrupt line.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::idle::Wake;
 
 /// Interrupt status bit: the device used buffers.
 pub const INT_USED_BUFFER: u32 = 1;
@@ -40,21 +42,29 @@ pub struct DeviceShared {
     pub generation: AtomicU64,
     /// Times the device failed, to bound how often that is logged.
     failures: AtomicU64,
+    /// Wakes the partition's vCPU if it idles on the idle port.
+    waker: Arc<Wake>,
 }
 
 /// Failures of one device logged as warnings; later ones are logged at debug level.
 const MAX_FAILURE_WARNINGS: u64 = 10;
 
 impl DeviceShared {
-    /// A device with its interrupt line.
-    pub fn new(irq: EventFd) -> Self {
+    /// A device with its interrupt line, waking its partition's idle vCPU through `waker`.
+    pub fn new(irq: EventFd, waker: Arc<Wake>) -> Self {
         Self {
             activation: Mutex::new(Activation::Inactive),
             interrupt_status: AtomicU32::new(0),
             irq,
             generation: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            waker,
         }
+    }
+
+    /// The device used buffers: a guest idling for them may go on.
+    pub fn used(&self) {
+        self.waker.wake();
     }
 
     /// Raises `bits` in the interrupt status and signals the line.

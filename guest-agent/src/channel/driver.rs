@@ -18,6 +18,7 @@ use super::abi::{
     TX_HEADER_SIZE,
 };
 use crate::boot_info::{BootInfo, DeviceKind};
+use crate::idle::Backoff;
 use crate::pages;
 use crate::virtio::queue::{Buffer, Virtqueue};
 use crate::virtio::transport::Transport;
@@ -189,11 +190,12 @@ impl SecureChannel {
         }
         self.control.add(&[Buffer::readable(req), Buffer::writable(resp)])?;
         self.control.kick();
+        let mut backoff = Backoff::new();
         let written = loop {
             if let Some((_, len)) = self.control.poll()? {
                 break len as usize;
             }
-            core::hint::spin_loop();
+            backoff.snooze();
         };
         for byte in req.iter_mut() {
             // SAFETY: a plain byte of our own buffer; volatile so the wipe is not elided.
@@ -301,12 +303,7 @@ impl SecureChannel {
         let slot_index = self.tx_free.trailing_zeros() as usize;
         self.post_slot(slot_index, header, payload)?;
         self.flush();
-        loop {
-            if let Some(code) = self.reap_send()? {
-                return Ok(code);
-            }
-            core::hint::spin_loop();
-        }
+        self.wait_send()
     }
 
     /// STATS: the device's counters for this partition.
@@ -406,11 +403,31 @@ impl SecureChannel {
     ) -> Result<(), ChannelError> {
         self.post_send_as(channel, source, data)?;
         self.flush();
+        match self.wait_send()? {
+            status::OK => Ok(()),
+            code => Err(ChannelError::Status(code)),
+        }
+    }
+
+    /// Waits for the next completed send and returns its status.
+    fn wait_send(&mut self) -> Result<u32, ChannelError> {
+        let mut backoff = Backoff::new();
         loop {
             if let Some(code) = self.reap_send()? {
-                return if code == status::OK { Ok(()) } else { Err(ChannelError::Status(code)) };
+                return Ok(code);
             }
-            core::hint::spin_loop();
+            backoff.snooze();
+        }
+    }
+
+    /// Waits for the next received message (see [`Self::recv`]).
+    pub fn recv_wait(&mut self, out: &mut [u8]) -> Result<Received, ChannelError> {
+        let mut backoff = Backoff::new();
+        loop {
+            if let Some(message) = self.recv(out)? {
+                return Ok(message);
+            }
+            backoff.snooze();
         }
     }
 

@@ -32,12 +32,13 @@ impl Rng {
             let rest = &mut buf[done..];
             self.queue.add(&[Buffer::writable(rest)])?;
             self.queue.kick();
+            let mut backoff = crate::idle::Backoff::new();
             let written = loop {
                 if let Some((_, len)) = self.queue.poll()? {
                     break len as usize;
                 }
                 self.transport.check()?;
-                core::hint::spin_loop();
+                backoff.snooze();
             };
             if written == 0 || written > rest.len() {
                 return Err(DriverError::BadUsedEntry);

@@ -202,13 +202,7 @@ fn talk_to_echo(info: &BootInfo, peer: Endpoint) -> bool {
     if ch.send(channel, 1, b"again").is_err() {
         return false;
     }
-    let echoed = loop {
-        match ch.recv(&mut back) {
-            Ok(Some(msg)) => break msg.copied == 5 && &back[..5] == b"again",
-            Ok(None) => core::hint::spin_loop(),
-            Err(_) => break false,
-        }
-    };
+    let echoed = ch.recv_wait(&mut back).is_ok_and(|msg| msg.copied == 5 && &back[..5] == b"again");
     let _ = ch.send(channel, 1, &[]);
     echoed
 }

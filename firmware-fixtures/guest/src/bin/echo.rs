@@ -7,6 +7,7 @@
 
 use guest_agent::channel::abi::Endpoint;
 use guest_agent::channel::{driver::TX_SLOTS, SecureChannel};
+use guest_agent::idle::Backoff;
 use guest_agent::{println, BootInfo};
 
 const MAX: usize = 64 * 1024;
@@ -52,6 +53,7 @@ fn main(info: &'static BootInfo) -> u32 {
         None => return 2,
     };
     let mut echoed: u64 = 0;
+    let mut backoff = Backoff::new();
     loop {
         let mut posted = 0;
         let mut bye = false;
@@ -59,6 +61,7 @@ fn main(info: &'static BootInfo) -> u32 {
             match ch.recv(buf) {
                 Ok(Some(msg)) if msg.header.len == 0 => bye = true,
                 Ok(Some(msg)) => {
+                    backoff.reset();
                     if let Err(e) =
                         ch.post_send(msg.header.channel, msg.header.process, &buf[..msg.copied])
                     {
@@ -68,7 +71,7 @@ fn main(info: &'static BootInfo) -> u32 {
                     posted += 1;
                 }
                 Ok(None) if posted > 0 => break,
-                Ok(None) => core::hint::spin_loop(),
+                Ok(None) => backoff.snooze(),
                 Err(e) => {
                     println!("echo: receive failed: {e:?}");
                     return 1;
@@ -86,7 +89,7 @@ fn main(info: &'static BootInfo) -> u32 {
                     println!("echo: the device refused an echo with status {status}");
                     return 1;
                 }
-                Ok(None) => core::hint::spin_loop(),
+                Ok(None) => backoff.snooze(),
                 Err(e) => {
                     println!("echo: {e:?}");
                     return 1;

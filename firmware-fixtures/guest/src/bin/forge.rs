@@ -84,7 +84,7 @@ fn main(info: &'static BootInfo) -> u32 {
     // The legitimate path still works, and the echo proves who sent it.
     let mut back = [0u8; 16];
     let echoed = ch.send(channel, process, b"genuine").is_ok()
-        && wait_echo(&mut ch, &mut back) == Some((peer, 7));
+        && ch.recv_wait(&mut back).ok().map(|m| (m.header.source, m.copied)) == Some((peer, 7));
     println!("forge: genuine message echoed: {echoed}");
     if !echoed || &back[..7] != b"genuine" {
         failures += 1;
@@ -106,16 +106,6 @@ fn status_of(result: Result<(), ChannelError>) -> u32 {
         Ok(()) => status::OK,
         Err(ChannelError::Status(code)) => code,
         Err(_) => u32::MAX,
-    }
-}
-
-fn wait_echo(ch: &mut SecureChannel, buf: &mut [u8]) -> Option<(Endpoint, usize)> {
-    loop {
-        match ch.recv(buf) {
-            Ok(Some(msg)) => return Some((msg.header.source, msg.copied)),
-            Ok(None) => core::hint::spin_loop(),
-            Err(_) => return None,
-        }
     }
 }
 

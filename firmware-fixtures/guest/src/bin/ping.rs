@@ -9,6 +9,7 @@
 
 use guest_agent::channel::abi::{status, Endpoint};
 use guest_agent::channel::SecureChannel;
+use guest_agent::idle::Backoff;
 use guest_agent::time::{nanos, spin_for, ticks};
 use guest_agent::virtio::rng::Rng;
 use guest_agent::{println, BootInfo};
@@ -69,14 +70,23 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
         }
         ch.flush();
         let (mut reaped, mut echoed) = (0, 0);
+        let mut backoff = Backoff::new();
         while reaped < n || echoed < n {
+            let mut progress = true;
             match ch.reap_send() {
                 Ok(Some(status::OK)) => reaped += 1,
                 Ok(Some(_)) => return Err("the device refused a message"),
-                Ok(None) => {}
+                Ok(None) => progress = false,
                 Err(_) => return Err("transmit queue failed"),
             }
-            if let Some(msg) = ch.recv(back).map_err(|_| "receive queue failed")? {
+            let Some(msg) = ch.recv(back).map_err(|_| "receive queue failed")? else {
+                if !progress {
+                    backoff.snooze();
+                }
+                continue;
+            };
+            backoff.reset();
+            {
                 stamp(&mut out[..size], sent + echoed);
                 let intact = msg.copied == size && back[..size] == out[..size];
                 if !intact || msg.header.source != peer {

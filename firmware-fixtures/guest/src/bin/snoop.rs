@@ -50,7 +50,7 @@ fn main(info: &'static BootInfo) -> u32 {
         return 2;
     };
     let mut back = [0u8; 8];
-    if ch.send(channel, process, b"ping").is_err() || !wait_echo(&mut ch, &mut back) {
+    if ch.send(channel, process, b"ping").is_err() || ch.recv_wait(&mut back).is_err() {
         println!("snoop: the keyed channel does not work");
         return 2;
     }
@@ -105,16 +105,6 @@ fn connect_with_key(
         unsafe { core::ptr::write_volatile(byte, 0) };
     }
     result.ok()
-}
-
-fn wait_echo(ch: &mut SecureChannel, buf: &mut [u8]) -> bool {
-    loop {
-        match ch.recv(buf) {
-            Ok(Some(_)) => return true,
-            Ok(None) => core::hint::spin_loop(),
-            Err(_) => return false,
-        }
-    }
 }
 
 /// Whether the 32 key bytes appear anywhere in `[0, ram_size)`.
