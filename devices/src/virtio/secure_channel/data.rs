@@ -1,0 +1,170 @@
+//! The data path: messages from the transmit queue through the CMM, and verified messages into
+//! receive buffers (held, bounded, while the guest has none posted).
+
+use super::*;
+
+impl ChannelNode {
+    /// Sends every message on the transmit queue, then delivers what they produced.
+    pub(super) fn transmit(&mut self, index: usize) -> Result<(), Malformed> {
+        let mut deliveries = Vec::new();
+        self.run_queue(index, 1, |node, index, chain| {
+            node.send_one(index, chain, &mut deliveries)
+        })?;
+        for delivery in deliveries {
+            self.deliver(delivery);
+        }
+        Ok(())
+    }
+
+    pub(super) fn send_one(
+        &mut self,
+        index: usize,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        deliveries: &mut Vec<Delivery>,
+    ) -> Result<Option<u32>, Malformed> {
+        let partition = self.devices[index].partition;
+        let mem = self.devices[index].mem.clone();
+        let (mut reader, mut writer) = split(chain, &mem, "transmit chain outside guest RAM")?;
+        let code = match self.read_message(&mut reader) {
+            Ok((header, payload)) => match self.cmm.send(partition, &header, payload) {
+                Ok(Routed::Local(delivery)) => {
+                    deliveries.push(delivery);
+                    status::OK
+                }
+                Ok(Routed::Remote { node, frame }) => match &self.links {
+                    Some((links, _)) if links.send(node, &Frame::Data(frame)).is_ok() => status::OK,
+                    _ => status::UNREACHABLE,
+                },
+                Err(code) => code,
+            },
+            Err(code) => self.cmm.refuse(partition, code),
+        };
+        if writer.available_bytes() < 4 {
+            return Ok(Some(0));
+        }
+        writer
+            .write_all(&code.to_le_bytes())
+            .map_err(|_| Malformed("transmit status not writable"))?;
+        Ok(Some(4))
+    }
+
+    /// Reads a transmit header and its payload, within the device's limits.
+    pub(super) fn read_message(&self, reader: &mut Reader<'_>) -> Result<(TxHeader, Vec<u8>), u32> {
+        let mut raw = [0u8; TX_HEADER_SIZE];
+        reader.read_exact(&mut raw).map_err(|_| status::BAD_REQUEST)?;
+        let header = TxHeader::from_bytes(&raw).ok_or(status::BAD_REQUEST)?;
+        let len = header.len as usize;
+        if len > self.cmm.limits().max_message as usize {
+            return Err(status::TOO_BIG);
+        }
+        if reader.available_bytes() < len {
+            return Err(status::BAD_REQUEST);
+        }
+        let mut payload = vec![0u8; len];
+        reader.read_exact(&mut payload).map_err(|_| status::BAD_REQUEST)?;
+        Ok((header, payload))
+    }
+
+    /// Puts a verified message into its partition's receive queue, or holds it until the
+    /// guest posts a buffer.
+    pub(super) fn deliver(&mut self, delivery: Delivery) {
+        let Some(index) = self.device_of(delivery.partition) else {
+            return;
+        };
+        let device = &mut self.devices[index];
+        if device.pending.len() >= MAX_PENDING {
+            self.cmm.dropped_no_room(&delivery);
+            return;
+        }
+        device.pending.push_back(delivery);
+        self.flush_pending(index);
+    }
+
+    /// Moves held messages of device `index` into receive buffers while there are any.
+    pub(super) fn flush_pending(&mut self, index: usize) {
+        if self.devices[index].pending.is_empty() {
+            return;
+        }
+        let shared = self.devices[index].shared.clone();
+        let mem = self.devices[index].mem.clone();
+        let mut activation = lock(&shared.activation);
+        let Activation::Active { queues } = &mut *activation else {
+            return;
+        };
+        let Some(queue) = queues.get_mut(2).filter(|q| q.ready()) else {
+            return;
+        };
+        let mut used_any = false;
+        let mut failure = None;
+        while !self.devices[index].pending.is_empty() {
+            match next_chain(queue, &mem) {
+                Ok(Some(chain)) => {
+                    let Some(delivery) = self.devices[index].pending.pop_front() else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    let written = write_delivery(chain, &mem, &delivery);
+                    match written {
+                        Some(_) => self.cmm.delivered(&delivery),
+                        None => self.cmm.dropped_no_room(&delivery),
+                    }
+                    if queue.add_used(&mem, head, written.unwrap_or(0)).is_err() {
+                        failure = Some("used ring not writable");
+                        break;
+                    }
+                    used_any = true;
+                }
+                Ok(None) => break,
+                Err(why) => {
+                    failure = Some(why);
+                    break;
+                }
+            }
+        }
+        let interrupt = used_any && queue.needs_notification(&mem).unwrap_or(true);
+        drop(activation);
+        if used_any {
+            shared.used();
+        }
+        if let Some(why) = failure {
+            shared.fail(why);
+        } else if interrupt {
+            shared.signal(INT_USED_BUFFER);
+        }
+    }
+}
+
+/// The next receive buffer, re-enabling notifications when there is none so the guest's next
+/// post wakes the device.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, &'static str> {
+    loop {
+        if let Some(chain) =
+            queue.iter(mem).map_err(|_| "avail index ran ahead of the queue")?.next()
+        {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem).map_err(|_| "queue rings not in guest RAM")? {
+            return Ok(None);
+        }
+    }
+}
+
+/// Writes header and payload into a receive buffer; `None` if it is too small (the message is
+/// dropped and the buffer returned empty).
+fn write_delivery(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    delivery: &Delivery,
+) -> Option<u32> {
+    let mut writer = chain.writer(mem).ok()?;
+    let total = RX_HEADER_SIZE + delivery.payload.len();
+    if writer.available_bytes() < total {
+        return None;
+    }
+    writer.write_all(&delivery.header.to_bytes()).ok()?;
+    writer.write_all(&delivery.payload).ok()?;
+    Some(total as u32)
+}
