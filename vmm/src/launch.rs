@@ -27,6 +27,7 @@ use keyhold_devices::virtio::secure_channel::ChannelNode;
 use crate::device_thread::{Backend, DeviceThread};
 use crate::host::{self, HostError};
 use crate::partition::{self, Partition, PartitionConfig, PartitionError};
+use crate::stop::Stopped;
 use crate::supervisor::{self, SupervisorError};
 
 /// Channels one node's CMM can hold, across all its partitions.
@@ -196,38 +197,20 @@ pub fn node(args: &NodeArgs, process_start: Instant) -> Result<u8, LaunchError> 
 /// Boots a node's partitions and returns the process exit status: the first non-zero status
 /// of a partition, in the order they stopped, or 0.
 pub fn boot(launch: &Launch, process_start: Instant) -> Result<u8, LaunchError> {
-    let configs = &launch.partitions;
-    let firmware =
-        configs.iter().map(PartitionConfig::open_firmware).collect::<Result<Vec<_>, _>>()?;
+    let firmware = launch
+        .partitions
+        .iter()
+        .map(PartitionConfig::open_firmware)
+        .collect::<Result<Vec<_>, _>>()?;
     let audit = open_audit(launch)?;
     let kvm = host::open_kvm()?;
-    let output = console_output(launch.console.as_deref())?;
-    let prefixed = configs.len() > 1;
-    let mut partitions = Vec::with_capacity(configs.len());
-    for (config, firmware) in configs.iter().zip(firmware) {
-        let prefix = if prefixed { format!("[p{}] ", config.id) } else { String::new() };
-        let console = LineSink::new(prefix, output.clone());
-        partitions.push(partition::create(&kvm, config, firmware, console, Limits::default())?);
-    }
-    let (links, inbox) = match &launch.links {
-        Some(l) => {
-            let (manager, inbox) = LinkManager::start(
-                launch.node,
-                l.private_key,
-                l.directory.clone(),
-                l.listen,
-                audit.clone(),
-            )
-            .map_err(|source| LaunchError::Listen { addr: l.listen, source })?;
-            (Some(manager), Some(inbox))
-        }
-        None => (None, None),
-    };
+    let mut partitions = create_partitions(&kvm, launch, firmware)?;
+    let (links, inbox) = start_links(launch, &audit)?;
     let link_io = links.as_ref().map(LinkManager::handle).zip(inbox);
     let (queries, query_port) = query::channel().map_err(LaunchError::DeviceThread)?;
     let api_state = Arc::new(ApiState {
         node: launch.node,
-        partitions: Mutex::new(configs.iter().map(api_partition).collect()),
+        partitions: Mutex::new(launch.partitions.iter().map(api_partition).collect()),
         queries,
         links: links.as_ref().map(LinkManager::handle),
         audit: audit.clone(),
@@ -240,24 +223,60 @@ pub fn boot(launch: &Launch, process_start: Instant) -> Result<u8, LaunchError> 
         ),
         None => None,
     };
-    let state = api_state.clone();
     let stops = supervisor::run(partitions, launch.timeout, process_start, move |stopped| {
-        let report = stopped.report();
-        if let Some(report) = &report {
-            eprintln!("keyhold: {report}");
-        }
-        if let Some(p) = lock(&state.partitions).iter_mut().find(|p| p.id == stopped.partition) {
-            p.stopped = Some((
-                stopped.exit_status(),
-                report.unwrap_or_else(|| "exited with status 0".into()),
-            ));
-        }
+        report_stop(&api_state, stopped)
     })?;
     drop(api);
     // Devices stop before the links, so nothing is sent over a link being torn down.
     drop(device_thread);
     drop(links);
     Ok(stops.iter().map(|s| s.exit_status()).find(|&s| s != 0).unwrap_or(0))
+}
+
+/// Builds every partition, each console prefixed with its ID when there are several.
+fn create_partitions(
+    kvm: &kvm_ioctls::Kvm,
+    launch: &Launch,
+    firmware: Vec<crate::loader::Firmware>,
+) -> Result<Vec<Partition>, LaunchError> {
+    let output = console_output(launch.console.as_deref())?;
+    let prefixed = launch.partitions.len() > 1;
+    let mut partitions = Vec::with_capacity(launch.partitions.len());
+    for (config, firmware) in launch.partitions.iter().zip(firmware) {
+        let prefix = if prefixed { format!("[p{}] ", config.id) } else { String::new() };
+        let console = LineSink::new(prefix, output.clone());
+        partitions.push(partition::create(kvm, config, firmware, console, Limits::default())?);
+    }
+    Ok(partitions)
+}
+
+/// Starts the host links if the node is in a cluster.
+fn start_links(
+    launch: &Launch,
+    audit: &Audit,
+) -> Result<(Option<LinkManager>, Option<Inbox>), LaunchError> {
+    let Some(l) = &launch.links else { return Ok((None, None)) };
+    let (manager, inbox) = LinkManager::start(
+        launch.node,
+        l.private_key,
+        l.directory.clone(),
+        l.listen,
+        audit.clone(),
+    )
+    .map_err(|source| LaunchError::Listen { addr: l.listen, source })?;
+    Ok((Some(manager), Some(inbox)))
+}
+
+/// Reports a stopped partition on stderr (unless it exited cleanly) and to the API.
+fn report_stop(state: &ApiState, stopped: &Stopped) {
+    let report = stopped.report();
+    if let Some(report) = &report {
+        eprintln!("keyhold: {report}");
+    }
+    if let Some(p) = lock(&state.partitions).iter_mut().find(|p| p.id == stopped.partition) {
+        let report = report.unwrap_or_else(|| "exited with status 0".into());
+        p.stopped = Some((stopped.exit_status(), report));
+    }
 }
 
 /// Starts the device thread with every partition's backends and one CMM for `node` in front
