@@ -45,19 +45,10 @@ pub struct QueryPort {
     pub wake: EventFd,
 }
 
-/// The asking end; cheap to clone.
+/// The asking end.
 pub struct QueryHandle {
     sender: Sender<Envelope>,
     wake: EventFd,
-}
-
-impl Clone for QueryHandle {
-    fn clone(&self) -> Self {
-        Self {
-            sender: self.sender.clone(),
-            wake: self.wake.try_clone().expect("cloning an eventfd only fails when out of fds"),
-        }
-    }
 }
 
 /// A connected pair.
