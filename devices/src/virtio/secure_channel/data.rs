@@ -6,14 +6,14 @@ use super::*;
 impl ChannelNode {
     /// Sends every message on the transmit queue, then delivers what they produced.
     pub(super) fn transmit(&mut self, index: usize) -> Result<(), Malformed> {
-        let mut deliveries = Vec::new();
-        self.run_queue(index, 1, |node, index, chain| {
-            node.send_one(index, chain, &mut deliveries)
-        })?;
-        for delivery in deliveries {
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        let result = self
+            .run_queue(index, 1, |node, index, chain| node.send_one(index, chain, &mut deliveries));
+        for delivery in deliveries.drain(..) {
             self.deliver(delivery);
         }
-        Ok(())
+        self.deliveries = deliveries;
+        result
     }
 
     pub(super) fn send_one(
@@ -31,10 +31,21 @@ impl ChannelNode {
                     deliveries.push(delivery);
                     status::OK
                 }
-                Ok(Routed::Remote { node, frame }) => match &self.links {
-                    Some((links, _)) if links.send(node, &Frame::Data(frame)).is_ok() => status::OK,
-                    _ => status::UNREACHABLE,
-                },
+                Ok(Routed::Remote { node, frame }) => {
+                    let frame = Frame::Data(frame);
+                    let sent = self
+                        .links
+                        .as_ref()
+                        .is_some_and(|(links, _)| links.send(node, &frame).is_ok());
+                    if let Frame::Data(frame) = frame {
+                        self.buffers.give(frame.payload);
+                    }
+                    if sent {
+                        status::OK
+                    } else {
+                        status::UNREACHABLE
+                    }
+                }
                 Err(code) => code,
             },
             Err(code) => self.cmm.refuse(partition, code),
@@ -49,7 +60,10 @@ impl ChannelNode {
     }
 
     /// Reads a transmit header and its payload, within the device's limits.
-    pub(super) fn read_message(&self, reader: &mut Reader<'_>) -> Result<(TxHeader, Vec<u8>), u32> {
+    pub(super) fn read_message(
+        &mut self,
+        reader: &mut Reader<'_>,
+    ) -> Result<(TxHeader, Vec<u8>), u32> {
         let mut raw = [0u8; TX_HEADER_SIZE];
         reader.read_exact(&mut raw).map_err(|_| status::BAD_REQUEST)?;
         let header = TxHeader::from_bytes(&raw).ok_or(status::BAD_REQUEST)?;
@@ -60,8 +74,11 @@ impl ChannelNode {
         if reader.available_bytes() < len {
             return Err(status::BAD_REQUEST);
         }
-        let mut payload = vec![0u8; len];
-        reader.read_exact(&mut payload).map_err(|_| status::BAD_REQUEST)?;
+        let mut payload = self.buffers.take(len);
+        if reader.read_exact(&mut payload).is_err() {
+            self.buffers.give(payload);
+            return Err(status::BAD_REQUEST);
+        }
         Ok((header, payload))
     }
 
@@ -74,6 +91,7 @@ impl ChannelNode {
         let device = &mut self.devices[index];
         if device.pending.len() >= MAX_PENDING {
             self.cmm.dropped_no_room(&delivery);
+            self.buffers.give(delivery.payload);
             return;
         }
         device.pending.push_back(delivery);
@@ -108,6 +126,7 @@ impl ChannelNode {
                         Some(_) => self.cmm.delivered(&delivery),
                         None => self.cmm.dropped_no_room(&delivery),
                     }
+                    self.buffers.give(delivery.payload);
                     if queue.add_used(&mem, head, written.unwrap_or(0)).is_err() {
                         failure = Some("used ring not writable");
                         break;

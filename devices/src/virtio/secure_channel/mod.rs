@@ -8,6 +8,7 @@
 
 mod control;
 mod data;
+mod pool;
 mod remote;
 
 use std::collections::VecDeque;
@@ -104,6 +105,9 @@ pub struct ChannelNode {
     links: Option<(LinkHandle, Inbox)>,
     queries: Option<QueryPort>,
     pending_opens: Vec<PendingOpen>,
+    buffers: pool::BufferPool,
+    /// Reused by every transmit batch for the deliveries it makes.
+    deliveries: Vec<Delivery>,
 }
 
 /// Event data of the link inbox (queue events use `device * QUEUES + queue`).
@@ -114,7 +118,15 @@ const QUERIES: u32 = u32::MAX - 1;
 impl ChannelNode {
     /// The node's devices in front of `cmm`, and the host links if the node has any.
     pub fn new(cmm: Cmm, devices: Vec<ChannelDevice>, links: Option<(LinkHandle, Inbox)>) -> Self {
-        Self { cmm, devices, links, queries: None, pending_opens: Vec::new() }
+        Self {
+            cmm,
+            devices,
+            links,
+            queries: None,
+            pending_opens: Vec::new(),
+            buffers: pool::BufferPool::default(),
+            deliveries: Vec::new(),
+        }
     }
 
     /// Answers the control API's questions from `port`.
