@@ -84,22 +84,41 @@ struct Writer {
     message: Vec<u8>,
 }
 
+/// Encrypted messages gathered before one write, so a batch of frames costs one syscall.
+const WRITE_BATCH: usize = 256 * 1024;
+
 impl Conn {
     fn send(&self, frame: &Frame) -> io::Result<()> {
+        self.send_all([frame])
+    }
+
+    /// Encrypts `frames` in order and writes them, gathering up to [`WRITE_BATCH`] bytes per
+    /// write.
+    fn send_all<'f>(&self, frames: impl IntoIterator<Item = &'f Frame>) -> io::Result<()> {
         let mut writer = lock(&self.writer);
         let Writer { stream, frame: bytes, message } = &mut *writer;
-        frame.encode(bytes);
-        message.resize(2 + MAX_MESSAGE, 0);
-        let result = wire::chunks(bytes, |plain| {
-            let n = lock(&self.transport)
-                .write_message(plain, &mut message[2..])
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            // Noise messages are at most MAX_MESSAGE (65,535) bytes, so the length fits.
-            message[..2].copy_from_slice(&(n as u16).to_be_bytes());
-            stream.write_all(&message[..2 + n])
-        });
-        zeroize::Zeroize::zeroize(bytes);
-        result
+        message.clear();
+        for frame in frames {
+            frame.encode(bytes);
+            let sealed = wire::chunks(bytes, |plain| {
+                let start = message.len();
+                message.resize(start + 2 + MAX_MESSAGE, 0);
+                let n = lock(&self.transport)
+                    .write_message(plain, &mut message[start + 2..])
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                // Noise messages are at most MAX_MESSAGE (65,535) bytes, so the length fits.
+                message[start..start + 2].copy_from_slice(&(n as u16).to_be_bytes());
+                message.truncate(start + 2 + n);
+                Ok(())
+            });
+            zeroize::Zeroize::zeroize(bytes);
+            sealed?;
+            if message.len() >= WRITE_BATCH {
+                stream.write_all(message)?;
+                message.clear();
+            }
+        }
+        stream.write_all(message)
     }
 
     /// Ends the connection (both directions), waking its reader.
@@ -158,6 +177,27 @@ impl LinkHandle {
         })?;
         update(&self.shared, node, conn.id, |s| s.frames_out += 1);
         Ok(())
+    }
+
+    /// Sends `frames`, in order, to `node` with as few writes as possible.
+    pub fn send_all<'f>(
+        &self,
+        node: u32,
+        frames: impl ExactSizeIterator<Item = &'f Frame>,
+    ) -> Result<(), SendError> {
+        let conn = lock(&self.shared.links).get(&node).cloned().ok_or(SendError::NoLink)?;
+        let count = frames.len() as u64;
+        conn.send_all(frames).map_err(|_| {
+            conn.shut_down();
+            SendError::Broken
+        })?;
+        update(&self.shared, node, conn.id, |s| s.frames_out += count);
+        Ok(())
+    }
+
+    /// Whether a link to `node` is up.
+    pub fn is_up(&self, node: u32) -> bool {
+        lock(&self.shared.links).contains_key(&node)
     }
 
     /// Every peer's link status.

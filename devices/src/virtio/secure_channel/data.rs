@@ -13,7 +13,27 @@ impl ChannelNode {
             self.deliver(delivery);
         }
         self.deliveries = deliveries;
+        self.send_outbound();
         result
+    }
+
+    /// Sends the batch's frames for other nodes, one gathered write per node, and recycles
+    /// their buffers. A link that breaks now takes its channels down with it (link loss).
+    fn send_outbound(&mut self) {
+        let mut outbound = std::mem::take(&mut self.outbound);
+        if let Some((links, _)) = &self.links {
+            outbound.sort_by_key(|(node, _)| *node);
+            for run in outbound.chunk_by(|a, b| a.0 == b.0) {
+                // A failure shuts the link down; link loss then closes its channels.
+                let _ = links.send_all(run[0].0, run.iter().map(|(_, frame)| frame));
+            }
+        }
+        for (_, frame) in outbound.drain(..) {
+            if let Frame::Data(frame) = frame {
+                self.buffers.give(frame.payload);
+            }
+        }
+        self.outbound = outbound;
     }
 
     pub(super) fn send_one(
@@ -32,17 +52,13 @@ impl ChannelNode {
                     status::OK
                 }
                 Ok(Routed::Remote { node, frame }) => {
-                    let frame = Frame::Data(frame);
-                    let sent = self
-                        .links
-                        .as_ref()
-                        .is_some_and(|(links, _)| links.send(node, &frame).is_ok());
-                    if let Frame::Data(frame) = frame {
-                        self.buffers.give(frame.payload);
-                    }
-                    if sent {
+                    // Sent with the rest of the batch (see `transmit`); OK means sealed and
+                    // handed, in order, to an up link.
+                    if self.links.as_ref().is_some_and(|(links, _)| links.is_up(node)) {
+                        self.outbound.push((node, Frame::Data(frame)));
                         status::OK
                     } else {
+                        self.buffers.give(frame.payload);
                         status::UNREACHABLE
                     }
                 }

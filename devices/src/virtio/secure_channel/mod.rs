@@ -108,6 +108,8 @@ pub struct ChannelNode {
     buffers: pool::BufferPool,
     /// Reused by every transmit batch for the deliveries it makes.
     deliveries: Vec<Delivery>,
+    /// Reused by every transmit batch for the frames it sends to other nodes.
+    outbound: Vec<(u32, Frame)>,
 }
 
 /// Event data of the link inbox (queue events use `device * QUEUES + queue`).
@@ -126,6 +128,7 @@ impl ChannelNode {
             pending_opens: Vec::new(),
             buffers: pool::BufferPool::default(),
             deliveries: Vec::new(),
+            outbound: Vec::new(),
         }
     }
 
