@@ -22,18 +22,18 @@ pub struct Cli {
 pub enum Command {
     /// Boot one or more bare-metal partitions and wait until all have stopped.
     Run(RunArgs),
+    /// Run a node: the partitions of a node.toml, each with virtio-rng and a secure-channel
+    /// device, sharing one connection management mechanism.
+    Node(NodeArgs),
+    /// Ask a running node, through its control API socket.
+    Ctl(CtlArgs),
     /// Run two linked nodes on this machine and show channels within and across nodes, and a
     /// hostile partition whose forgeries are all refused. Needs nothing prepared.
     Demo,
-    /// Ask a running node, through its control API socket.
-    Ctl(CtlArgs),
     /// Print a new private key (base64 X25519), as `wg genkey` does.
     Keygen,
     /// Read a private key on stdin and print its public key, as `wg pubkey` does.
     Pubkey,
-    /// Run a node: the partitions of a node.toml, each with virtio-rng and a secure-channel
-    /// device, sharing one connection management mechanism.
-    Node(NodeArgs),
 }
 
 const RUN_AFTER_HELP: &str = "\
