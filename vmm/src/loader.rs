@@ -393,4 +393,25 @@ mod tests {
         image.resize(MAX_FIRMWARE_FILE as usize + 1, 0);
         assert!(matches!(inspect_bytes(image), Err(FirmwareError::TooLarge { .. })));
     }
+
+    #[test]
+    fn randomly_damaged_images_are_refused_or_loaded_never_panic() {
+        let image = hello();
+        let mut state = 0x1234_5678_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..3_000 {
+            let mut damaged = image.clone();
+            // Damage the headers, where the parsing is: a few random bytes of the first 512.
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % 512) as usize;
+                damaged[at] = next() as u8;
+            }
+            let _ = inspect_bytes(damaged);
+        }
+    }
 }

@@ -353,4 +353,32 @@ mod tests {
         assert!(assembler.push(&big).unwrap().is_none());
         assert_eq!(assembler.push(&big).err(), Some(FrameError::TooLong));
     }
+
+    /// A small deterministic generator, so the random tests below are reproducible.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_decoders() {
+        let mut state = 0x5eed_u64;
+        let mut assembler = Assembler::default();
+        for _ in 0..50_000 {
+            let len = (xorshift(&mut state) % 200) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| xorshift(&mut state) as u8).collect();
+            // Half the time, a valid version and type, so the bodies' checks are reached too.
+            if len >= 2 && xorshift(&mut state) % 2 == 0 {
+                bytes[0] = VERSION;
+                bytes[1] = (xorshift(&mut state) % 8) as u8;
+            }
+            let _ = Frame::decode(&bytes);
+            if let Ok(Some(frame)) = assembler.push(&bytes) {
+                let _ = Frame::decode(frame);
+            }
+            assembler.reset();
+        }
+    }
 }
