@@ -370,7 +370,7 @@ mod tests {
             let len = (xorshift(&mut state) % 200) as usize;
             let mut bytes: Vec<u8> = (0..len).map(|_| xorshift(&mut state) as u8).collect();
             // Half the time, a valid version and type, so the bodies' checks are reached too.
-            if len >= 2 && xorshift(&mut state) % 2 == 0 {
+            if len >= 2 && xorshift(&mut state).is_multiple_of(2) {
                 bytes[0] = VERSION;
                 bytes[1] = (xorshift(&mut state) % 8) as u8;
             }
