@@ -118,3 +118,14 @@ impl std::os::fd::AsRawFd for ShutdownSignals {
         self.fd.as_raw_fd()
     }
 }
+
+/// Makes the process non-dumpable: no core dump, and no ptrace or /proc/PID/mem by other users.
+/// Keys live in memfd_secret memory, but transient copies (a cipher's key schedule while a
+/// message is sealed, the links' Noise states) pass through ordinary memory.
+pub fn forbid_core_dumps() -> io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes an integer argument and changes only this process's flag.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

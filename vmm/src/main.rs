@@ -22,6 +22,9 @@ fn main() -> ExitCode {
         if let Err(e) = keyhold_vmm::host::block_shutdown_signals() {
             eprintln!("keyhold: blocking SIGTERM and SIGINT: {e}");
         }
+        if let Err(e) = keyhold_vmm::host::forbid_core_dumps() {
+            eprintln!("keyhold: making the process non-dumpable: {e}");
+        }
     }
     let status = match &cli.command {
         Command::Run(args) => launch::run(args, process_start),

@@ -142,6 +142,12 @@ struct Shared {
     accepted: Mutex<Vec<JoinHandle<()>>>,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.own_key);
+    }
+}
+
 impl Shared {
     fn deliver(&self, item: Inbound) {
         if self.inbox.send(item).is_ok() {
