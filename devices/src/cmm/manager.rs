@@ -118,6 +118,11 @@ impl Cmm {
         self.limits
     }
 
+    /// Tells the CMM that `partition` is one of this node's (its counters start at zero).
+    pub fn add_partition(&mut self, partition: u32) {
+        self.stats.entry(partition).or_default();
+    }
+
     /// The counters of `partition`.
     pub fn stats(&mut self, partition: u32) -> &mut Stats {
         self.stats.entry(partition).or_default()
@@ -503,8 +508,10 @@ impl Cmm {
             }
             Err(r) => {
                 self.audit("message_rejected", r.reason(), &frame.source, &frame.destination);
-                if r != DataRejection::NoChannel {
-                    self.stats(frame.destination.partition).rejected += 1;
+                // Counted against the destination partition if it is one of ours; a peer naming
+                // partitions that do not exist must not grow the statistics table.
+                if let Some(stats) = self.stats.get_mut(&frame.destination.partition) {
+                    stats.rejected += 1;
                 }
                 Err(r)
             }
@@ -572,7 +579,11 @@ mod tests {
     const NODE: u32 = 1;
 
     fn cmm() -> Cmm {
-        Cmm::new(NODE, 16, Limits::default(), Audit::new(NODE, None)).unwrap()
+        let mut cmm = Cmm::new(NODE, 16, Limits::default(), Audit::new(NODE, None)).unwrap();
+        for partition in 1..=3 {
+            cmm.add_partition(partition);
+        }
+        cmm
     }
 
     /// OPEN on one node, which answers at once.

@@ -119,7 +119,14 @@ const QUERIES: u32 = u32::MAX - 1;
 
 impl ChannelNode {
     /// The node's devices in front of `cmm`, and the host links if the node has any.
-    pub fn new(cmm: Cmm, devices: Vec<ChannelDevice>, links: Option<(LinkHandle, Inbox)>) -> Self {
+    pub fn new(
+        mut cmm: Cmm,
+        devices: Vec<ChannelDevice>,
+        links: Option<(LinkHandle, Inbox)>,
+    ) -> Self {
+        for device in &devices {
+            cmm.add_partition(device.partition);
+        }
         Self {
             cmm,
             devices,
