@@ -10,15 +10,7 @@ pub mod rng;
 pub mod secure_channel;
 pub mod shared;
 
-/// Virtio device ID of the entropy device.
-pub const DEVICE_ID_RNG: u32 = 4;
-/// Virtio device ID of the keyhold secure-channel device (from the range virtio leaves to
-/// vendors' experiments; docs/DEVICE.md).
-pub const DEVICE_ID_SECURE_CHANNEL: u32 = 0x4b48;
-
-/// `VIRTIO_F_VERSION_1`.
-pub const F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const F_EVENT_IDX: u64 = 1 << 29;
-/// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const F_INDIRECT_DESC: u64 = 1 << 28;
+// Device IDs and feature bits are defined once, in the guest agent's ABI.
+pub use guest_agent::channel::abi::DEVICE_ID as DEVICE_ID_SECURE_CHANNEL;
+pub use guest_agent::virtio::rng::DEVICE_ID as DEVICE_ID_RNG;
+pub use guest_agent::virtio::{F_EVENT_IDX, F_VERSION_1};

@@ -2,6 +2,7 @@
 //! devices keyhold gives a partition.
 
 pub mod queue;
+pub mod registers;
 pub mod rng;
 pub mod transport;
 

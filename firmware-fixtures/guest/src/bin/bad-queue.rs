@@ -12,7 +12,8 @@ use guest_agent::boot_info::DeviceKind;
 use guest_agent::channel::abi::{self, op, ControlRequest, Endpoint};
 use guest_agent::channel::SecureChannel;
 use guest_agent::time::spin_for;
-use guest_agent::virtio::transport::*;
+use guest_agent::virtio::registers::{reg, status};
+use guest_agent::virtio::transport::Transport;
 use guest_agent::virtio::F_VERSION_1;
 use guest_agent::{pages, println, BootInfo};
 
@@ -80,28 +81,28 @@ impl Bad {
 
     /// Points queue `index` at `q` (or at `desc` for the descriptor table) and marks it ready.
     fn setup(&self, index: u32, desc: u64, q: &RawQueue) {
-        self.t.write(REG_QUEUE_SEL, index);
-        self.t.write(REG_QUEUE_NUM, u32::from(QSIZE));
+        self.t.write(reg::QUEUE_SEL, index);
+        self.t.write(reg::QUEUE_NUM, u32::from(QSIZE));
         for (low, high, addr) in [
-            (REG_QUEUE_DESC_LOW, REG_QUEUE_DESC_HIGH, desc),
-            (REG_QUEUE_DRIVER_LOW, REG_QUEUE_DRIVER_HIGH, q.avail),
-            (REG_QUEUE_DEVICE_LOW, REG_QUEUE_DEVICE_HIGH, q.used),
+            (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, desc),
+            (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, q.avail),
+            (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, q.used),
         ] {
             self.t.write(low, addr as u32);
             self.t.write(high, (addr >> 32) as u32);
         }
-        self.t.write(REG_QUEUE_READY, 1);
+        self.t.write(reg::QUEUE_READY, 1);
     }
 
     fn driver_ok(&self) {
-        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
-        self.t.write(REG_STATUS, s);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        self.t.write(reg::STATUS, s);
     }
 
     /// Waits up to half a second for the device to ask for a reset.
     fn needs_reset(&self) -> bool {
         for _ in 0..500 {
-            if self.t.read(REG_STATUS) & STATUS_NEEDS_RESET != 0 {
+            if self.t.read(reg::STATUS) & status::NEEDS_RESET != 0 {
                 return true;
             }
             spin_for(self.info, 1000);
@@ -128,7 +129,7 @@ impl Bad {
         self.driver_ok();
         chain(&q, req);
         q.publish(0, 0, 1);
-        self.t.write(REG_QUEUE_NOTIFY, 0);
+        self.t.write(reg::QUEUE_NOTIFY, 0);
         q
     }
 }
@@ -145,7 +146,7 @@ fn main(info: &'static BootInfo) -> u32 {
     bad.negotiate();
     let q = RawQueue::new();
     bad.setup(0, q.desc, &q);
-    bad.t.write(REG_QUEUE_NOTIFY, 0);
+    bad.t.write(reg::QUEUE_NOTIFY, 0);
     let answer = bad.needs_reset();
     bad.expect("notification before DRIVER_OK", answer);
 
@@ -166,7 +167,7 @@ fn main(info: &'static BootInfo) -> u32 {
     let looped = bad.control_chain(|q, req| q.set_desc(0, req, 64, DESC_F_NEXT, 0));
     spin_for(info, 100_000);
     let answered_empty = looped.used_idx() == 1 && looped.used_len(0) == 0;
-    let still_fine = bad.t.read(REG_STATUS) & STATUS_NEEDS_RESET == 0;
+    let still_fine = bad.t.read(reg::STATUS) & status::NEEDS_RESET == 0;
     bad.expect(
         "descriptor loop (answered with nothing, device still usable)",
         answered_empty && still_fine,
@@ -175,17 +176,17 @@ fn main(info: &'static BootInfo) -> u32 {
     let ahead = bad.control_chain(|q, req| q.set_desc(0, req, 64, 0, 0));
     spin_for(info, 100_000);
     ahead.publish(1, 0, 1 + 2 * QSIZE);
-    bad.t.write(REG_QUEUE_NOTIFY, 0);
+    bad.t.write(reg::QUEUE_NOTIFY, 0);
     let answer = bad.needs_reset();
     bad.expect("avail index ahead by more than the queue size", answer);
 
     bad.negotiate();
-    bad.t.write(REG_QUEUE_SEL, 9);
-    let no_queue = bad.t.read(REG_QUEUE_NUM_MAX) == 0;
-    bad.t.write(REG_QUEUE_READY, 1);
-    bad.t.write(REG_QUEUE_NOTIFY, 9);
+    bad.t.write(reg::QUEUE_SEL, 9);
+    let no_queue = bad.t.read(reg::QUEUE_NUM_MAX) == 0;
+    bad.t.write(reg::QUEUE_READY, 1);
+    bad.t.write(reg::QUEUE_NOTIFY, 9);
     let ignored =
-        bad.t.read(REG_QUEUE_READY) == 0 && bad.t.read(REG_STATUS) & STATUS_NEEDS_RESET == 0;
+        bad.t.read(reg::QUEUE_READY) == 0 && bad.t.read(reg::STATUS) & status::NEEDS_RESET == 0;
     bad.expect("invalid queue index (no such queue; notify ignored)", no_queue && ignored);
 
     let recovered = talk_to_echo(info, peer);
