@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 include!(concat!(env!("OUT_DIR"), "/index.rs"));
 
+#[path = "../guest/src/snoop_key.rs"]
+pub mod snoop_key;
+
 /// The image of fixture `name` (which need not exist: see [`NAMES`]).
 pub fn path(name: &str) -> PathBuf {
     Path::new(DIR).join(format!("{name}.elf"))

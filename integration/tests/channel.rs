@@ -65,19 +65,6 @@ fn every_forgery_is_refused_with_its_status() {
     );
 }
 
-/// Byte `i` of snoop's key for `seed` (the same xorshift64* the fixture uses).
-fn key_byte(seed: u64, i: usize) -> u8 {
-    let mut x = seed | 1;
-    let mut out = 0u64;
-    for _ in 0..=i / 8 {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-    }
-    (out >> (8 * (i % 8))) as u8
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -93,7 +80,7 @@ fn dumps(dir: &Path) -> Vec<Vec<u8>> {
 fn a_guest_key_is_in_no_guest_memory_register_log_or_list() {
     require_kvm!();
     let seed = 0x5eed_1234_u64;
-    let key: Vec<u8> = (0..32).map(|i| key_byte(seed, i)).collect();
+    let key: Vec<u8> = (0..32).map(|i| firmware_fixtures::snoop_key::key_byte(seed, i)).collect();
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let dir = tempfile::tempdir().unwrap();
     let dump_dir = dir.path().display().to_string();

@@ -12,26 +12,15 @@ use guest_agent::channel::SecureChannel;
 use guest_agent::mmio::read32;
 use guest_agent::{println, BootInfo};
 
+#[path = "../snoop_key.rs"]
+mod snoop_key;
+use snoop_key::key_byte;
+
 /// A marker the test finds in the RAM dump, proving the dump holds this partition's memory.
 static CANARY: &str = "keyhold-snoop-canary-3141592653";
 
 /// Where `plant=1` keeps its deliberate copy of the key.
 static mut PLANTED: [u8; 32] = [0; 32];
-
-/// Byte `i` of the key for `seed`: xorshift64* output, recomputed on demand so that the key
-/// itself is never held in memory by this program except in the one buffer handed to the
-/// device (and wiped).
-fn key_byte(seed: u64, i: usize) -> u8 {
-    let mut x = seed | 1;
-    let mut out = 0;
-    for _ in 0..=i / 8 {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-    }
-    (out >> (8 * (i % 8))) as u8
-}
 
 fn main(info: &'static BootInfo) -> u32 {
     let (Some(peer), Some(seed)) =
