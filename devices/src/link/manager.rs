@@ -1,22 +1,26 @@
 //! The link manager: accepts links from any listed node, initiates links to the nodes with a
 //! higher ID (so each pair has one link), keeps them alive, notices them die, and reconnects
-//! with backoff. Frames for the CMM go to an inbox the device thread drains; the CMM sends
+//! with backoff. Frames for the CMM go to an [`Inbox`] the device thread drains; the CMM sends
 //! through a [`LinkHandle`]. Every decision about a link is audited.
+//!
+//! Nothing a peer does can hold this node up for long: a peer that stops sending is dropped
+//! after [`DEAD_AFTER`] (keepalives), one that stops reading after [`DEAD_AFTER`] too (a send
+//! that makes no progress for that long fails), and one whose frames pile up unhandled is
+//! dropped by the inbox's backlog limit.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use snow::TransportState;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::directory::{Directory, Peer};
 use super::handshake::{self, HandshakeError};
+use super::inbox::{self, Inbox, Outbox, PEER_BACKLOG};
 use super::wire::{self, Assembler, Frame, MAX_MESSAGE};
 use crate::bus::lock;
 use crate::cmm::audit::{Audit, Record};
@@ -45,27 +49,6 @@ pub struct LinkStatus {
     pub established: u64,
 }
 
-/// What the links tell the CMM.
-pub enum Inbound {
-    /// A frame for the CMM from an authenticated peer.
-    Frame {
-        /// The node authenticated on the link it came over.
-        node: u32,
-        /// The frame.
-        frame: Frame,
-    },
-    /// The link to `node` went down: its channels are gone.
-    LinkDown(u32),
-}
-
-/// Where the links put what the CMM must handle, and the eventfd that wakes the device thread.
-pub struct Inbox {
-    /// Frames and events, in arrival order.
-    pub receiver: Receiver<Inbound>,
-    /// Written whenever something is queued.
-    pub wake: EventFd,
-}
-
 /// One authenticated link.
 struct Conn {
     id: u64,
@@ -73,6 +56,10 @@ struct Conn {
     /// wire is the order of the Noise nonces.
     writer: Mutex<Writer>,
     transport: Mutex<TransportState>,
+    /// The socket again, to shut down without waiting for the writer.
+    socket: TcpStream,
+    /// Why this side ended the link, when it did (the reader then only sees the socket close).
+    ended: Mutex<Option<&'static str>>,
 }
 
 /// The sending side of a link, with buffers reused from frame to frame.
@@ -121,9 +108,20 @@ impl Conn {
         stream.write_all(message)
     }
 
-    /// Ends the connection (both directions), waking its reader.
-    fn shut_down(&self) {
-        let _ = lock(&self.writer).stream.shutdown(Shutdown::Both);
+    /// Ends the connection (both directions) for `reason`, waking its reader.
+    fn shut_down(&self, reason: &'static str) {
+        lock(&self.ended).get_or_insert(reason);
+        // Not through the writer's lock: a send may hold it, stuck until its timeout.
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+
+    /// Ends the connection after a failed send.
+    fn send_failed(&self, error: &io::Error) {
+        let reason = match error.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "send_timeout",
+            _ => "send_failed",
+        };
+        self.shut_down(reason);
     }
 }
 
@@ -136,8 +134,7 @@ struct Shared {
     status: Mutex<BTreeMap<u32, LinkStatus>>,
     next_link: AtomicU64,
     links: Mutex<BTreeMap<u32, Arc<Conn>>>,
-    inbox: Sender<Inbound>,
-    wake: EventFd,
+    outbox: Outbox,
     /// Threads serving accepted links, joined at shutdown so their last records are written.
     accepted: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -145,16 +142,6 @@ struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         zeroize::Zeroize::zeroize(&mut self.own_key);
-    }
-}
-
-impl Shared {
-    fn deliver(&self, item: Inbound) {
-        if self.inbox.send(item).is_ok() {
-            if let Err(e) = self.wake.write(1) {
-                log::error!("waking the device thread: {e}");
-            }
-        }
     }
 }
 
@@ -177,8 +164,8 @@ impl LinkHandle {
     /// Sends `frame` to `node` over its link.
     pub fn send(&self, node: u32, frame: &Frame) -> Result<(), SendError> {
         let conn = lock(&self.shared.links).get(&node).cloned().ok_or(SendError::NoLink)?;
-        conn.send(frame).map_err(|_| {
-            conn.shut_down();
+        conn.send(frame).map_err(|e| {
+            conn.send_failed(&e);
             SendError::Broken
         })?;
         update(&self.shared, node, conn.id, |s| s.frames_out += 1);
@@ -193,8 +180,8 @@ impl LinkHandle {
     ) -> Result<(), SendError> {
         let conn = lock(&self.shared.links).get(&node).cloned().ok_or(SendError::NoLink)?;
         let count = frames.len() as u64;
-        conn.send_all(frames).map_err(|_| {
-            conn.shut_down();
+        conn.send_all(frames).map_err(|e| {
+            conn.send_failed(&e);
             SendError::Broken
         })?;
         update(&self.shared, node, conn.id, |s| s.frames_out += count);
@@ -229,6 +216,17 @@ impl LinkManager {
         listen: SocketAddr,
         audit: Audit,
     ) -> io::Result<(Self, Inbox)> {
+        Self::start_with_backlog(own_id, own_key, directory, listen, audit, PEER_BACKLOG)
+    }
+
+    fn start_with_backlog(
+        own_id: u32,
+        own_key: [u8; 32],
+        directory: Directory,
+        listen: SocketAddr,
+        audit: Audit,
+        backlog: usize,
+    ) -> io::Result<(Self, Inbox)> {
         let listener = TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
@@ -249,8 +247,8 @@ impl LinkManager {
                 )
             })
             .collect();
-        let (inbox, receiver) = mpsc::channel();
-        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let peers = directory.peers().iter().map(|p| p.id).filter(|&id| id != own_id);
+        let (outbox, inbox) = inbox::inbox(peers, backlog)?;
         let shared = Arc::new(Shared {
             own_id,
             own_key,
@@ -260,8 +258,7 @@ impl LinkManager {
             status: Mutex::new(status),
             next_link: AtomicU64::new(1),
             links: Mutex::new(BTreeMap::new()),
-            inbox,
-            wake: wake.try_clone()?,
+            outbox,
             accepted: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
@@ -279,7 +276,7 @@ impl LinkManager {
                     .spawn(move || connect_loop(&s, &peer))?,
             );
         }
-        Ok((Self { shared, local_addr, threads }, Inbox { receiver, wake }))
+        Ok((Self { shared, local_addr, threads }, inbox))
     }
 
     /// The address the node listens on.
@@ -402,15 +399,23 @@ fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, 
     if let Err(e) = stream.set_nodelay(true) {
         log::warn!("link to node {}: TCP_NODELAY: {e}", peer.id);
     }
-    let Ok(writer) = stream.try_clone() else { return };
+    // A peer that takes nothing for this long is as dead as one that sends nothing; without
+    // the limit it could hold the device thread (and every local channel) in a send forever.
+    if let Err(e) = stream.set_write_timeout(Some(DEAD_AFTER)) {
+        log::warn!("link to node {}: send timeout: {e}", peer.id);
+        return;
+    }
+    let (Ok(writer), Ok(socket)) = (stream.try_clone(), stream.try_clone()) else { return };
     let conn = Arc::new(Conn {
         id: shared.next_link.fetch_add(1, Ordering::Relaxed),
         writer: Mutex::new(Writer { stream: writer, frame: Vec::new(), message: Vec::new() }),
         transport: Mutex::new(transport),
+        socket,
+        ended: Mutex::new(None),
     });
     // A newer link to the same node (it restarted) replaces the older one.
     if let Some(old) = lock(&shared.links).insert(peer.id, conn.clone()) {
-        old.shut_down();
+        old.shut_down("replaced");
     }
     update(shared, peer.id, conn.id, |s| {
         s.up = true;
@@ -428,7 +433,10 @@ fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, 
             .spawn(move || keepalive(&s, &c, &d, id))
             .ok()
     };
-    let reason = read_frames(shared, &stream, &conn, peer.id);
+    // The first reason to end the link is the one reported: a send failing on the socket the
+    // reader has just closed is a consequence, not a cause.
+    let read_ended = read_frames(shared, &stream, &conn, peer.id);
+    let reason = *lock(&conn.ended).get_or_insert(read_ended);
     done.store(true, Ordering::Release);
     let _ = stream.shutdown(Shutdown::Both);
     if let Some(keeper) = keeper {
@@ -446,7 +454,7 @@ fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, 
     shared.audit.record(Record::link("link_down", reason, Some(peer.id)));
     log::info!("link to node {} down: {reason}", peer.id);
     if current {
-        shared.deliver(Inbound::LinkDown(peer.id));
+        shared.outbox.link_down(peer.id);
     }
 }
 
@@ -493,7 +501,11 @@ fn read_frames(shared: &Shared, stream: &TcpStream, conn: &Conn, peer: u32) -> &
         match frame {
             Ok(Frame::Keepalive) => {}
             Ok(Frame::Goodbye) => return "goodbye",
-            Ok(frame) => shared.deliver(Inbound::Frame { node: peer, frame }),
+            Ok(frame) => {
+                if shared.outbox.frame(peer, frame).is_err() {
+                    return reject(shared, peer, "inbox_overrun");
+                }
+            }
             Err(e) => return reject(shared, peer, e.reason()),
         }
     }
@@ -512,8 +524,12 @@ fn keepalive(shared: &Shared, conn: &Conn, done: &AtomicBool, peer: u32) {
         let stopping = shared.stop.load(Ordering::Acquire);
         if stopping || Instant::now() >= next {
             let frame = if stopping { Frame::Goodbye } else { Frame::Keepalive };
-            if conn.send(&frame).is_err() || stopping {
-                conn.shut_down();
+            if let Err(e) = conn.send(&frame) {
+                conn.send_failed(&e);
+                return;
+            }
+            if stopping {
+                conn.shut_down("shutdown");
                 return;
             }
             update(shared, peer, conn.id, |s| s.frames_out += 1);
@@ -530,5 +546,154 @@ fn update(shared: &Shared, peer: u32, link: u64, f: impl FnOnce(&mut LinkStatus)
     }
     if let Some(status) = lock(&shared.status).get_mut(&peer) {
         f(status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmm::frames::DataFrame;
+    use crate::link::Inbound;
+    use guest_agent::channel::abi::Endpoint;
+    use std::sync::mpsc;
+
+    fn keypair() -> ([u8; 32], [u8; 32]) {
+        let kp = snow::Builder::new(handshake::NOISE_PARAMS.parse().unwrap())
+            .generate_keypair()
+            .unwrap();
+        (kp.private.try_into().unwrap(), kp.public.try_into().unwrap())
+    }
+
+    fn data(len: usize) -> Frame {
+        let a = Endpoint { node: 2, partition: 1, process: 1 };
+        let b = Endpoint { node: 1, partition: 1, process: 1 };
+        Frame::Data(DataFrame {
+            source: a,
+            destination: b,
+            seq: 0,
+            payload: vec![7; len],
+            tag: [0; 16],
+        })
+    }
+
+    /// Node 1, a real link manager, and a link to it from the test acting as node 2 (whose
+    /// behaviour is `rogue`, given the authenticated connection).
+    struct Rig {
+        manager: LinkManager,
+        inbox: Inbox,
+        audit: Audit,
+        rogue: JoinHandle<()>,
+    }
+
+    fn rig(backlog: usize, rogue: impl FnOnce(Conn) + Send + 'static) -> Rig {
+        let (key1, pub1) = keypair();
+        let (key2, pub2) = keypair();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peers = vec![
+            Peer { id: 1, address: "127.0.0.1:1".parse().unwrap(), public_key: pub1 },
+            Peer { id: 2, address: listener.local_addr().unwrap(), public_key: pub2 },
+        ];
+        let directory = Directory::new(peers);
+        let rogue = {
+            let directory = directory.clone();
+            std::thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                let (transport, peer) = handshake::respond(&mut stream, &key2, &directory).unwrap();
+                assert_eq!(peer.id, 1);
+                let conn = Conn {
+                    id: 0,
+                    writer: Mutex::new(Writer {
+                        stream: stream.try_clone().unwrap(),
+                        frame: Vec::new(),
+                        message: Vec::new(),
+                    }),
+                    transport: Mutex::new(transport),
+                    socket: stream,
+                    ended: Mutex::new(None),
+                };
+                rogue(conn);
+            })
+        };
+        let audit = Audit::new(1, None);
+        let any = "127.0.0.1:0".parse().unwrap();
+        let (manager, inbox) =
+            LinkManager::start_with_backlog(1, key1, directory, any, audit.clone(), backlog)
+                .unwrap();
+        Rig { manager, inbox, audit, rogue }
+    }
+
+    /// Waits (up to 20 s) for `what` to hold.
+    fn eventually(what: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn audited(audit: &Audit, event: &str, reason: &str) -> bool {
+        let wanted = format!("\"event\":\"{event}\",\"reason\":\"{reason}\"");
+        audit.recent().iter().any(|r| r.contains(&wanted))
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_cannot_hold_a_sender_forever() {
+        // The rogue proves it is alive but never reads a byte, for longer than the test waits.
+        let rig = rig(PEER_BACKLOG, |conn| {
+            for _ in 0..300 {
+                if conn.send(&Frame::Keepalive).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let handle = rig.manager.handle();
+        assert!(eventually(|| handle.is_up(2)), "the link never came up");
+        let (done, outcome) = mpsc::channel();
+        let sender = handle.clone();
+        std::thread::spawn(move || {
+            let frame = data(60_000);
+            let result = loop {
+                if let Err(e) = sender.send(2, &frame) {
+                    break e;
+                }
+            };
+            let _ = done.send(result);
+        });
+        let result = outcome.recv_timeout(DEAD_AFTER * 5).expect("a send hung on a silent peer");
+        assert_eq!(result, SendError::Broken);
+        assert!(
+            eventually(|| audited(&rig.audit, "link_down", "send_timeout")),
+            "{:#?}",
+            rig.audit.recent()
+        );
+        assert!(!handle.is_up(2));
+        drop(rig.manager);
+        rig.rogue.join().unwrap();
+    }
+
+    #[test]
+    fn a_peer_flooding_the_inbox_is_dropped_and_what_was_queued_stays_bounded() {
+        let backlog = 1 << 20;
+        let rig = rig(backlog, |conn| {
+            let frame = data(60_000);
+            while conn.send(&frame).is_ok() {}
+        });
+        // Nothing drains the inbox, as if the device thread were stuck.
+        assert!(
+            eventually(|| audited(&rig.audit, "frame_rejected", "inbox_overrun")),
+            "{:#?}",
+            rig.audit.recent()
+        );
+        assert!(eventually(|| audited(&rig.audit, "link_down", "inbox_overrun")));
+        let items = rig.inbox.take();
+        let frames = items.iter().filter(|i| matches!(i, Inbound::Frame { .. })).count();
+        assert!(frames > 0 && frames * 60_000 <= backlog, "{frames} frames were queued");
+        assert!(items.iter().any(|i| matches!(i, Inbound::LinkDown(2))));
+        drop(rig.manager);
+        rig.rogue.join().unwrap();
     }
 }

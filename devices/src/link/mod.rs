@@ -4,8 +4,10 @@
 
 pub mod directory;
 pub mod handshake;
+pub mod inbox;
 pub mod manager;
 pub mod wire;
 
 pub use directory::{Directory, Peer};
-pub use manager::{Inbound, Inbox, LinkHandle, LinkManager, LinkStatus, SendError};
+pub use inbox::{Inbound, Inbox};
+pub use manager::{LinkHandle, LinkManager, LinkStatus, SendError};

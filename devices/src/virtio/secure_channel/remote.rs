@@ -37,12 +37,8 @@ impl ChannelNode {
 
     /// Handles everything the host links queued.
     pub(super) fn drain_inbox(&mut self) {
-        let mut items = Vec::new();
-        if let Some((_, inbox)) = &self.links {
-            let _ = inbox.wake.read();
-            items.extend(inbox.receiver.try_iter());
-        }
-        for item in items {
+        let Some((_, inbox)) = &self.links else { return };
+        for item in inbox.take() {
             match item {
                 Inbound::Frame { node, frame } => self.frame_from_link(node, frame),
                 Inbound::LinkDown(node) => {
