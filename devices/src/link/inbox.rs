@@ -130,20 +130,16 @@ impl Inbox {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cmm::frames::DataFrame;
     use guest_agent::channel::abi::Endpoint;
 
-    fn data(len: usize) -> Frame {
-        let end = Endpoint { node: 2, partition: 1, process: 1 };
-        Frame::Data(DataFrame {
-            source: end,
-            destination: end,
-            seq: 0,
-            payload: vec![0; len],
-            tag: [0; 16],
-        })
+    /// A DATA frame from node 2 to node 1 with `len` bytes of payload.
+    pub(crate) fn data(len: usize) -> Frame {
+        let source = Endpoint { node: 2, partition: 1, process: 1 };
+        let destination = Endpoint { node: 1, partition: 1, process: 1 };
+        Frame::Data(DataFrame { source, destination, seq: 0, payload: vec![7; len], tag: [0; 16] })
     }
 
     #[test]

@@ -552,9 +552,8 @@ fn update(shared: &Shared, peer: u32, link: u64, f: impl FnOnce(&mut LinkStatus)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cmm::frames::DataFrame;
+    use crate::link::inbox::tests::data;
     use crate::link::Inbound;
-    use guest_agent::channel::abi::Endpoint;
     use std::sync::mpsc;
 
     fn keypair() -> ([u8; 32], [u8; 32]) {
@@ -562,18 +561,6 @@ mod tests {
             .generate_keypair()
             .unwrap();
         (kp.private.try_into().unwrap(), kp.public.try_into().unwrap())
-    }
-
-    fn data(len: usize) -> Frame {
-        let a = Endpoint { node: 2, partition: 1, process: 1 };
-        let b = Endpoint { node: 1, partition: 1, process: 1 };
-        Frame::Data(DataFrame {
-            source: a,
-            destination: b,
-            seq: 0,
-            payload: vec![7; len],
-            tag: [0; 16],
-        })
     }
 
     /// Node 1, a real link manager, and a link to it from the test acting as node 2 (whose
