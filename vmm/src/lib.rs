@@ -11,6 +11,7 @@ pub mod cluster_config;
 pub mod cpu;
 pub mod demo;
 pub mod device_thread;
+pub mod exit_stats;
 pub mod host;
 pub mod keys;
 pub mod kick;
