@@ -9,9 +9,7 @@ impl ChannelNode {
         let mut deliveries = std::mem::take(&mut self.deliveries);
         let result = self
             .run_queue(index, 1, |node, index, chain| node.send_one(index, chain, &mut deliveries));
-        for delivery in deliveries.drain(..) {
-            self.deliver(delivery);
-        }
+        self.deliver_all(deliveries.drain(..));
         self.deliveries = deliveries;
         self.send_outbound();
         result
@@ -98,20 +96,38 @@ impl ChannelNode {
         Ok((header, payload))
     }
 
-    /// Puts a verified message into its partition's receive queue, or holds it until the
-    /// guest posts a buffer.
-    pub(super) fn deliver(&mut self, delivery: Delivery) {
-        let Some(index) = self.device_of(delivery.partition) else {
-            return;
-        };
+    /// Puts verified messages into their partitions' receive queues, holding those for which
+    /// the guest has posted no buffer yet. Each receiving device is flushed once, at the end,
+    /// so a batch costs its guest one wake-up and at most one interrupt, not one per message.
+    pub(super) fn deliver_all(&mut self, deliveries: impl IntoIterator<Item = Delivery>) {
+        let mut touched: Vec<usize> = Vec::new();
+        for delivery in deliveries {
+            if let Some(index) = self.hold(delivery) {
+                if !touched.contains(&index) {
+                    touched.push(index);
+                }
+            }
+        }
+        for index in touched {
+            self.flush_pending(index);
+        }
+    }
+
+    /// Queues `delivery` on its device (flushing first if the queue is full, dropping it if
+    /// the guest still has no room); returns the device.
+    fn hold(&mut self, delivery: Delivery) -> Option<usize> {
+        let index = self.device_of(delivery.partition)?;
+        if self.devices[index].pending.len() >= MAX_PENDING {
+            self.flush_pending(index);
+        }
         let device = &mut self.devices[index];
         if device.pending.len() >= MAX_PENDING {
             self.cmm.dropped_no_room(&delivery);
             self.buffers.give(delivery.payload);
-            return;
+            return None;
         }
         device.pending.push_back(delivery);
-        self.flush_pending(index);
+        Some(index)
     }
 
     /// Moves held messages of device `index` into receive buffers while there are any.

@@ -35,12 +35,15 @@ impl ChannelNode {
         Ok(())
     }
 
-    /// Handles everything the host links queued.
+    /// Handles everything the host links queued; the messages among it are delivered together.
     pub(super) fn drain_inbox(&mut self) {
         let Some((_, inbox)) = &self.links else { return };
+        let mut deliveries = std::mem::take(&mut self.deliveries);
         for item in inbox.take() {
             match item {
-                Inbound::Frame { node, frame } => self.frame_from_link(node, frame),
+                Inbound::Frame { node, frame } => {
+                    self.frame_from_link(node, frame, &mut deliveries)
+                }
                 Inbound::LinkDown(node) => {
                     for channel in self.cmm.link_down(node) {
                         self.answer_open(channel, Err(status::UNREACHABLE));
@@ -48,10 +51,12 @@ impl ChannelNode {
                 }
             }
         }
+        self.deliver_all(deliveries.drain(..));
+        self.deliveries = deliveries;
     }
 
-    /// A frame from `node`, authenticated by its link.
-    pub(super) fn frame_from_link(&mut self, node: u32, frame: Frame) {
+    /// A frame from `node`, authenticated by its link; a verified message joins `deliveries`.
+    fn frame_from_link(&mut self, node: u32, frame: Frame, deliveries: &mut Vec<Delivery>) {
         match frame {
             Frame::Offer { id, offer } => {
                 let result = match self.cmm.receive_offer(&offer, node) {
@@ -73,7 +78,7 @@ impl ChannelNode {
             }
             Frame::Data(frame) => {
                 if let Ok(delivery) = self.cmm.receive_data(frame, node) {
-                    self.deliver(delivery);
+                    deliveries.push(delivery);
                 }
             }
             Frame::Close { source, destination } => {
