@@ -111,6 +111,26 @@ fn verbose_run_logs_start_up_times() {
 }
 
 #[test]
+fn verbose_run_counts_exits_as_kvm_does() {
+    require_kvm!();
+    let out = keyhold(["-v", "run", "--firmware", &arg(fixture("hello"))]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    // "after A VM exits (B handled by the VMM, C page faults resolved by KVM)"
+    let line = out.stderr.lines().find(|l| l.contains("partition 1: stopped")).expect("stop line");
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .rev()
+        .take(3)
+        .collect();
+    let [faults, handled, all] = numbers[..] else { panic!("{line}") };
+    assert!(line.ends_with("page faults resolved by KVM)"), "{line}");
+    // hello writes two console lines, a byte per exit, all handled by the VMM.
+    assert!(handled >= 30, "{line}");
+    assert!(all >= handled + faults, "{line}");
+}
+
+#[test]
 fn every_fixture_boots_and_stops_as_designed() {
     require_kvm!();
     // (fixture, expected exit status); `spin` needs the timeout.
