@@ -11,7 +11,7 @@ use crate::port_io::outl;
 /// Empty polls spun before yielding.
 const SPINS: u32 = 8192;
 /// Longest a single yield waits (the VMM caps it at 10 ms).
-const IDLE_MICROS: u32 = 1000;
+const IDLE_MICROS: u32 = 10_000;
 
 /// Parks the vCPU until a device of this partition uses a buffer, or `max_micros` pass.
 pub fn idle(max_micros: u32) {
