@@ -3,13 +3,14 @@
 //! with backoff. Frames for the CMM go to an [`Inbox`] the device thread drains; the CMM sends
 //! through a [`LinkHandle`]. Every decision about a link is audited.
 //!
-//! Nothing a peer does can hold this node up for long: a peer that stops sending is dropped
-//! after [`DEAD_AFTER`] (keepalives), one that stops reading after [`DEAD_AFTER`] too (a send
-//! that makes no progress for that long fails), and one whose frames pile up unhandled is
-//! dropped by the inbox's backlog limit.
+//! Nothing a peer does can hold this node up: sends never wait on the peer (each link has a
+//! writer thread for what the socket does not take at once, see `link/connection.rs`). A peer
+//! that stops sending is dropped after [`DEAD_AFTER`] (keepalives); one that stops reading
+//! after [`DEAD_AFTER`] too (the writer's send timeout), or sooner if more than its backlog
+//! is queued for it; one whose frames pile up unhandled is dropped by the inbox's backlog.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use snow::TransportState;
 
+use super::connection::Conn;
 use super::directory::{Directory, Peer};
 use super::handshake::{self, HandshakeError};
 use super::inbox::{self, Inbox, Outbox, PEER_BACKLOG};
@@ -49,82 +51,6 @@ pub struct LinkStatus {
     pub established: u64,
 }
 
-/// One authenticated link.
-struct Conn {
-    id: u64,
-    /// Encrypting and writing a frame's messages happen under this lock, so the order on the
-    /// wire is the order of the Noise nonces.
-    writer: Mutex<Writer>,
-    transport: Mutex<TransportState>,
-    /// The socket again, to shut down without waiting for the writer.
-    socket: TcpStream,
-    /// Why this side ended the link, when it did (the reader then only sees the socket close).
-    ended: Mutex<Option<&'static str>>,
-}
-
-/// The sending side of a link, with buffers reused from frame to frame.
-struct Writer {
-    stream: TcpStream,
-    /// The encoded frame (wiped after each send: an offer carries a key).
-    frame: Vec<u8>,
-    /// One length-prefixed Noise message.
-    message: Vec<u8>,
-}
-
-/// Encrypted messages gathered before one write, so a batch of frames costs one syscall.
-const WRITE_BATCH: usize = 256 * 1024;
-
-impl Conn {
-    fn send(&self, frame: &Frame) -> io::Result<()> {
-        self.send_all([frame])
-    }
-
-    /// Encrypts `frames` in order and writes them, gathering up to [`WRITE_BATCH`] bytes per
-    /// write.
-    fn send_all<'f>(&self, frames: impl IntoIterator<Item = &'f Frame>) -> io::Result<()> {
-        let mut writer = lock(&self.writer);
-        let Writer { stream, frame: bytes, message } = &mut *writer;
-        message.clear();
-        for frame in frames {
-            frame.encode(bytes);
-            let sealed = wire::chunks(bytes, |plain| {
-                let start = message.len();
-                message.resize(start + 2 + MAX_MESSAGE, 0);
-                let n = lock(&self.transport)
-                    .write_message(plain, &mut message[start + 2..])
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                // Noise messages are at most MAX_MESSAGE (65,535) bytes, so the length fits.
-                message[start..start + 2].copy_from_slice(&(n as u16).to_be_bytes());
-                message.truncate(start + 2 + n);
-                Ok(())
-            });
-            zeroize::Zeroize::zeroize(bytes);
-            sealed?;
-            if message.len() >= WRITE_BATCH {
-                stream.write_all(message)?;
-                message.clear();
-            }
-        }
-        stream.write_all(message)
-    }
-
-    /// Ends the connection (both directions) for `reason`, waking its reader.
-    fn shut_down(&self, reason: &'static str) {
-        lock(&self.ended).get_or_insert(reason);
-        // Not through the writer's lock: a send may hold it, stuck until its timeout.
-        let _ = self.socket.shutdown(Shutdown::Both);
-    }
-
-    /// Ends the connection after a failed send.
-    fn send_failed(&self, error: &io::Error) {
-        let reason = match error.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "send_timeout",
-            _ => "send_failed",
-        };
-        self.shut_down(reason);
-    }
-}
-
 struct Shared {
     own_id: u32,
     own_key: [u8; 32],
@@ -135,6 +61,8 @@ struct Shared {
     next_link: AtomicU64,
     links: Mutex<BTreeMap<u32, Arc<Conn>>>,
     outbox: Outbox,
+    /// Bytes of frames that may wait, either way, per link.
+    backlog: usize,
     /// Threads serving accepted links, joined at shutdown so their last records are written.
     accepted: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -164,8 +92,8 @@ impl LinkHandle {
     /// Sends `frame` to `node` over its link.
     pub fn send(&self, node: u32, frame: &Frame) -> Result<(), SendError> {
         let conn = lock(&self.shared.links).get(&node).cloned().ok_or(SendError::NoLink)?;
-        conn.send(frame).map_err(|e| {
-            conn.send_failed(&e);
+        conn.send(frame).map_err(|reason| {
+            conn.shut_down(reason);
             SendError::Broken
         })?;
         update(&self.shared, node, conn.id, |s| s.frames_out += 1);
@@ -180,8 +108,8 @@ impl LinkHandle {
     ) -> Result<(), SendError> {
         let conn = lock(&self.shared.links).get(&node).cloned().ok_or(SendError::NoLink)?;
         let count = frames.len() as u64;
-        conn.send_all(frames).map_err(|e| {
-            conn.send_failed(&e);
+        conn.send_all(frames).map_err(|reason| {
+            conn.shut_down(reason);
             SendError::Broken
         })?;
         update(&self.shared, node, conn.id, |s| s.frames_out += count);
@@ -259,6 +187,7 @@ impl LinkManager {
             next_link: AtomicU64::new(1),
             links: Mutex::new(BTreeMap::new()),
             outbox,
+            backlog,
             accepted: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
@@ -399,20 +328,14 @@ fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, 
     if let Err(e) = stream.set_nodelay(true) {
         log::warn!("link to node {}: TCP_NODELAY: {e}", peer.id);
     }
-    // A peer that takes nothing for this long is as dead as one that sends nothing; without
-    // the limit it could hold the device thread (and every local channel) in a send forever.
+    // A peer that takes nothing for this long is as dead as one that sends nothing.
     if let Err(e) = stream.set_write_timeout(Some(DEAD_AFTER)) {
         log::warn!("link to node {}: send timeout: {e}", peer.id);
         return;
     }
     let (Ok(writer), Ok(socket)) = (stream.try_clone(), stream.try_clone()) else { return };
-    let conn = Arc::new(Conn {
-        id: shared.next_link.fetch_add(1, Ordering::Relaxed),
-        writer: Mutex::new(Writer { stream: writer, frame: Vec::new(), message: Vec::new() }),
-        transport: Mutex::new(transport),
-        socket,
-        ended: Mutex::new(None),
-    });
+    let id = shared.next_link.fetch_add(1, Ordering::Relaxed);
+    let conn = Arc::new(Conn::new(id, transport, socket, shared.backlog));
     // A newer link to the same node (it restarted) replaces the older one.
     if let Some(old) = lock(&shared.links).insert(peer.id, conn.clone()) {
         old.shut_down("replaced");
@@ -426,21 +349,28 @@ fn run_link(shared: &Arc<Shared>, stream: TcpStream, transport: TransportState, 
     shared.audit.record(Record::link("link_up", "authenticated", Some(peer.id)));
     log::info!("link to node {} up", peer.id);
     let done = Arc::new(AtomicBool::new(false));
-    let keeper = {
+    let writer = {
         let (s, c, d, id) = (shared.clone(), conn.clone(), done.clone(), peer.id);
         std::thread::Builder::new()
-            .name(format!("link-{id}-alive"))
-            .spawn(move || keepalive(&s, &c, &d, id))
-            .ok()
+            .name(format!("link-{id}-out"))
+            .spawn(move || write_frames(&s, &c, &d, id, writer))
+    };
+    let writer = match writer {
+        Ok(writer) => Some(writer),
+        Err(e) => {
+            log::error!("link to node {}: no thread to write it: {e}", peer.id);
+            conn.shut_down("no_thread");
+            None
+        }
     };
     // The first reason to end the link is the one reported: a send failing on the socket the
     // reader has just closed is a consequence, not a cause.
     let read_ended = read_frames(shared, &stream, &conn, peer.id);
-    let reason = *lock(&conn.ended).get_or_insert(read_ended);
+    let reason = conn.ended(read_ended);
     done.store(true, Ordering::Release);
     let _ = stream.shutdown(Shutdown::Both);
-    if let Some(keeper) = keeper {
-        let _ = keeper.join();
+    if let Some(writer) = writer {
+        let _ = writer.join();
     }
     update(shared, peer.id, conn.id, |s| s.up = false);
     let current = {
@@ -517,25 +447,30 @@ fn reject(shared: &Shared, peer: u32, reason: &'static str) -> &'static str {
     reason
 }
 
-/// Sends a keepalive every [`KEEPALIVE`] until the link is done, and a goodbye on shutdown.
-fn keepalive(shared: &Shared, conn: &Conn, done: &AtomicBool, peer: u32) {
-    let mut next = Instant::now();
+/// The link's writer: puts what senders queued on the wire, adds a keepalive every
+/// [`KEEPALIVE`], and on shutdown a goodbye after everything queued before it.
+fn write_frames(shared: &Shared, conn: &Conn, done: &AtomicBool, peer: u32, mut stream: TcpStream) {
+    let mut next_keepalive = Instant::now();
+    let mut out = Vec::new();
     while !done.load(Ordering::Acquire) {
         let stopping = shared.stop.load(Ordering::Acquire);
-        if stopping || Instant::now() >= next {
+        if stopping || Instant::now() >= next_keepalive {
             let frame = if stopping { Frame::Goodbye } else { Frame::Keepalive };
-            if let Err(e) = conn.send(&frame) {
-                conn.send_failed(&e);
-                return;
-            }
-            if stopping {
-                conn.shut_down("shutdown");
+            if let Err(reason) = conn.send(&frame) {
+                conn.shut_down(reason);
                 return;
             }
             update(shared, peer, conn.id, |s| s.frames_out += 1);
-            next = Instant::now() + KEEPALIVE;
+            next_keepalive = Instant::now() + KEEPALIVE;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Short waits, so that stopping and the end of the link are noticed promptly.
+        if !conn.write_queued(&mut stream, &mut out, Duration::from_millis(20)) {
+            return;
+        }
+        if stopping {
+            conn.shut_down("shutdown");
+            return;
+        }
     }
 }
 
@@ -554,7 +489,6 @@ mod tests {
     use super::*;
     use crate::link::inbox::tests::data;
     use crate::link::Inbound;
-    use std::sync::mpsc;
 
     fn keypair() -> ([u8; 32], [u8; 32]) {
         let kp = snow::Builder::new(handshake::NOISE_PARAMS.parse().unwrap())
@@ -563,8 +497,32 @@ mod tests {
         (kp.private.try_into().unwrap(), kp.public.try_into().unwrap())
     }
 
-    /// Node 1, a real link manager, and a link to it from the test acting as node 2 (whose
-    /// behaviour is `rogue`, given the authenticated connection).
+    /// The test's side of a link, as node 2: it sends when and what it likes, and reads nothing.
+    struct Rogue {
+        conn: Conn,
+        stream: TcpStream,
+    }
+
+    impl Rogue {
+        /// Seals `frame` and writes it, waiting if need be; false once the link is gone.
+        fn send(&mut self, frame: &Frame) -> bool {
+            let mut out = Vec::new();
+            self.conn.send(frame).is_ok()
+                && self.conn.write_queued(&mut self.stream, &mut out, Duration::ZERO)
+        }
+
+        /// Keeps the link alive for about `secs` seconds, or until it is dropped.
+        fn keep_alive(&mut self, secs: u64) {
+            for _ in 0..secs * 10 {
+                if !self.send(&Frame::Keepalive) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Node 1, a real link manager, and a link to it from the rogue node 2.
     struct Rig {
         manager: LinkManager,
         inbox: Inbox,
@@ -572,7 +530,14 @@ mod tests {
         rogue: JoinHandle<()>,
     }
 
-    fn rig(backlog: usize, rogue: impl FnOnce(Conn) + Send + 'static) -> Rig {
+    impl Rig {
+        fn finish(self) {
+            drop(self.manager);
+            self.rogue.join().unwrap();
+        }
+    }
+
+    fn rig(backlog: usize, behave: impl FnOnce(Rogue) + Send + 'static) -> Rig {
         let (key1, pub1) = keypair();
         let (key2, pub2) = keypair();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -587,18 +552,8 @@ mod tests {
                 let (mut stream, _) = listener.accept().unwrap();
                 let (transport, peer) = handshake::respond(&mut stream, &key2, &directory).unwrap();
                 assert_eq!(peer.id, 1);
-                let conn = Conn {
-                    id: 0,
-                    writer: Mutex::new(Writer {
-                        stream: stream.try_clone().unwrap(),
-                        frame: Vec::new(),
-                        message: Vec::new(),
-                    }),
-                    transport: Mutex::new(transport),
-                    socket: stream,
-                    ended: Mutex::new(None),
-                };
-                rogue(conn);
+                let conn = Conn::new(0, transport, stream.try_clone().unwrap(), usize::MAX);
+                behave(Rogue { conn, stream });
             })
         };
         let audit = Audit::new(1, None);
@@ -626,48 +581,63 @@ mod tests {
         audit.recent().iter().any(|r| r.contains(&wanted))
     }
 
-    #[test]
-    fn a_peer_that_stops_reading_cannot_hold_a_sender_forever() {
-        // The rogue proves it is alive but never reads a byte, for longer than the test waits.
-        let rig = rig(PEER_BACKLOG, |conn| {
-            for _ in 0..300 {
-                if conn.send(&Frame::Keepalive).is_err() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
+    /// Sends 60 KB frames to node 2, `pause` apart, until that fails; returns the longest any
+    /// one send took.
+    fn send_until_refused(handle: &LinkHandle, pause: Duration) -> Duration {
+        let frame = data(60_000);
+        let mut longest = Duration::ZERO;
+        loop {
+            let start = Instant::now();
+            let result = handle.send(2, &frame);
+            longest = longest.max(start.elapsed());
+            if result.is_err() {
+                return longest;
             }
-        });
+            std::thread::sleep(pause);
+        }
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_is_dropped_without_ever_holding_a_sender() {
+        // The rogue proves it is alive but never reads a byte, for longer than the test waits.
+        let rig = rig(PEER_BACKLOG, |mut rogue| rogue.keep_alive(30));
         let handle = rig.manager.handle();
         assert!(eventually(|| handle.is_up(2)), "the link never came up");
-        let (done, outcome) = mpsc::channel();
-        let sender = handle.clone();
-        std::thread::spawn(move || {
-            let frame = data(60_000);
-            let result = loop {
-                if let Err(e) = sender.send(2, &frame) {
-                    break e;
-                }
-            };
-            let _ = done.send(result);
-        });
-        let result = outcome.recv_timeout(DEAD_AFTER * 5).expect("a send hung on a silent peer");
-        assert_eq!(result, SendError::Broken);
+        // Slowly enough that the backlog is not what ends the link: the send timeout is.
+        let longest = send_until_refused(&handle, Duration::from_millis(5));
         assert!(
             eventually(|| audited(&rig.audit, "link_down", "send_timeout")),
             "{:#?}",
             rig.audit.recent()
         );
+        // A send only queues; the writer thread is the one that waits on the peer (the old,
+        // blocking sends took the whole timeout, 3 s).
+        assert!(longest < DEAD_AFTER / 3, "a send took {longest:?}");
         assert!(!handle.is_up(2));
-        drop(rig.manager);
-        rig.rogue.join().unwrap();
+        rig.finish();
+    }
+
+    #[test]
+    fn a_peer_reading_too_slowly_is_dropped_when_its_backlog_fills() {
+        let backlog = 1 << 20;
+        let rig = rig(backlog, |mut rogue| rogue.keep_alive(30));
+        let handle = rig.manager.handle();
+        assert!(eventually(|| handle.is_up(2)), "the link never came up");
+        send_until_refused(&handle, Duration::ZERO);
+        assert!(
+            eventually(|| audited(&rig.audit, "link_down", "send_backlog")),
+            "{:#?}",
+            rig.audit.recent()
+        );
+        rig.finish();
     }
 
     #[test]
     fn a_peer_flooding_the_inbox_is_dropped_and_what_was_queued_stays_bounded() {
         let backlog = 1 << 20;
-        let rig = rig(backlog, |conn| {
+        let rig = rig(backlog, |mut rogue| {
             let frame = data(60_000);
-            while conn.send(&frame).is_ok() {}
+            while rogue.send(&frame) {}
         });
         // Nothing drains the inbox, as if the device thread were stuck.
         assert!(
@@ -680,7 +650,6 @@ mod tests {
         let frames = items.iter().filter(|i| matches!(i, Inbound::Frame { .. })).count();
         assert!(frames > 0 && frames * 60_000 <= backlog, "{frames} frames were queued");
         assert!(items.iter().any(|i| matches!(i, Inbound::LinkDown(2))));
-        drop(rig.manager);
-        rig.rogue.join().unwrap();
+        rig.finish();
     }
 }

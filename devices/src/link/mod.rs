@@ -2,6 +2,7 @@
 //! cluster config (Noise IK via `snow`, as WireGuard does), kept alive, re-established with
 //! backoff. docs/PROTOCOL.md describes the handshake and the frames.
 
+mod connection;
 pub mod directory;
 pub mod handshake;
 pub mod inbox;
