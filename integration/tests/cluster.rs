@@ -493,6 +493,8 @@ fn cluster_scripts_bring_nodes_up_and_take_them_down() {
         let links =
             keyhold(["ctl", "--socket", &dir.join("node2.sock").display().to_string(), "links"]);
         assert_eq!(links.stdout.matches("\"up\": true").count(), 2, "{links:#?}");
+        assert_eq!(links.stdout.matches("\"queued_in\": ").count(), 2, "{links:#?}");
+        assert_eq!(links.stdout.matches("\"queued_out\": ").count(), 2, "{links:#?}");
         // The ring's pings reach the next node's echo: node 2's echo channel (from node 1) and
         // ping channel (to node 3) open, and a revocation there closes node 3's end too.
         let socket = |i: u32| dir.join(format!("node{i}.sock")).display().to_string();

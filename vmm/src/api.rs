@@ -251,7 +251,7 @@ fn links(state: &ApiState) -> Value {
         links
             .status()
             .iter()
-            .map(|l| json!({ "peer": l.peer, "up": l.up, "frames_in": l.frames_in, "frames_out": l.frames_out, "established": l.established }))
+            .map(|l| json!({ "peer": l.peer, "up": l.up, "frames_in": l.frames_in, "frames_out": l.frames_out, "established": l.established, "queued_out": l.queued_out, "queued_in": l.queued_in }))
             .collect(),
     )
 }

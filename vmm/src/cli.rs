@@ -114,7 +114,7 @@ pub enum CtlRequest {
     Channels,
     /// Each partition's device counters.
     Stats,
-    /// The host links: up or down, frames in and out.
+    /// The host links: up or down, frames in and out, bytes queued each way.
     Links,
     /// The most recent audit records.
     Audit,

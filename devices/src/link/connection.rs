@@ -146,6 +146,11 @@ impl Conn {
         Ok(())
     }
 
+    /// Bytes queued for the writer thread.
+    pub(super) fn queued(&self) -> usize {
+        lock(&self.outgoing).len()
+    }
+
     /// Waits up to `wait` for something to be queued; then writes all that is queued to
     /// `stream` (`out` is its buffer), waiting as long as the socket's send timeout allows. On
     /// failure ends the link and returns false.

@@ -98,6 +98,11 @@ impl Outbox {
         Ok(())
     }
 
+    /// Bytes of `node`'s frames queued and not yet taken.
+    pub(super) fn queued(&self, node: u32) -> usize {
+        self.backlog.counter(node).map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
     /// Says that the link to `node` went down.
     pub(super) fn link_down(&self, node: u32) {
         self.send(Inbound::LinkDown(node));

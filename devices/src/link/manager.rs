@@ -49,6 +49,10 @@ pub struct LinkStatus {
     pub frames_out: u64,
     /// Times a link to this peer came up.
     pub established: u64,
+    /// Bytes sealed for the peer and not yet taken by its socket.
+    pub queued_out: u64,
+    /// Bytes of the peer's frames waiting for the CMM.
+    pub queued_in: u64,
 }
 
 struct Shared {
@@ -123,7 +127,13 @@ impl LinkHandle {
 
     /// Every peer's link status.
     pub fn status(&self) -> Vec<LinkStatus> {
-        lock(&self.shared.status).values().cloned().collect()
+        let mut all: Vec<LinkStatus> = lock(&self.shared.status).values().cloned().collect();
+        let links = lock(&self.shared.links);
+        for status in &mut all {
+            status.queued_out = links.get(&status.peer).map_or(0, |c| c.queued() as u64);
+            status.queued_in = self.shared.outbox.queued(status.peer) as u64;
+        }
+        all
     }
 }
 
@@ -171,6 +181,8 @@ impl LinkManager {
                         frames_in: 0,
                         frames_out: 0,
                         established: 0,
+                        queued_out: 0,
+                        queued_in: 0,
                     },
                 )
             })
@@ -646,7 +658,11 @@ mod tests {
             rig.audit.recent()
         );
         assert!(eventually(|| audited(&rig.audit, "link_down", "inbox_overrun")));
+        let queued_in = |handle: &LinkHandle| handle.status()[0].queued_in;
+        let handle = rig.manager.handle();
+        assert!(queued_in(&handle) > 0 && queued_in(&handle) <= backlog as u64);
         let items = rig.inbox.take();
+        assert_eq!(queued_in(&handle), 0);
         let frames = items.iter().filter(|i| matches!(i, Inbound::Frame { .. })).count();
         assert!(frames > 0 && frames * 60_000 <= backlog, "{frames} frames were queued");
         assert!(items.iter().any(|i| matches!(i, Inbound::LinkDown(2))));
