@@ -169,6 +169,11 @@ impl BootInfo {
         }
     }
 
+    /// `key=NODE:PARTITION:PROCESS` as an endpoint; `None` if absent or malformed.
+    pub fn arg_endpoint(&self, key: &str) -> Option<crate::channel::abi::Endpoint> {
+        self.arg(key).and_then(crate::channel::abi::Endpoint::parse)
+    }
+
     /// The first device of `kind`, if the partition has one.
     pub fn find_device(&self, kind: DeviceKind) -> Option<&DeviceInfo> {
         self.devices().iter().find(|d| d.kind == kind as u32)

@@ -184,9 +184,7 @@ impl ConnectionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const A: Endpoint = Endpoint { node: 1, partition: 1, process: 7 };
-    const B: Endpoint = Endpoint { node: 1, partition: 2, process: 9 };
+    use crate::cmm::test_endpoints::{A, B};
 
     #[test]
     fn ids_find_entries_and_go_stale_on_removal() {

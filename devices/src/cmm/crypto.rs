@@ -75,9 +75,7 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const A: Endpoint = Endpoint { node: 1, partition: 1, process: 7 };
-    const B: Endpoint = Endpoint { node: 1, partition: 2, process: 9 };
+    use crate::cmm::test_endpoints::{A, B};
 
     #[test]
     fn directions_get_different_keys() {

@@ -11,3 +11,12 @@ pub mod query;
 pub mod secret_memory;
 
 pub use manager::{Closing, Cmm, Delivery, Limits, Opening, Routed};
+
+#[cfg(test)]
+pub(crate) mod test_endpoints {
+    //! Endpoints for unit tests: two processes of node 1, in different partitions.
+    use guest_agent::channel::abi::Endpoint;
+
+    pub(crate) const A: Endpoint = Endpoint { node: 1, partition: 1, process: 7 };
+    pub(crate) const B: Endpoint = Endpoint { node: 1, partition: 2, process: 9 };
+}

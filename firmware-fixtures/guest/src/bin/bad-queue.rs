@@ -135,7 +135,7 @@ impl Bad {
 }
 
 fn main(info: &'static BootInfo) -> u32 {
-    let Some(peer) = info.arg("peer").and_then(Endpoint::parse) else {
+    let Some(peer) = info.arg_endpoint("peer") else {
         println!("bad-queue: needs peer=NODE:PARTITION:PROCESS");
         return 2;
     };

@@ -6,9 +6,10 @@
 #![no_main]
 
 use guest_agent::channel::abi::Endpoint;
-use guest_agent::channel::{driver::TX_SLOTS, SecureChannel};
+use guest_agent::channel::driver::TX_SLOTS;
 use guest_agent::idle::Backoff;
 use guest_agent::{println, BootInfo};
+use keyhold_fixture_programs::{open_channel, CANNOT_RUN};
 
 const MAX: usize = 64 * 1024;
 
@@ -19,13 +20,7 @@ fn main(info: &'static BootInfo) -> u32 {
         return 2;
     }
     let process = info.arg_u64("process", 1).unwrap_or(1) as u32;
-    let mut ch = match SecureChannel::open(info) {
-        Ok(ch) => ch,
-        Err(e) => {
-            println!("echo: cannot open the secure channel device: {e:?}");
-            return 2;
-        }
-    };
+    let Some(mut ch) = open_channel(info, "echo") else { return CANNOT_RUN };
     let mut waiting = 0;
     for peer in peers.split(',').filter_map(Endpoint::parse) {
         if let Err(e) = ch.listen(process, peer) {

@@ -16,6 +16,7 @@ use guest_agent::channel::abi::Endpoint;
 use guest_agent::channel::{ChannelError, SecureChannel};
 use guest_agent::time::{nanos, spin_for, ticks};
 use guest_agent::{println, BootInfo};
+use keyhold_fixture_programs::{open_channel, CANNOT_RUN};
 
 /// How long nothing must arrive before the sink decides the flood is over.
 const QUIET_MICROS: u64 = 100_000;
@@ -23,19 +24,11 @@ const QUIET_MICROS: u64 = 100_000;
 const DEAF_MICROS_MAX: u64 = 5_000_000;
 
 fn main(info: &'static BootInfo) -> u32 {
-    let (Some(peer), Some(count)) =
-        (info.arg("peer").and_then(Endpoint::parse), info.arg_u64("count", 1000))
-    else {
+    let (Some(peer), Some(count)) = (info.arg_endpoint("peer"), info.arg_u64("count", 1000)) else {
         println!("flood: needs peer=NODE:PARTITION:PROCESS and count=N");
         return 2;
     };
-    let mut ch = match SecureChannel::open(info) {
-        Ok(ch) => ch,
-        Err(e) => {
-            println!("flood: cannot open the secure channel device: {e:?}");
-            return 2;
-        }
-    };
+    let Some(mut ch) = open_channel(info, "flood") else { return CANNOT_RUN };
     let outcome = match info.arg("role") {
         Some("send") => send(info, &mut ch, peer, count),
         Some("sink") => sink(info, &mut ch, peer, count),

@@ -9,17 +9,15 @@
 use guest_agent::channel::abi::{op, status, ControlRequest, Endpoint, TxHeader};
 use guest_agent::channel::{ChannelError, SecureChannel};
 use guest_agent::{println, BootInfo};
+use keyhold_fixture_programs::{open_channel, CANNOT_RUN};
 
 fn main(info: &'static BootInfo) -> u32 {
-    let Some(peer) = info.arg("peer").and_then(Endpoint::parse) else {
+    let Some(peer) = info.arg_endpoint("peer") else {
         println!("forge: needs peer=NODE:PARTITION:PROCESS");
         return 2;
     };
     let process = info.arg_u64("process", 1).unwrap_or(1) as u32;
-    let Ok(mut ch) = SecureChannel::open(info) else {
-        println!("forge: cannot open the secure channel device");
-        return 2;
-    };
+    let Some(mut ch) = open_channel(info, "forge") else { return CANNOT_RUN };
     let Ok(channel) = ch.connect_patiently(info, process, peer, None, 1000) else {
         println!("forge: could not open the legitimate channel");
         return 2;

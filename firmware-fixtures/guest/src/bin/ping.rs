@@ -36,8 +36,7 @@ fn main(info: &'static BootInfo) -> u32 {
 }
 
 fn run(info: &'static BootInfo) -> Result<(), &'static str> {
-    let peer =
-        info.arg("peer").and_then(Endpoint::parse).ok_or("needs peer=NODE:PARTITION:PROCESS")?;
+    let peer = info.arg_endpoint("peer").ok_or("needs peer=NODE:PARTITION:PROCESS")?;
     let process = info.arg_u64("process", 1).ok_or("bad process")? as u32;
     let count = info.arg_u64("count", 1000).ok_or("bad count")?;
     let size = info.arg_u64("size", 64).ok_or("bad size")? as usize;

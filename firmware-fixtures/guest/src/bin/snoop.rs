@@ -11,10 +11,9 @@ use guest_agent::channel::abi::{ChannelInfo, Endpoint};
 use guest_agent::channel::SecureChannel;
 use guest_agent::mmio::read32;
 use guest_agent::{println, BootInfo};
+use keyhold_fixture_programs::{open_channel, CANNOT_RUN};
 
-#[path = "../snoop_key.rs"]
-mod snoop_key;
-use snoop_key::key_byte;
+use keyhold_fixture_programs::snoop_key::key_byte;
 
 /// A marker the test finds in the RAM dump, proving the dump holds this partition's memory.
 static CANARY: &str = "keyhold-snoop-canary-3141592653";
@@ -23,17 +22,12 @@ static CANARY: &str = "keyhold-snoop-canary-3141592653";
 static mut PLANTED: [u8; 32] = [0; 32];
 
 fn main(info: &'static BootInfo) -> u32 {
-    let (Some(peer), Some(seed)) =
-        (info.arg("peer").and_then(Endpoint::parse), info.arg_u64("seed", 0))
-    else {
+    let (Some(peer), Some(seed)) = (info.arg_endpoint("peer"), info.arg_u64("seed", 0)) else {
         println!("snoop: needs peer=NODE:PARTITION:PROCESS and seed=N");
         return 2;
     };
     let process = info.arg_u64("process", 1).unwrap_or(1) as u32;
-    let Ok(mut ch) = SecureChannel::open(info) else {
-        println!("snoop: cannot open the secure channel device");
-        return 2;
-    };
+    let Some(mut ch) = open_channel(info, "snoop") else { return CANNOT_RUN };
     let Some(channel) = connect_with_key(info, &mut ch, process, peer, seed) else {
         println!("snoop: could not open the channel");
         return 2;
