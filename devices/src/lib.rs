@@ -7,8 +7,10 @@
 pub mod bus;
 pub mod cmm;
 pub mod console;
+pub mod crypto;
 pub mod entropy;
 pub mod exit_port;
 pub mod idle;
 pub mod link;
+pub mod secret;
 pub mod virtio;

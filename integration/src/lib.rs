@@ -4,6 +4,8 @@
 //! The tests launch the real binary, so it must be built first; `scripts/test.sh` (the README's
 //! test command) does that before `cargo test`.
 
+pub mod nodes;
+
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};

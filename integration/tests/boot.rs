@@ -144,8 +144,8 @@ fn every_fixture_boots_and_stops_as_designed() {
         ("stray-mmio", 123),
         ("spin", 124),
     ];
-    // These need a peer and arguments; tests/channel.rs boots them.
-    let paired = ["echo", "ping", "forge", "snoop", "bad-queue", "flood"];
+    // These need a peer and arguments; tests/channel.rs and tests/memory.rs boot them.
+    let paired = ["echo", "ping", "forge", "snoop", "bad-queue", "flood", "keys"];
     let names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     for name in firmware_fixtures::NAMES {
         assert!(names.contains(name) || paired.contains(name), "fixture {name} is not tested");

@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_agent::channel::abi::{state, ChannelInfo, Stats};
+use guest_agent::channel::abi::{state, Stats};
 use keyhold_devices::bus::lock;
 use keyhold_devices::cmm::audit::Audit;
 use keyhold_devices::cmm::query::{Query, QueryHandle, Reply};
-use keyhold_devices::link::LinkHandle;
+use keyhold_devices::cmm::ChannelView;
+use keyhold_devices::link::LinkBook;
 use serde_json::{json, Value};
 
 /// Longest request head accepted.
@@ -43,7 +44,7 @@ pub struct ApiState {
     /// Questions for the CMM.
     pub queries: QueryHandle,
     /// The host links, if any.
-    pub links: Option<LinkHandle>,
+    pub links: Option<Arc<LinkBook>>,
     /// The audit log's recent records.
     pub audit: Audit,
 }
@@ -174,7 +175,7 @@ fn parse_channel(text: &str) -> Option<u32> {
 fn ask(state: &ApiState, query: Query) -> (u16, Value) {
     match state.queries.ask(query) {
         Some(Reply::Channels(entries)) => {
-            (200, Value::Array(entries.iter().map(|(p, e)| channel_json(*p, e)).collect()))
+            (200, Value::Array(entries.iter().map(channel_json).collect()))
         }
         Some(Reply::Stats(all)) => {
             (200, Value::Array(all.iter().map(|(p, s)| stats_json(*p, s)).collect()))
@@ -210,7 +211,8 @@ fn partitions(state: &ApiState) -> Value {
     )
 }
 
-fn channel_json(partition: u32, e: &ChannelInfo) -> Value {
+fn channel_json(view: &ChannelView) -> Value {
+    let (partition, e) = (view.partition, &view.info);
     let state = match e.state {
         state::LISTENING => "listening",
         state::OPEN => "open",
@@ -227,6 +229,9 @@ fn channel_json(partition: u32, e: &ChannelInfo) -> Value {
         "sent": e.sent,
         "received": e.received,
         "dropped": e.dropped,
+        "salt": view.salt.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "tx_epoch": view.tx_epoch,
+        "rx_epoch": view.rx_epoch,
     })
 }
 
@@ -247,13 +252,38 @@ fn stats_json(partition: u32, s: &Stats) -> Value {
 
 fn links(state: &ApiState) -> Value {
     let Some(links) = &state.links else { return Value::Array(Vec::new()) };
-    Value::Array(
-        links
-            .status()
-            .iter()
-            .map(|l| json!({ "peer": l.peer, "up": l.up, "frames_in": l.frames_in, "frames_out": l.frames_out, "established": l.established, "queued_out": l.queued_out, "queued_in": l.queued_in }))
-            .collect(),
-    )
+    Value::Array(links.status().iter().map(link_json).collect())
+}
+
+/// Seconds since the Unix epoch, as JSON (null for never).
+fn epoch_secs(t: Option<std::time::SystemTime>) -> Value {
+    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(Value::Null, |d| json!((d.as_secs_f64() * 1000.0).round() / 1000.0))
+}
+
+fn link_json(l: &keyhold_devices::link::LinkStatus) -> Value {
+    let (failure, failed_at) = match &l.last_failure {
+        Some((reason, at)) => (json!(reason), epoch_secs(Some(*at))),
+        None => (Value::Null, Value::Null),
+    };
+    json!({
+        "peer": l.peer,
+        "address": l.address.to_string(),
+        "remote": l.remote.map(|r| r.to_string()),
+        "state": l.state,
+        "up": l.state == "up",
+        "since": epoch_secs(Some(l.since)),
+        "last_failure": failure,
+        "last_failure_at": failed_at,
+        "last_handshake": epoch_secs(l.last_handshake),
+        "established": l.established,
+        "rekeys": l.rekeys,
+        "bytes_in": l.bytes_in,
+        "bytes_out": l.bytes_out,
+        "frames_in": l.frames_in,
+        "frames_out": l.frames_out,
+        "queued_out": l.queued_out,
+    })
 }
 
 fn audit(state: &ApiState) -> Value {

@@ -14,9 +14,11 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use keyhold_devices::link::{Directory, Peer};
+use std::sync::Arc;
+
+use keyhold_devices::crypto::node_key::NodeKey;
+use keyhold_devices::link::{Directory, LinkSettings, Peer};
 use serde::Deserialize;
-use zeroize::Zeroize;
 
 use crate::keys;
 use crate::node_config::{self, ConfigError};
@@ -37,29 +39,16 @@ struct NodeEntry {
 }
 
 /// What a node needs to run its host links.
-pub struct LinkSettings {
-    /// This node's private key (zeroized on drop).
-    pub private_key: [u8; 32],
+#[derive(Debug)]
+pub struct ClusterLinks {
+    /// This node's static key (its private half in secret memory; `Debug` shows the public).
+    pub key: Arc<NodeKey>,
     /// Every node of the cluster.
     pub directory: Directory,
     /// Where this node listens.
     pub listen: SocketAddr,
-}
-
-impl Drop for LinkSettings {
-    fn drop(&mut self) {
-        self.private_key.zeroize();
-    }
-}
-
-impl std::fmt::Debug for LinkSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the private key.
-        f.debug_struct("LinkSettings")
-            .field("directory", &self.directory)
-            .field("listen", &self.listen)
-            .finish()
-    }
+    /// Timing and bounds of the links (node.toml `[links]`).
+    pub settings: LinkSettings,
 }
 
 fn invalid(path: &Path, field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -105,14 +94,16 @@ pub fn parse_cluster(path: &Path, text: &str) -> Result<Directory, ConfigError> 
     Ok(Directory::new(peers))
 }
 
-/// Reads the private key file and checks it against the cluster's entry for `node`.
-pub fn link_settings(
+/// Reads the private key file (straight into secret memory) and checks it against the
+/// cluster's entry for `node`.
+pub fn cluster_links(
     node_path: &Path,
     node: u32,
     cluster: &Path,
     private_key_file: &Path,
     listen: Option<&str>,
-) -> Result<LinkSettings, ConfigError> {
+    settings: LinkSettings,
+) -> Result<ClusterLinks, ConfigError> {
     let directory = load_cluster(cluster)?;
     let me = directory
         .by_id(node)
@@ -135,14 +126,9 @@ pub fn link_settings(
             ),
         ));
     }
-    let mut text = std::fs::read_to_string(private_key_file).map_err(|e| {
-        invalid(node_path, field, format!("cannot read {}: {e}", private_key_file.display()))
-    })?;
-    let secret = keys::decode_private(&text);
-    text.zeroize();
-    let secret = secret
+    let key = NodeKey::read_file(private_key_file)
         .map_err(|e| invalid(node_path, field, format!("{}: {e}", private_key_file.display())))?;
-    if keys::public_of(&secret) != keys::encode(&me.public_key) {
+    if key.public() != &me.public_key {
         return Err(invalid(
             node_path,
             field,
@@ -155,7 +141,7 @@ pub fn link_settings(
             .map_err(|_| invalid(node_path, "node.listen", format!("{text:?} is not IP:PORT")))?,
         None => me.address,
     };
-    Ok(LinkSettings { private_key: secret.to_bytes(), directory, listen })
+    Ok(ClusterLinks { key: Arc::new(key), directory, listen, settings })
 }
 
 #[cfg(test)]

@@ -106,12 +106,12 @@ fn prepare(dir: &Path) -> Result<([PathBuf; 2], [u16; 2]), DemoError> {
     for (i, port) in ports.iter().enumerate() {
         let secret = keys::generate()?;
         let key_file = dir.join(format!("node{}.key", i + 1));
-        write_private(&key_file, &keys::encode(&secret.to_bytes())).map_err(setup)?;
+        write_private(&key_file, &secret.private_base64()).map_err(setup)?;
         let _ = writeln!(
             cluster,
             "[[node]]\nid = {}\naddress = \"127.0.0.1:{port}\"\npublic_key = \"{}\"\n",
             i + 1,
-            keys::public_of(&secret)
+            secret.public_base64()
         );
     }
     std::fs::write(dir.join("cluster.toml"), cluster).map_err(setup)?;

@@ -11,17 +11,17 @@ use thiserror::Error;
 
 use keyhold_devices::bus::lock;
 use keyhold_devices::cmm::query::{self, QueryPort};
-use keyhold_devices::link::{Inbox, LinkHandle, LinkManager};
+use keyhold_devices::link::{LinkManager, Router};
 
 use crate::api::{ApiServer, ApiState, PartitionState};
 
 use crate::cli::{NodeArgs, RunArgs};
-use crate::cluster_config::LinkSettings;
+use crate::cluster_config::ClusterLinks;
 use crate::node_config::{self, ConfigError};
 use std::sync::{Arc, Mutex};
 
 use keyhold_devices::cmm::audit::Audit;
-use keyhold_devices::cmm::{Cmm, Limits};
+use keyhold_devices::cmm::{Cmm, CmmConfig};
 use keyhold_devices::virtio::secure_channel::ChannelNode;
 
 use crate::device_thread::{Backend, DeviceThread};
@@ -29,9 +29,6 @@ use crate::host::{self, HostError};
 use crate::partition::{self, Partition, PartitionConfig, PartitionError};
 use crate::stop::Stopped;
 use crate::supervisor::{self, SupervisorError};
-
-/// Channels one node's CMM can hold, across all its partitions.
-pub const CMM_CAPACITY: usize = 1024;
 
 /// Exit status for bad input.
 pub const STATUS_BAD_INPUT: u8 = 2;
@@ -168,7 +165,9 @@ pub struct Launch {
     /// Where audit records go (the log, at info level, if `None`).
     pub audit_log: Option<PathBuf>,
     /// The host links, if the node is part of a cluster.
-    pub links: Option<LinkSettings>,
+    pub links: Option<ClusterLinks>,
+    /// The CMM's size, per-partition limits and key lifetimes.
+    pub cmm: CmmConfig,
     /// Where the control API listens, if anywhere.
     pub api_socket: Option<PathBuf>,
 }
@@ -182,6 +181,7 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         console: args.console.clone(),
         audit_log: None,
         links: None,
+        cmm: CmmConfig::default(),
         api_socket: None,
     };
     boot(&launch, process_start)
@@ -205,17 +205,16 @@ pub fn boot(launch: &Launch, process_start: Instant) -> Result<u8, LaunchError> 
     let audit = open_audit(launch)?;
     let kvm = host::open_kvm()?;
     let mut partitions = create_partitions(&kvm, launch, firmware)?;
-    let (links, inbox) = start_links(launch, &audit)?;
-    let link_io = links.as_ref().map(LinkManager::handle).zip(inbox);
+    let (links, router) = start_links(launch, &audit)?;
     let (queries, query_port) = query::channel().map_err(LaunchError::DeviceThread)?;
     let api_state = Arc::new(ApiState {
         node: launch.node,
         partitions: Mutex::new(launch.partitions.iter().map(api_partition).collect()),
         queries,
-        links: links.as_ref().map(LinkManager::handle),
+        links: links.as_ref().map(LinkManager::book),
         audit: audit.clone(),
     });
-    let device_thread = start_devices(&mut partitions, launch.node, audit, link_io, query_port)?;
+    let device_thread = start_devices(&mut partitions, launch, audit, router, query_port)?;
     let api = match &launch.api_socket {
         Some(path) => Some(
             ApiServer::start(path, api_state.clone())
@@ -245,26 +244,28 @@ fn create_partitions(
     for (config, firmware) in launch.partitions.iter().zip(firmware) {
         let prefix = if prefixed { format!("[p{}] ", config.id) } else { String::new() };
         let console = LineSink::new(prefix, output.clone());
-        partitions.push(partition::create(kvm, config, firmware, console, Limits::default())?);
+        partitions.push(partition::create(kvm, config, firmware, console, launch.cmm.limits)?);
     }
     Ok(partitions)
 }
 
-/// Starts the host links if the node is in a cluster.
+/// Starts the host links if the node is in a cluster; returns their manager and the router
+/// the device thread runs (one with no links otherwise).
 fn start_links(
     launch: &Launch,
     audit: &Audit,
-) -> Result<(Option<LinkManager>, Option<Inbox>), LaunchError> {
-    let Some(l) = &launch.links else { return Ok((None, None)) };
-    let (manager, inbox) = LinkManager::start(
+) -> Result<(Option<LinkManager>, Router), LaunchError> {
+    let Some(l) = &launch.links else { return Ok((None, Router::unlinked())) };
+    let (manager, router) = LinkManager::start(
         launch.node,
-        l.private_key,
+        l.key.clone(),
         l.directory.clone(),
         l.listen,
         audit.clone(),
+        l.settings,
     )
     .map_err(|source| LaunchError::Listen { addr: l.listen, source })?;
-    Ok((Some(manager), Some(inbox)))
+    Ok((Some(manager), router))
 }
 
 /// Reports a stopped partition on stderr (unless it exited cleanly) and to the API.
@@ -279,21 +280,20 @@ fn report_stop(state: &ApiState, stopped: &Stopped) {
     }
 }
 
-/// Starts the device thread with every partition's backends and one CMM for `node` in front
-/// of all their secure-channel devices.
+/// Starts the device thread with every partition's backends and one CMM for the node in
+/// front of all their secure-channel devices, with the router to the other nodes.
 fn start_devices(
     partitions: &mut [Partition],
-    node: u32,
+    launch: &Launch,
     audit: Audit,
-    links: Option<(LinkHandle, Inbox)>,
+    router: Router,
     queries: QueryPort,
 ) -> Result<DeviceThread, LaunchError> {
     let mut backends: Vec<Backend> =
         partitions.iter_mut().flat_map(Partition::take_backends).collect();
     let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
-    let cmm = Cmm::new(node, CMM_CAPACITY, Limits::default(), audit).map_err(LaunchError::Cmm)?;
-    backends
-        .push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels, links).with_queries(queries))));
+    let cmm = Cmm::new(launch.node, launch.cmm, audit, router).map_err(LaunchError::Cmm)?;
+    backends.push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels).with_queries(queries))));
     DeviceThread::start(backends).map_err(LaunchError::DeviceThread)
 }
 

@@ -90,16 +90,15 @@ fn ctl(args: &keyhold_vmm::cli::CtlArgs) -> u8 {
 }
 
 fn keygen() -> Result<String, String> {
-    let secret = keys::generate().map_err(|e| e.to_string())?;
-    Ok(keys::encode(&secret.to_bytes()))
+    Ok(keys::generate().map_err(|e| e.to_string())?.private_base64())
 }
 
 fn pubkey() -> Result<String, String> {
     let mut text = String::new();
     std::io::stdin().read_line(&mut text).map_err(|e| format!("reading stdin: {e}"))?;
-    let secret = keys::decode_private(&text).map_err(|e| format!("stdin: {e}"))?;
+    let secret = keys::decode_private(&text).map_err(|e| format!("stdin: {e}"));
     text.zeroize();
-    Ok(keys::public_of(&secret))
+    Ok(secret?.public_base64())
 }
 
 fn init_logging(verbose: u8) {

@@ -9,6 +9,13 @@
 //! listen = "0.0.0.0:7000"          # optional: default, this node's address in the cluster
 //! api_socket = "node1.sock"        # optional: the control API (docs/API.md)
 //!
+//! [links]                         # optional: timing and bounds of the host links
+//! rekey_after_secs = 120           # (docs/OPERATOR.md lists every field and its default)
+//!
+//! [channels]                       # optional
+//! capacity = 65536                 # channels the node can hold
+//! key_lifetime_messages = 1073741824
+//!
 //! [[partition]]
 //! id = 1
 //! firmware = "../target/fixtures/echo.elf"
@@ -20,6 +27,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
+use keyhold_devices::cmm::{CmmConfig, KeyLifetime, Limits};
+use keyhold_devices::link::LinkSettings;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -66,8 +77,43 @@ pub enum ConfigError {
 struct File {
     node: NodeSection,
     #[serde(default)]
+    links: LinksSection,
+    #[serde(default)]
+    channels: ChannelsSection,
+    #[serde(default)]
     partition: Vec<PartitionSection>,
 }
+
+/// `[links]`: every field optional; the defaults are WireGuard's where it has one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinksSection {
+    handshake_timeout_secs: Option<f64>,
+    keepalive_secs: Option<f64>,
+    dead_after_secs: Option<f64>,
+    rekey_after_secs: Option<f64>,
+    rekey_after_messages: Option<u64>,
+    send_backlog_mib: Option<u64>,
+    max_unauthenticated: Option<usize>,
+    max_unauthenticated_per_address: Option<usize>,
+    handshakes_per_second: Option<f64>,
+    handshakes_per_second_per_address: Option<f64>,
+}
+
+/// `[channels]`: every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelsSection {
+    capacity: Option<usize>,
+    per_partition: Option<u32>,
+    key_lifetime_messages: Option<u32>,
+    key_lifetime_secs: Option<u32>,
+}
+
+/// Most channels a node can hold (the connection table's ID space).
+pub const MAX_CAPACITY: usize = 1 << 24;
+/// Longest duration any `[links]` field takes, in seconds (a day).
+const MAX_SECS: f64 = 86_400.0;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,13 +186,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             dump_ram: None,
         });
     }
+    let settings = link_settings(path, &file.links)?;
+    let cmm = cmm_config(path, &file.channels)?;
     let links = match (&file.node.cluster, &file.node.private_key_file) {
-        (Some(cluster), Some(key)) => Some(cluster_config::link_settings(
+        (Some(cluster), Some(key)) => Some(cluster_config::cluster_links(
             path,
             file.node.id,
             &base.join(cluster),
             &base.join(key),
             file.node.listen.as_deref(),
+            settings,
         )?),
         (None, None) if file.node.listen.is_none() => None,
         (None, _) => {
@@ -169,8 +218,142 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
         console: None,
         audit_log: file.node.audit_log.map(|p| base.join(p)),
         links,
+        cmm,
         api_socket: file.node.api_socket.map(|p| base.join(p)),
     })
+}
+
+/// A duration field in seconds: positive, finite, at most a day.
+fn secs(
+    path: &Path,
+    field: &str,
+    value: Option<f64>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = value else { return Ok(default) };
+    if !value.is_finite() || value <= 0.0 || value > MAX_SECS {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            problem: format!("{value} is not a number of seconds above 0 and at most {MAX_SECS}"),
+        });
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// A count field: at least `min`.
+fn count<T: PartialOrd + Copy + std::fmt::Display>(
+    path: &Path,
+    field: &str,
+    value: Option<T>,
+    min: T,
+    max: T,
+    default: T,
+) -> Result<T, ConfigError> {
+    let Some(value) = value else { return Ok(default) };
+    if value < min || value > max {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            problem: format!("{value} is not between {min} and {max}"),
+        });
+    }
+    Ok(value)
+}
+
+fn link_settings(path: &Path, l: &LinksSection) -> Result<LinkSettings, ConfigError> {
+    let mut s = LinkSettings::default();
+    s.setup.handshake =
+        secs(path, "links.handshake_timeout_secs", l.handshake_timeout_secs, s.setup.handshake)?;
+    s.router.keepalive = secs(path, "links.keepalive_secs", l.keepalive_secs, s.router.keepalive)?;
+    s.router.dead_after =
+        secs(path, "links.dead_after_secs", l.dead_after_secs, s.router.dead_after)?;
+    if s.router.dead_after <= s.router.keepalive {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            field: "links.dead_after_secs".into(),
+            problem: format!("must be longer than keepalive_secs ({:?})", s.router.keepalive),
+        });
+    }
+    s.router.rekey_after =
+        secs(path, "links.rekey_after_secs", l.rekey_after_secs, s.router.rekey_after)?;
+    s.router.rekey_timeout = s.setup.handshake;
+    s.router.rekey_after_records = count(
+        path,
+        "links.rekey_after_messages",
+        l.rekey_after_messages,
+        16,
+        u64::MAX / 2,
+        s.router.rekey_after_records,
+    )?;
+    let mib = count(
+        path,
+        "links.send_backlog_mib",
+        l.send_backlog_mib,
+        1,
+        4096,
+        (s.router.backlog >> 20) as u64,
+    )?;
+    s.router.backlog = (mib as usize) << 20;
+    s.admission.pending = count(
+        path,
+        "links.max_unauthenticated",
+        l.max_unauthenticated,
+        1,
+        65_536,
+        s.admission.pending,
+    )?;
+    s.admission.pending_per_address = count(
+        path,
+        "links.max_unauthenticated_per_address",
+        l.max_unauthenticated_per_address,
+        1,
+        65_536,
+        s.admission.pending_per_address,
+    )?;
+    s.admission.handshakes = count(
+        path,
+        "links.handshakes_per_second",
+        l.handshakes_per_second,
+        1.0,
+        1e6,
+        s.admission.handshakes,
+    )?;
+    s.admission.handshakes_per_address = count(
+        path,
+        "links.handshakes_per_second_per_address",
+        l.handshakes_per_second_per_address,
+        1.0,
+        1e6,
+        s.admission.handshakes_per_address,
+    )?;
+    Ok(s)
+}
+
+fn cmm_config(path: &Path, c: &ChannelsSection) -> Result<CmmConfig, ConfigError> {
+    let d = CmmConfig::default();
+    let capacity = count(path, "channels.capacity", c.capacity, 1, MAX_CAPACITY, d.capacity)?;
+    let per_partition =
+        count(path, "channels.per_partition", c.per_partition, 1, u32::MAX, d.limits.max_channels)?;
+    let lifetime = KeyLifetime {
+        messages: count(
+            path,
+            "channels.key_lifetime_messages",
+            c.key_lifetime_messages,
+            1,
+            u32::MAX,
+            d.lifetime.messages,
+        )?,
+        secs: count(
+            path,
+            "channels.key_lifetime_secs",
+            c.key_lifetime_secs,
+            1,
+            u32::MAX,
+            d.lifetime.secs,
+        )?,
+    };
+    Ok(CmmConfig { capacity, limits: Limits { max_channels: per_partition, ..d.limits }, lifetime })
 }
 
 #[cfg(test)]

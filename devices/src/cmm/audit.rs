@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,10 @@ pub struct Record<'a> {
     pub destination: Option<&'a Endpoint>,
     /// The peer node of a host-link decision.
     pub peer: Option<u32>,
+    /// The network address of the other end of a host-link decision.
+    pub address: Option<SocketAddr>,
+    /// How many times this decision was taken, when records of it are counted together.
+    pub count: Option<u64>,
 }
 
 impl<'a> Record<'a> {
@@ -45,12 +50,20 @@ impl<'a> Record<'a> {
         source: &'a Endpoint,
         destination: &'a Endpoint,
     ) -> Self {
-        Self { event, reason, source: Some(source), destination: Some(destination), peer: None }
+        Self {
+            event,
+            reason,
+            source: Some(source),
+            destination: Some(destination),
+            peer: None,
+            address: None,
+            count: None,
+        }
     }
 
     /// A decision about the host link to or from `peer` (when known).
     pub fn link(event: &'static str, reason: &'static str, peer: Option<u32>) -> Self {
-        Self { event, reason, source: None, destination: None, peer }
+        Self { event, reason, source: None, destination: None, peer, address: None, count: None }
     }
 }
 
@@ -96,8 +109,16 @@ impl Audit {
             None => "null".into(),
         };
         let peer = r.peer.map_or_else(|| "null".to_owned(), |p| p.to_string());
+        // A socket address prints as digits, dots, colons and brackets: nothing to escape.
+        let mut extra = String::new();
+        if let Some(address) = r.address {
+            extra.push_str(&format!(",\"address\":\"{address}\""));
+        }
+        if let Some(count) = r.count {
+            extra.push_str(&format!(",\"count\":{count}"));
+        }
         format!(
-            "{{\"time\":{time:.6},\"node\":{},\"event\":\"{}\",\"reason\":\"{}\",\"source\":{},\"destination\":{},\"peer\":{peer}}}",
+            "{{\"time\":{time:.6},\"node\":{},\"event\":\"{}\",\"reason\":\"{}\",\"source\":{},\"destination\":{},\"peer\":{peer}{extra}}}",
             self.node,
             r.event,
             r.reason,

@@ -1,26 +1,5 @@
-//! What CMMs say to each other: key offers and their answers, data and close notices. On one
-//! node they are passed by value; between nodes the host link carries them (docs/PROTOCOL.md).
-
-use guest_agent::channel::abi::Endpoint;
-use zeroize::Zeroize;
-
-use super::crypto::{KEY_SIZE, TAG_SIZE};
-
-/// A key offer (claim 1): the key, and who it is from and for.
-pub struct Offer {
-    /// The channel key.
-    pub key: [u8; KEY_SIZE],
-    /// The offering endpoint.
-    pub source: Endpoint,
-    /// The endpoint it is offered to.
-    pub destination: Endpoint,
-}
-
-impl Drop for Offer {
-    fn drop(&mut self) {
-        self.key.zeroize();
-    }
-}
+//! What CMMs tell each other about offers, messages and closes, as codes the wire carries and
+//! reasons the audit log names (docs/PROTOCOL.md).
 
 /// Why a receiving CMM refused an offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +10,7 @@ pub enum Rejection {
     ForgedSourceNode,
     /// The destination is not on this node.
     NotLocal,
-    /// The key table is full.
+    /// The connection or key table is full.
     TableFull,
 }
 
@@ -47,21 +26,7 @@ impl Rejection {
     }
 }
 
-/// One message on its way: the ciphertext and its proof.
-pub struct DataFrame {
-    /// Sender.
-    pub source: Endpoint,
-    /// Receiver.
-    pub destination: Endpoint,
-    /// Position on the channel, in the sender's direction.
-    pub seq: u64,
-    /// Encrypted payload.
-    pub payload: Vec<u8>,
-    /// AES-GCM tag over payload, endpoints and sequence number.
-    pub tag: [u8; TAG_SIZE],
-}
-
-/// Why a receiving CMM dropped a data frame.
+/// Why a receiving CMM dropped a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataRejection {
     /// No open channel between the endpoints.
@@ -72,6 +37,10 @@ pub enum DataRejection {
     Replayed,
     /// The proof of the key failed.
     BadTag,
+    /// Sealed under an epoch the channel has moved past.
+    RetiredEpoch,
+    /// An epoch more than one ahead of the channel's.
+    BadEpoch,
 }
 
 impl DataRejection {
@@ -82,6 +51,8 @@ impl DataRejection {
             Self::ForgedSourceNode => "forged_source_node",
             Self::Replayed => "replayed_or_reordered",
             Self::BadTag => "bad_tag",
+            Self::RetiredEpoch => "retired_epoch",
+            Self::BadEpoch => "bad_epoch",
         }
     }
 }
@@ -117,5 +88,46 @@ impl OfferResult {
             4 => Self::Rejected(Rejection::TableFull),
             _ => return None,
         })
+    }
+}
+
+/// Why a channel was closed at its sender's end, as CLOSE carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The owning process closed it.
+    Closed,
+    /// The operator revoked it.
+    Revoked,
+    /// Its partition stopped.
+    PartitionStopped,
+}
+
+impl CloseReason {
+    /// The code CLOSE carries.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Closed => 0,
+            Self::Revoked => 1,
+            Self::PartitionStopped => 2,
+        }
+    }
+
+    /// Decodes a code; `None` if unknown.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => Self::Closed,
+            1 => Self::Revoked,
+            2 => Self::PartitionStopped,
+            _ => return None,
+        })
+    }
+
+    /// The reason as the audit log names it.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Closed => "peer_closed",
+            Self::Revoked => "peer_revoked",
+            Self::PartitionStopped => "peer_partition_stopped",
+        }
     }
 }

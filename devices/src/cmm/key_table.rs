@@ -1,114 +1,257 @@
-//! The key table (claims 9, 12, 14): one slot per connection-table entry, in secret memory that
-//! only the CMM reads. Nothing here is ever copied into a guest, a log line or a response; a
-//! removed key is zeroed at once.
+//! The key table (claims 9, 12, 14): one slot per keyed connection-table entry, in secret
+//! memory that only the CMM reads. Nothing here is ever copied into a guest, a log line or a
+//! response; a removed key is zeroed at once.
+//!
+//! A channel between partitions of this node keeps its channel key: the CMM proves the key of
+//! each message by comparing the two entries' keys (claim 10 on one node). A channel to
+//! another node keeps, instead, both directions' ratchet and AES-256-GCM state, built in place
+//! when the channel is keyed and used in place for every message (`crypto/channel.rs`).
 
 use std::io;
+use std::mem::MaybeUninit;
 
-use zeroize::Zeroize;
+use guest_agent::channel::abi::Endpoint;
 
-use super::crypto::KEY_SIZE;
-use super::secret_memory::SecretRegion;
-
-/// What a slot holds: the channel key and the two keys derived from it (zeroized on drop).
-pub struct ChannelKeys {
-    /// The key exchanged in the offer.
-    pub channel: [u8; KEY_SIZE],
-    /// Key of messages this side sends.
-    pub tx: [u8; KEY_SIZE],
-    /// Key of messages this side receives.
-    pub rx: [u8; KEY_SIZE],
-}
-
-const SLOT_SIZE: usize = 3 * KEY_SIZE;
+use crate::crypto::channel::{ChannelCiphers, Direction, AAD_SIZE, KEY_SIZE, SALT_SIZE, TAG_SIZE};
+use crate::secret::{SecretBox, Slab, SlabError};
 
 /// A slot in the key table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeySlot(usize);
+pub enum KeySlot {
+    /// A channel on this node: its key.
+    Local(u32),
+    /// A channel to another node: its ciphers.
+    Remote(u32),
+}
 
-/// Fixed-size table of channel keys in secret memory.
+/// Transient secrets: a key on its way into a slot, a receiving epoch being tried.
+struct Scratch {
+    key: [u8; KEY_SIZE],
+    candidate: MaybeUninit<Direction>,
+}
+
+/// The table.
 pub struct KeyTable {
-    region: SecretRegion,
-    used: Vec<bool>,
+    local: Slab<[u8; KEY_SIZE]>,
+    remote: Slab<ChannelCiphers>,
+    scratch: SecretBox<Scratch>,
 }
 
 impl KeyTable {
-    /// A table of `slots` keys.
-    pub fn new(slots: usize) -> io::Result<Self> {
-        Ok(Self { region: SecretRegion::new(slots * SLOT_SIZE)?, used: vec![false; slots] })
+    /// A table of at most `capacity` keys of each kind; secret memory is mapped as it fills.
+    pub fn new(capacity: usize) -> io::Result<Self> {
+        let scratch = SecretBox::new_with(|slot| {
+            slot.write(Scratch { key: [0; KEY_SIZE], candidate: MaybeUninit::uninit() });
+        })?;
+        Ok(Self { local: Slab::new(capacity), remote: Slab::new(capacity), scratch })
     }
 
-    /// Stores `keys` in a free slot; `None` when the table is full. The caller's copy should
-    /// be zeroized by the caller.
-    pub fn insert(&mut self, keys: &ChannelKeys) -> Option<KeySlot> {
-        let index = self.used.iter().position(|used| !used)?;
-        self.used[index] = true;
-        let slot = &mut self.region.bytes_mut()[index * SLOT_SIZE..(index + 1) * SLOT_SIZE];
-        slot[..KEY_SIZE].copy_from_slice(&keys.channel);
-        slot[KEY_SIZE..2 * KEY_SIZE].copy_from_slice(&keys.tx);
-        slot[2 * KEY_SIZE..].copy_from_slice(&keys.rx);
-        Some(KeySlot(index))
+    /// Where a new channel key is written (from the guest or the entropy source) before it is
+    /// stored; [`KeyTable::wipe_scratch`] erases it.
+    pub fn scratch_key(&mut self) -> &mut [u8; KEY_SIZE] {
+        &mut self.scratch.key
     }
 
-    /// The sending key of `slot`.
-    pub fn tx(&self, slot: KeySlot) -> &[u8; KEY_SIZE] {
-        self.key_at(slot, KEY_SIZE)
+    /// Erases the scratch key.
+    pub fn wipe_scratch(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.scratch.key);
     }
 
-    /// The receiving key of `slot`.
-    pub fn rx(&self, slot: KeySlot) -> &[u8; KEY_SIZE] {
-        self.key_at(slot, 2 * KEY_SIZE)
+    /// Stores the scratch key for a channel on this node.
+    pub fn insert_local_from_scratch(&mut self) -> Result<KeySlot, SlabError> {
+        let key = &self.scratch.key;
+        self.local
+            .insert_with(|slot| {
+                slot.write(*key);
+            })
+            .map(KeySlot::Local)
     }
 
-    fn key_at(&self, slot: KeySlot, offset: usize) -> &[u8; KEY_SIZE] {
-        let start = slot.0 * SLOT_SIZE + offset;
-        self.region.bytes()[start..start + KEY_SIZE]
-            .try_into()
-            .expect("slot bounds are fixed by SLOT_SIZE")
+    /// Stores `key` for a channel on this node.
+    pub fn insert_local(&mut self, key: &[u8; KEY_SIZE]) -> Result<KeySlot, SlabError> {
+        self.local
+            .insert_with(|slot| {
+                slot.write(*key);
+            })
+            .map(KeySlot::Local)
+    }
+
+    /// Builds the ciphers of `local`'s channel with `remote` from `key` and `salt`.
+    pub fn insert_remote(
+        &mut self,
+        key: &[u8; KEY_SIZE],
+        salt: &[u8; SALT_SIZE],
+        local: &Endpoint,
+        remote: &Endpoint,
+    ) -> Result<KeySlot, SlabError> {
+        self.remote
+            .insert_with(|slot| ChannelCiphers::init(slot, key, salt, local, remote))
+            .map(KeySlot::Remote)
+    }
+
+    /// As [`KeyTable::insert_remote`], from the scratch key.
+    pub fn insert_remote_from_scratch(
+        &mut self,
+        salt: &[u8; SALT_SIZE],
+        local: &Endpoint,
+        remote: &Endpoint,
+    ) -> Result<KeySlot, SlabError> {
+        let key = &self.scratch.key;
+        self.remote
+            .insert_with(|slot| ChannelCiphers::init(slot, key, salt, local, remote))
+            .map(KeySlot::Remote)
+    }
+
+    /// Whether two on-node slots hold the same key (in constant time).
+    pub fn same_key(&self, a: KeySlot, b: KeySlot) -> bool {
+        let (KeySlot::Local(a), KeySlot::Local(b)) = (a, b) else { return false };
+        match (self.local.get(a), self.local.get(b)) {
+            (Some(a), Some(b)) => constant_time_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// The ciphers of a cross-node slot.
+    pub fn ciphers(&self, slot: KeySlot) -> Option<&ChannelCiphers> {
+        match slot {
+            KeySlot::Remote(i) => self.remote.get(i),
+            KeySlot::Local(_) => None,
+        }
+    }
+
+    /// The ciphers of a cross-node slot, to advance an epoch.
+    pub fn ciphers_mut(&mut self, slot: KeySlot) -> Option<&mut ChannelCiphers> {
+        match slot {
+            KeySlot::Remote(i) => self.remote.get_mut(i),
+            KeySlot::Local(_) => None,
+        }
+    }
+
+    /// Opens a received message in place under the slot's receiving key, or under the next
+    /// epoch's key if `next_epoch` (the channel then moves to it: its old key is erased).
+    pub fn open(
+        &mut self,
+        slot: KeySlot,
+        next_epoch: bool,
+        aad: &[u8; AAD_SIZE],
+        seq: u64,
+        buf: &mut [u8],
+        tag: &[u8; TAG_SIZE],
+    ) -> bool {
+        let KeySlot::Remote(index) = slot else { return false };
+        let Some(ciphers) = self.remote.get_mut(index) else { return false };
+        if !next_epoch {
+            return ciphers.rx.open(aad, seq, buf, tag);
+        }
+        let scratch = &mut *self.scratch;
+        ciphers.rx.next_into(&mut scratch.candidate);
+        // SAFETY: `next_into` initialised the candidate.
+        let candidate = unsafe { scratch.candidate.assume_init_ref() };
+        let opened = candidate.open(aad, seq, buf, tag);
+        if opened {
+            ciphers.rx.advance();
+        }
+        // SAFETY: the candidate is plain key state (no resources); wiping its bytes ends it.
+        unsafe { wipe(&mut scratch.candidate) };
+        opened
     }
 
     /// Zeroes and frees `slot`.
     pub fn remove(&mut self, slot: KeySlot) {
-        if let Some(used) = self.used.get_mut(slot.0) {
-            *used = false;
-            self.region.bytes_mut()[slot.0 * SLOT_SIZE..(slot.0 + 1) * SLOT_SIZE].zeroize();
+        match slot {
+            KeySlot::Local(i) => self.local.remove(i),
+            KeySlot::Remote(i) => self.remove_remote(i),
         }
     }
 
-    /// Slots in use.
-    pub fn len(&self) -> usize {
-        self.used.iter().filter(|u| **u).count()
+    fn remove_remote(&mut self, index: u32) {
+        self.remote.remove(index);
     }
 
-    /// Whether no slot is in use.
+    /// Keys in use.
+    pub fn len(&self) -> usize {
+        self.local.len() + self.remote.len()
+    }
+
+    /// Whether no key is stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
-impl Drop for ChannelKeys {
-    fn drop(&mut self) {
-        self.channel.zeroize();
-        self.tx.zeroize();
-        self.rx.zeroize();
-    }
+/// Zeroes a value's bytes.
+///
+/// # Safety
+/// `T` must own no resources (its bytes are all there is to it).
+unsafe fn wipe<T>(value: &mut MaybeUninit<T>) {
+    // SAFETY: any bytes are valid for a `MaybeUninit`, and the caller vouches that nothing is
+    // lost by overwriting it.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(value.as_mut_ptr().cast::<u8>(), std::mem::size_of::<T>())
+    };
+    zeroize::Zeroize::zeroize(bytes);
+}
+
+/// Compares two keys without branching on their contents.
+fn constant_time_eq(a: &[u8; KEY_SIZE], b: &[u8; KEY_SIZE]) -> bool {
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cmm::test_endpoints::{A, B};
+    use crate::crypto::channel::associated_data;
 
     #[test]
-    fn stores_reads_and_wipes_keys() {
-        let mut table = KeyTable::new(2).unwrap();
-        let keys = ChannelKeys { channel: [1; 32], tx: [2; 32], rx: [3; 32] };
-        let a = table.insert(&keys).unwrap();
-        let b = table.insert(&keys).unwrap();
-        assert!(table.insert(&keys).is_none(), "full");
-        assert_eq!(table.tx(a), &[2; 32]);
-        assert_eq!(table.rx(b), &[3; 32]);
-        table.remove(a);
-        assert_eq!(table.tx(a), &[0; 32], "zeroed on removal");
-        assert_eq!(table.len(), 1);
-        assert!(table.insert(&keys).is_some(), "slot reused");
+    fn local_keys_compare_and_are_wiped() {
+        let mut table = KeyTable::new(4).unwrap();
+        let a = table.insert_local(&[1; 32]).unwrap();
+        let b = table.insert_local(&[1; 32]).unwrap();
+        let c = table.insert_local(&[2; 32]).unwrap();
+        assert!(table.same_key(a, b));
+        assert!(!table.same_key(a, c));
+        table.remove(b);
+        assert!(!table.same_key(a, b), "a removed key matches nothing");
+        assert_eq!(table.len(), 2);
+        table.scratch_key().copy_from_slice(&[7; 32]);
+        let d = table.insert_local_from_scratch().unwrap();
+        table.wipe_scratch();
+        assert_eq!(*table.scratch_key(), [0; 32]);
+        let e = table.insert_local(&[7; 32]).unwrap();
+        assert!(table.same_key(d, e));
+    }
+
+    #[test]
+    fn remote_slots_open_the_next_epoch_and_move_to_it() {
+        let mut table = KeyTable::new(4).unwrap();
+        let mine = table.insert_remote(&[3; 32], &[4; 16], &A, &B).unwrap();
+        let theirs = table.insert_remote(&[3; 32], &[4; 16], &B, &A).unwrap();
+        let seal = |table: &mut KeyTable, epoch: u32, seq: u64, text: &[u8]| {
+            let mut buf = text.to_vec();
+            let tag = table
+                .ciphers(theirs)
+                .unwrap()
+                .tx
+                .seal(&associated_data(&B, &A, epoch, seq), seq, &mut buf)
+                .unwrap();
+            (buf, tag)
+        };
+        let (mut m0, t0) = seal(&mut table, 0, 0, b"zero");
+        assert!(table.open(mine, false, &associated_data(&B, &A, 0, 0), 0, &mut m0, &t0));
+        table.ciphers_mut(theirs).unwrap().tx.advance();
+        let (m1, t1) = seal(&mut table, 1, 1, b"one");
+        let mut tampered = m1.clone();
+        tampered[0] ^= 1;
+        assert!(!table.open(mine, true, &associated_data(&B, &A, 1, 1), 1, &mut tampered, &t1));
+        let mut m1 = m1;
+        assert!(table.open(mine, true, &associated_data(&B, &A, 1, 1), 1, &mut m1, &t1));
+        assert_eq!(&m1, b"one");
+        let (mut m2, t2) = seal(&mut table, 1, 2, b"two");
+        assert!(
+            table.open(mine, false, &associated_data(&B, &A, 1, 2), 2, &mut m2, &t2),
+            "now at epoch 1"
+        );
     }
 }

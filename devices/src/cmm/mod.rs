@@ -1,16 +1,19 @@
-//! The connection management mechanism: connection table, key table, crypto, audit, and the
-//! offer and message paths that tie them together.
+//! The connection management mechanism: connection table, key table, audit, and the offer
+//! and message paths that tie them together and reach other nodes through the router.
 
 pub mod audit;
+mod channels;
 pub mod connection_table;
-pub mod crypto;
 pub mod frames;
 pub mod key_table;
 pub mod manager;
+mod messages;
 pub mod query;
-pub mod secret_memory;
 
-pub use manager::{Closing, Cmm, Delivery, Limits, Opening, Routed};
+pub use manager::{
+    ChannelView, Cmm, CmmConfig, Deliver, Delivered, KeyLifetime, KeySource, Limits, Opening,
+    Payload, Sent, Status,
+};
 
 #[cfg(test)]
 pub(crate) mod test_endpoints {
@@ -20,3 +23,6 @@ pub(crate) mod test_endpoints {
     pub(crate) const A: Endpoint = Endpoint { node: 1, partition: 1, process: 7 };
     pub(crate) const B: Endpoint = Endpoint { node: 1, partition: 2, process: 9 };
 }
+
+#[cfg(test)]
+mod tests;

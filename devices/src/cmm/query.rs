@@ -5,7 +5,9 @@ use std::io;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::Duration;
 
-use guest_agent::channel::abi::{ChannelInfo, Stats};
+use guest_agent::channel::abi::Stats;
+
+use super::ChannelView;
 use vmm_sys_util::eventfd::EventFd;
 
 /// A question.
@@ -27,8 +29,8 @@ pub enum Query {
 /// An answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// `(partition, entry)` pairs.
-    Channels(Vec<(u32, ChannelInfo)>),
+    /// Every entry, with its partition and public keying details.
+    Channels(Vec<ChannelView>),
     /// `(partition, counters)` pairs.
     Stats(Vec<(u32, Stats)>),
     /// The revocation's outcome: a status code on failure.

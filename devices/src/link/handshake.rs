@@ -1,26 +1,33 @@
-//! The link handshake: Noise IK (`snow`). The initiator knows the responder's static key from the
-//! cluster config and sends its own, encrypted, with its claimed node ID; the responder accepts
-//! only a key listed in the cluster config, and only for the node it is listed for.
+//! The link handshake (docs/PROTOCOL.md, "Handshake"): Noise IK. The initiator knows the
+//! responder's static key from the cluster config and sends its own, encrypted, with a hello:
+//! the protocol version, its claimed node ID and a TAI64N timestamp. The responder accepts only
+//! a key listed in the cluster config, only for the node it is listed for, only in this
+//! protocol version, and only with a timestamp greater than any that peer sent before; it
+//! answers with its own version.
+//!
+//! Every step runs scrubbed and keeps `snow`'s handshake state (its chaining key above all) in
+//! secret memory; a finished handshake leaves a [`Transport`] whose keys are in secret memory
+//! too (`crypto/noise.rs`).
 
-use std::io::{Read, Write};
-
-use snow::{Builder, TransportState};
+use snow::{HandshakeState, TransportState};
 
 use super::directory::{Directory, Peer};
-use super::wire::{self, MAX_MESSAGE};
-
-/// The Noise protocol of host links.
-pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_SHA256";
+use super::timestamp::{self, ReplayGuard, Tai64n};
+use super::wire::{HELLO_SIZE, MAX_MESSAGE, MSG1_SIZE, MSG2_SIZE, VERSION};
+use crate::crypto::node_key::NodeKey;
+use crate::crypto::noise;
+use crate::secret::{scrubbed, scrubbed_light, SecretBox};
 
 /// Why a handshake failed.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HandshakeError {
-    /// Reading or writing the stream failed (or timed out).
-    Io(std::io::Error),
-    /// The Noise messages did not verify.
-    Noise(snow::Error),
+    /// A Noise message did not verify, or was the wrong length.
+    Noise,
     /// The initiator's static key is not in the cluster config.
-    UnknownKey,
+    UnknownKey {
+        /// The key it presented.
+        key: [u8; 32],
+    },
     /// The initiator's key is listed for another node than the one it claims.
     ClaimsOtherNode {
         /// The ID it claimed.
@@ -28,124 +35,326 @@ pub enum HandshakeError {
         /// The ID its key is listed for.
         listed: u32,
     },
-    /// The first message's payload is not a node ID.
-    BadPayload,
+    /// The hello (or the answer's payload) is not a version-2 one.
+    BadPayload {
+        /// The node, when its key authenticated it.
+        peer: Option<u32>,
+    },
+    /// The peer speaks another protocol version. `reply` is the answer that tells it ours.
+    Version {
+        /// The node, authenticated by its key.
+        peer: u32,
+        /// The version it speaks.
+        version: u8,
+        /// The responder's message saying which version it speaks, to send before closing.
+        reply: Option<[u8; MSG2_SIZE]>,
+    },
+    /// The timestamp is not greater than one this peer sent before: a replayed message.
+    Replayed {
+        /// The node, authenticated by its key.
+        peer: u32,
+    },
+    /// A rekey handshake from a key other than the link's peer's.
+    NotThePeer {
+        /// The node whose key it was.
+        node: u32,
+    },
+    /// No secret memory for the handshake state.
+    Memory,
 }
 
 impl HandshakeError {
     /// The reason as the audit log names it.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Io(_) => "handshake_io",
-            Self::Noise(_) => "handshake_failed",
-            Self::UnknownKey => "unknown_key",
+            Self::Noise => "handshake_failed",
+            Self::UnknownKey { .. } => "unknown_key",
             Self::ClaimsOtherNode { .. } => "claims_other_node",
-            Self::BadPayload => "bad_handshake_payload",
+            Self::BadPayload { .. } => "bad_handshake_payload",
+            Self::Version { .. } => "unsupported_version",
+            Self::Replayed { .. } => "handshake_replayed",
+            Self::NotThePeer { .. } => "rekey_from_another_key",
+            Self::Memory => "no_secret_memory",
+        }
+    }
+
+    /// The node the failure is about, when the peer's key authenticated it.
+    pub fn peer(&self) -> Option<u32> {
+        match self {
+            Self::ClaimsOtherNode { listed, .. } => Some(*listed),
+            Self::BadPayload { peer } => *peer,
+            Self::Version { peer, .. } | Self::Replayed { peer } => Some(*peer),
+            Self::NotThePeer { node } => Some(*node),
+            _ => None,
         }
     }
 }
 
-impl From<std::io::Error> for HandshakeError {
-    fn from(e: std::io::Error) -> Self {
-        Self::Io(e)
-    }
-}
-
 impl From<snow::Error> for HandshakeError {
-    fn from(e: snow::Error) -> Self {
-        Self::Noise(e)
+    fn from(_: snow::Error) -> Self {
+        Self::Noise
     }
 }
 
-fn builder() -> Builder<'static> {
-    Builder::new(NOISE_PARAMS.parse().expect("NOISE_PARAMS is a valid Noise protocol name"))
+/// An established session: the link's Noise transport. Its keys live in secret memory and are
+/// zeroed when it is dropped.
+pub struct Transport {
+    state: TransportState,
 }
 
-/// Runs the initiator's side against `peer`, claiming to be `own_id`.
-pub fn initiate<S: Read + Write>(
-    stream: &mut S,
-    own_id: u32,
-    own_key: &[u8; 32],
+impl Transport {
+    /// Seals `plain` into `out`; returns the message's length.
+    pub fn seal(&mut self, plain: &[u8], out: &mut [u8]) -> Option<usize> {
+        scrubbed_light(|| self.state.write_message(plain, out).ok())
+    }
+
+    /// Opens `message` into `out`; returns the plaintext's length, or `None` if it does not
+    /// verify (a replayed, reordered, altered or forged message).
+    pub fn open(&mut self, message: &[u8], out: &mut [u8]) -> Option<usize> {
+        scrubbed_light(|| self.state.read_message(message, out).ok())
+    }
+}
+
+/// The hello an initiator sends.
+fn hello(own_id: u32, stamp: &Tai64n) -> [u8; HELLO_SIZE] {
+    let mut out = [0u8; HELLO_SIZE];
+    out[0] = VERSION;
+    out[1..5].copy_from_slice(&own_id.to_le_bytes());
+    out[5..].copy_from_slice(stamp);
+    out
+}
+
+fn boxed(state: HandshakeState) -> Result<SecretBox<HandshakeState>, HandshakeError> {
+    SecretBox::new_with(|slot| {
+        slot.write(state);
+    })
+    .map_err(|_| HandshakeError::Memory)
+}
+
+/// The initiator's side, between its message and the responder's answer.
+pub struct Initiation {
+    state: SecretBox<HandshakeState>,
+}
+
+/// Starts a handshake with `peer` as node `own_id`; writes the first message to `msg1`.
+pub fn initiate(
+    key: &NodeKey,
     peer: &Peer,
-) -> Result<TransportState, HandshakeError> {
-    let mut hs = builder()
-        .local_private_key(own_key)
-        .remote_public_key(&peer.public_key)
-        .build_initiator()?;
-    let mut buf = Box::new([0u8; MAX_MESSAGE]);
-    let len = hs.write_message(&own_id.to_le_bytes(), &mut buf[..])?;
-    wire::write_message(stream, &buf[..len])?;
-    let len = wire::read_message(stream, &mut buf)?;
-    let mut payload = [0u8; 64];
-    hs.read_message(&buf[..len], &mut payload)?;
-    Ok(hs.into_transport_mode()?)
+    own_id: u32,
+    msg1: &mut [u8; MSG1_SIZE],
+) -> Result<Initiation, HandshakeError> {
+    scrubbed(|| {
+        let state = noise::builder()
+            .local_private_key(key.private())?
+            .remote_public_key(&peer.public_key)?
+            .build_initiator()?;
+        let mut state = boxed(state)?;
+        let n = state.write_message(&hello(own_id, &timestamp::now()), msg1)?;
+        if n != MSG1_SIZE {
+            return Err(HandshakeError::Noise);
+        }
+        Ok(Initiation { state })
+    })
 }
 
-/// Runs the responder's side; returns the transport and the authenticated peer.
-pub fn respond<S: Read + Write>(
-    stream: &mut S,
-    own_key: &[u8; 32],
+impl Initiation {
+    /// Takes the responder's answer; returns the session.
+    pub fn finish(self, msg2: &[u8]) -> Result<Transport, HandshakeError> {
+        scrubbed(move || {
+            let mut state = self.state;
+            let mut payload = [0u8; 64];
+            let n = state.read_message(msg2, &mut payload)?;
+            match payload[..n] {
+                [VERSION] => {}
+                [version] => return Err(HandshakeError::Version { peer: 0, version, reply: None }),
+                _ => return Err(HandshakeError::BadPayload { peer: None }),
+            }
+            let transport = state.into_inner().into_transport_mode()?;
+            Ok(Transport { state: transport })
+        })
+    }
+}
+
+/// A handshake the responder accepted.
+pub struct Response {
+    /// The session.
+    pub transport: Transport,
+    /// The peer, authenticated by its key.
+    pub peer: Peer,
+    /// The answer to send.
+    pub msg2: [u8; MSG2_SIZE],
+}
+
+/// Answers `msg1`. `expected` is the link's peer for a rekey handshake (any listed node for a
+/// new link).
+pub fn respond(
+    key: &NodeKey,
     directory: &Directory,
-) -> Result<(TransportState, Peer), HandshakeError> {
-    let mut hs = builder().local_private_key(own_key).build_responder()?;
-    let mut buf = Box::new([0u8; MAX_MESSAGE]);
-    let len = wire::read_message(stream, &mut buf)?;
-    let mut payload = [0u8; 64];
-    let n = hs.read_message(&buf[..len], &mut payload)?;
-    let key = hs.get_remote_static().ok_or(HandshakeError::UnknownKey)?;
-    let peer = directory.by_key(key).ok_or(HandshakeError::UnknownKey)?.clone();
-    let claimed = <[u8; 4]>::try_from(&payload[..n])
-        .map(u32::from_le_bytes)
-        .map_err(|_| HandshakeError::BadPayload)?;
+    replays: &ReplayGuard,
+    msg1: &[u8],
+    expected: Option<u32>,
+) -> Result<Response, HandshakeError> {
+    scrubbed(|| {
+        if msg1.len() > MAX_MESSAGE {
+            return Err(HandshakeError::Noise);
+        }
+        let state = noise::builder().local_private_key(key.private())?.build_responder()?;
+        let mut state = boxed(state)?;
+        let mut payload = [0u8; 64];
+        let n = state.read_message(msg1, &mut payload)?;
+        let presented = state.get_remote_static().unwrap_or_default();
+        let peer = match directory.by_key(presented) {
+            Some(peer) => peer.clone(),
+            None => {
+                let mut key = [0u8; 32];
+                if presented.len() == 32 {
+                    key.copy_from_slice(presented);
+                }
+                return Err(HandshakeError::UnknownKey { key });
+            }
+        };
+        if expected.is_some_and(|id| id != peer.id) {
+            return Err(HandshakeError::NotThePeer { node: peer.id });
+        }
+        let stamp = check_hello(&payload[..n], &peer, &mut state)?;
+        if !replays.accept(peer.id, &stamp) {
+            return Err(HandshakeError::Replayed { peer: peer.id });
+        }
+        let mut msg2 = [0u8; MSG2_SIZE];
+        if state.write_message(&[VERSION], &mut msg2)? != MSG2_SIZE {
+            return Err(HandshakeError::Noise);
+        }
+        let transport = state.into_inner().into_transport_mode()?;
+        Ok(Response { transport: Transport { state: transport }, peer, msg2 })
+    })
+}
+
+/// Checks the initiator's hello against `peer` (authenticated by its key); returns its
+/// timestamp. An initiator of another version gets an answer that names ours.
+fn check_hello(
+    hello: &[u8],
+    peer: &Peer,
+    state: &mut HandshakeState,
+) -> Result<Tai64n, HandshakeError> {
+    let version = match hello {
+        // Version 1's hello was the node ID alone.
+        [_, _, _, _] => 1,
+        [version, ..] if *version != VERSION => *version,
+        _ => 0,
+    };
+    if version != 0 {
+        let mut reply = [0u8; MSG2_SIZE];
+        let answered = state.write_message(&[VERSION], &mut reply).is_ok();
+        return Err(HandshakeError::Version {
+            peer: peer.id,
+            version,
+            reply: answered.then_some(reply),
+        });
+    }
+    if hello.len() != HELLO_SIZE {
+        return Err(HandshakeError::BadPayload { peer: Some(peer.id) });
+    }
+    let claimed = u32::from_le_bytes([hello[1], hello[2], hello[3], hello[4]]);
     if claimed != peer.id {
         return Err(HandshakeError::ClaimsOtherNode { claimed, listed: peer.id });
     }
-    let len = hs.write_message(&[], &mut buf[..])?;
-    wire::write_message(stream, &buf[..len])?;
-    Ok((hs.into_transport_mode()?, peer))
+    let mut stamp = [0u8; 12];
+    stamp.copy_from_slice(&hello[5..]);
+    Ok(stamp)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::net::{TcpListener, TcpStream};
 
-    fn keypair() -> ([u8; 32], [u8; 32]) {
-        let kp = builder().generate_keypair().unwrap();
-        (kp.private.try_into().unwrap(), kp.public.try_into().unwrap())
+    pub(crate) fn peer(id: u32, key: &NodeKey) -> Peer {
+        Peer { id, address: "127.0.0.1:1".parse().unwrap(), public_key: *key.public() }
     }
 
-    fn peer(id: u32, public_key: [u8; 32]) -> Peer {
-        Peer { id, address: "127.0.0.1:1".parse().unwrap(), public_key }
+    struct Pair {
+        responder: NodeKey,
+        initiator: NodeKey,
+        directory: Directory,
+        replays: ReplayGuard,
     }
 
-    /// Runs a handshake over real loopback TCP: `claim` is the initiator's claimed ID.
-    fn run(directory: Directory, claim: u32, initiator_key: [u8; 32]) -> Result<u32, String> {
-        let (responder_private, responder_public) = keypair();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            respond(&mut stream, &responder_private, &directory)
-                .map(|(_, p)| p.id)
-                .map_err(|e| e.reason().to_owned())
-        });
-        let mut stream = TcpStream::connect(addr).unwrap();
-        let _ = initiate(&mut stream, claim, &initiator_key, &peer(9, responder_public));
-        drop(stream);
-        server.join().unwrap()
+    fn pair() -> Pair {
+        let responder = NodeKey::generate().unwrap();
+        let initiator = NodeKey::generate().unwrap();
+        let directory = Directory::new(vec![peer(1, &initiator), peer(2, &responder)]);
+        Pair { responder, initiator, directory, replays: ReplayGuard::default() }
+    }
+
+    impl Pair {
+        fn msg1(&self, claim: u32) -> (Initiation, [u8; MSG1_SIZE]) {
+            let mut msg1 = [0u8; MSG1_SIZE];
+            let init =
+                initiate(&self.initiator, &peer(2, &self.responder), claim, &mut msg1).unwrap();
+            (init, msg1)
+        }
+
+        fn respond(&self, msg1: &[u8]) -> Result<Response, HandshakeError> {
+            respond(&self.responder, &self.directory, &self.replays, msg1, None)
+        }
     }
 
     #[test]
-    fn a_listed_key_authenticates_its_node_only() {
-        let (private, public) = keypair();
-        let directory = Directory::new(vec![peer(2, public)]);
-        assert_eq!(run(directory.clone(), 2, private), Ok(2));
-        assert_eq!(run(directory, 3, private), Err("claims_other_node".into()));
-        let (stranger, _) = keypair();
+    fn a_listed_key_authenticates_its_node_and_the_sessions_talk() {
+        let p = pair();
+        let (init, msg1) = p.msg1(1);
+        let mut response = p.respond(&msg1).unwrap();
+        assert_eq!(response.peer.id, 1);
+        let mut initiator = init.finish(&response.msg2).unwrap();
+        let (mut sealed, mut plain) = ([0u8; 64], [0u8; 64]);
+        let n = initiator.seal(b"confirm", &mut sealed).unwrap();
+        assert_eq!(response.transport.open(&sealed[..n], &mut plain), Some(7));
+        assert!(response.transport.open(&sealed[..n], &mut plain).is_none(), "replayed record");
+    }
+
+    #[test]
+    fn replays_false_claims_strangers_and_old_versions_are_refused() {
+        let p = pair();
+        let (_, msg1) = p.msg1(1);
+        assert!(p.respond(&msg1).is_ok());
+        assert_eq!(p.respond(&msg1).err(), Some(HandshakeError::Replayed { peer: 1 }));
+        let (_, lying) = p.msg1(3);
         assert_eq!(
-            run(Directory::new(vec![peer(2, public)]), 2, stranger),
-            Err("unknown_key".into())
+            p.respond(&lying).err(),
+            Some(HandshakeError::ClaimsOtherNode { claimed: 3, listed: 1 })
         );
+        let stranger = NodeKey::generate().unwrap();
+        let mut msg1 = [0u8; MSG1_SIZE];
+        initiate(&stranger, &peer(2, &p.responder), 1, &mut msg1).unwrap();
+        assert_eq!(
+            p.respond(&msg1).err(),
+            Some(HandshakeError::UnknownKey { key: *stranger.public() })
+        );
+        assert_eq!(p.respond(&msg1[..50]).err(), Some(HandshakeError::Noise));
+        // A version-1 initiator: its hello was the node ID alone.
+        let mut v1 = noise::builder()
+            .local_private_key(p.initiator.private())
+            .unwrap()
+            .remote_public_key(p.responder.public())
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut old = [0u8; 200];
+        let n = v1.write_message(&1u32.to_le_bytes(), &mut old).unwrap();
+        let Err(HandshakeError::Version { peer: 1, version: 1, reply: Some(reply) }) =
+            p.respond(&old[..n])
+        else {
+            panic!("a version-1 hello was not refused as such")
+        };
+        let mut payload = [0u8; 8];
+        assert_eq!(v1.read_message(&reply, &mut payload).unwrap(), 1);
+        assert_eq!(payload[0], VERSION, "the answer names this node's version");
+    }
+
+    #[test]
+    fn a_rekey_must_come_from_the_links_peer() {
+        let p = pair();
+        let (_, msg1) = p.msg1(1);
+        let result = respond(&p.responder, &p.directory, &p.replays, &msg1, Some(5));
+        assert_eq!(result.err(), Some(HandshakeError::NotThePeer { node: 1 }));
     }
 }

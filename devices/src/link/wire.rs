@@ -1,32 +1,44 @@
-//! Link framing (docs/PROTOCOL.md).
+//! The host-link wire format, protocol version 2 (docs/PROTOCOL.md).
 //!
-//! On the TCP stream every message is a 2-byte big-endian length and that many bytes: a Noise
-//! handshake or transport message, so at most 65,535. A transport message's plaintext is one
-//! flag byte (bit 0: the last chunk of a frame) and a chunk; chunks concatenate into a frame
-//! of at most [`FRAME_MAX`] bytes, checked before it grows. A frame is a version byte, a type
-//! byte and a body whose length each type fixes (DATA: a fixed head and the payload).
-
-use std::io::{self, Read, Write};
+//! During the handshake each message on the TCP stream is a 2-byte big-endian length and a
+//! Noise handshake message. After it the stream is a sequence of **records**:
+//!
+//! ```text
+//! record = length (u16, big-endian) | header block (a Noise transport message of `length`
+//!          bytes) | the payloads of the block's DATA frames, in order, as their heads say
+//! ```
+//!
+//! The header block's plaintext is one or more frames, each a type byte and a body of the
+//! length the type fixes. A DATA frame's payload is already sealed with its channel key, so
+//! the link's cipher covers only the heads (who talks to whom, sequence numbers, epochs, the
+//! payloads' tags and lengths): one bulk cryptographic pass per payload byte per hop. Every
+//! length is checked before anything is allocated or read.
 
 use guest_agent::channel::abi::{Endpoint, ENDPOINT_SIZE};
-use zeroize::Zeroize;
 
-use crate::cmm::crypto::{KEY_SIZE, TAG_SIZE};
-use crate::cmm::frames::{DataFrame, Offer, OfferResult};
+use crate::cmm::frames::{CloseReason, OfferResult};
+use crate::crypto::channel::{KEY_SIZE, SALT_SIZE, TAG_SIZE};
 
-/// Protocol version of the frames.
-pub const VERSION: u8 = 1;
-/// Largest Noise message.
+/// The protocol version this node speaks.
+pub const VERSION: u8 = 2;
+/// Largest Noise message, handshake or transport.
 pub const MAX_MESSAGE: usize = 65_535;
-/// Largest plaintext of one Noise transport message (its tag takes 16 bytes).
-pub const MAX_PLAINTEXT: usize = MAX_MESSAGE - 16;
-/// Largest chunk of a frame in one transport message.
-pub const MAX_CHUNK: usize = MAX_PLAINTEXT - 1;
-/// Largest payload of a DATA frame: the device's `max_message`.
+/// Bytes of a Noise transport message's tag.
+pub const NOISE_TAG: usize = 16;
+/// Largest header block plaintext, either way: small, so that every link can keep its
+/// staging and its receiving block in secret memory.
+pub const MAX_BLOCK: usize = 4096;
+/// Largest payload of one DATA frame: the device's `max_message`.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
-const DATA_HEAD: usize = 2 * ENDPOINT_SIZE + 8 + TAG_SIZE;
-/// Largest frame.
-pub const FRAME_MAX: usize = 2 + DATA_HEAD + MAX_PAYLOAD;
+/// Most payload bytes that may follow one header block.
+pub const MAX_RECORD_PAYLOAD: usize = 256 * 1024;
+/// Bytes of the initiator's first handshake message: ephemeral key, encrypted static key,
+/// encrypted payload ([`HELLO_SIZE`] bytes).
+pub const MSG1_SIZE: usize = 32 + (32 + NOISE_TAG) + (HELLO_SIZE + NOISE_TAG);
+/// Bytes of the responder's handshake message: ephemeral key, encrypted version byte.
+pub const MSG2_SIZE: usize = 32 + (1 + NOISE_TAG);
+/// Bytes of the initiator's handshake payload: version, node ID, TAI64N timestamp.
+pub const HELLO_SIZE: usize = 1 + 4 + 12;
 
 /// Frame types.
 pub mod kind {
@@ -34,28 +46,113 @@ pub mod kind {
     pub const KEEPALIVE: u8 = 1;
     /// The sender is closing the link on purpose.
     pub const GOODBYE: u8 = 2;
-    /// A key offer: `(offer ID, key, source, destination)`.
-    pub const OFFER: u8 = 3;
+    /// The initiator's first frame: it holds the session's keys.
+    pub const CONFIRM: u8 = 3;
+    /// A key offer: `(offer ID, source, destination, salt, key)`.
+    pub const OFFER: u8 = 4;
     /// The answer to an offer.
-    pub const OFFER_REPLY: u8 = 4;
-    /// A message sealed with its channel's key.
-    pub const DATA: u8 = 5;
+    pub const OFFER_REPLY: u8 = 5;
+    /// The head of a message sealed with its channel's key; the payload follows the block.
+    pub const DATA: u8 = 6;
     /// A channel was closed at the sender's end.
-    pub const CLOSE: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    /// A fresh handshake's first message (from the link's initiator).
+    pub const REKEY: u8 = 8;
+    /// The fresh handshake's answer; the responder's last frame under its old sending key.
+    pub const REKEY_REPLY: u8 = 9;
+    /// The initiator's last frame under its old sending key.
+    pub const REKEY_DONE: u8 = 10;
 }
 
-/// A decoded frame.
-pub enum Frame {
+/// Body bytes of each frame type (`None`: no such type).
+pub fn body_len(kind: u8) -> Option<usize> {
+    Some(match kind {
+        kind::KEEPALIVE | kind::GOODBYE | kind::CONFIRM | kind::REKEY_DONE => 0,
+        kind::OFFER => 4 + 2 * ENDPOINT_SIZE + SALT_SIZE + KEY_SIZE,
+        kind::OFFER_REPLY => 5,
+        kind::DATA => DATA_HEAD,
+        kind::CLOSE => 2 * ENDPOINT_SIZE + 1,
+        kind::REKEY => MSG1_SIZE,
+        kind::REKEY_REPLY => MSG2_SIZE,
+        _ => return None,
+    })
+}
+
+/// Bytes of a DATA frame's body: endpoints, epoch, seq, length, tag.
+pub const DATA_HEAD: usize = 2 * ENDPOINT_SIZE + 4 + 8 + 4 + TAG_SIZE;
+
+/// The head of one sealed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHead {
+    /// Sender.
+    pub source: Endpoint,
+    /// Receiver.
+    pub destination: Endpoint,
+    /// The sender's key epoch on this channel.
+    pub epoch: u32,
+    /// Position on the channel, in the sender's direction.
+    pub seq: u64,
+    /// Payload bytes that follow the header block.
+    pub len: u32,
+    /// AES-GCM tag over payload, endpoints, epoch and sequence number.
+    pub tag: [u8; TAG_SIZE],
+}
+
+impl DataHead {
+    fn encode(&self, out: &mut [u8]) {
+        self.source.encode(&mut out[..12]);
+        self.destination.encode(&mut out[12..24]);
+        out[24..28].copy_from_slice(&self.epoch.to_le_bytes());
+        out[28..36].copy_from_slice(&self.seq.to_le_bytes());
+        out[36..40].copy_from_slice(&self.len.to_le_bytes());
+        out[40..56].copy_from_slice(&self.tag);
+    }
+
+    fn decode(body: &[u8]) -> Self {
+        let mut tag = [0u8; TAG_SIZE];
+        tag.copy_from_slice(&body[40..56]);
+        Self {
+            source: Endpoint::decode(&body[..12]),
+            destination: Endpoint::decode(&body[12..24]),
+            epoch: u32_at(body, 24),
+            seq: u64::from_le_bytes(array(&body[28..36])),
+            len: u32_at(body, 36),
+            tag,
+        }
+    }
+}
+
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&bytes[..N]);
+    out
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(array(&bytes[at..at + 4]))
+}
+
+/// A frame, borrowed from a header block (received) or from its owner (to send).
+#[derive(Debug, Clone, Copy)]
+pub enum Frame<'a> {
     /// [`kind::KEEPALIVE`].
     Keepalive,
     /// [`kind::GOODBYE`].
     Goodbye,
-    /// [`kind::OFFER`].
+    /// [`kind::CONFIRM`].
+    Confirm,
+    /// [`kind::OFFER`]: the key stays where it is (secret memory) until it is used.
     Offer {
-        /// The offering CMM's reference, echoed in the reply.
+        /// The offering CMM's reference (its channel ID), echoed in the reply.
         id: u32,
-        /// The offer.
-        offer: Offer,
+        /// The offering endpoint.
+        source: Endpoint,
+        /// The endpoint it is offered to.
+        destination: Endpoint,
+        /// Makes this channel's keys unlike any earlier channel's.
+        salt: [u8; SALT_SIZE],
+        /// The channel key.
+        key: &'a [u8; KEY_SIZE],
     },
     /// [`kind::OFFER_REPLY`].
     OfferReply {
@@ -65,27 +162,37 @@ pub enum Frame {
         result: OfferResult,
     },
     /// [`kind::DATA`].
-    Data(DataFrame),
+    Data(DataHead),
     /// [`kind::CLOSE`].
     Close {
         /// Who closed.
         source: Endpoint,
         /// Its peer.
         destination: Endpoint,
+        /// Why.
+        reason: CloseReason,
     },
+    /// [`kind::REKEY`].
+    Rekey(&'a [u8; MSG1_SIZE]),
+    /// [`kind::REKEY_REPLY`].
+    RekeyReply(&'a [u8; MSG2_SIZE]),
+    /// [`kind::REKEY_DONE`].
+    RekeyDone,
 }
 
-/// Why a frame was refused.
+/// Why a record or frame was refused; the link ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {
-    /// Shorter than its type requires.
+    /// A header block that ends inside a frame, or holds none.
     Truncated,
-    /// Another protocol version.
-    Version(u8),
-    /// An unknown type, a body of the wrong length, or a bad field.
+    /// An unknown frame type.
+    UnknownType(u8),
+    /// A field out of range: a result code, a close reason, a DATA length.
     Malformed(u8),
-    /// Chunks that add up to more than [`FRAME_MAX`].
-    TooLong,
+    /// More payload after one header block than [`MAX_RECORD_PAYLOAD`].
+    RecordTooLong,
+    /// A frame that must end its header block did not.
+    NotLast(u8),
 }
 
 impl FrameError {
@@ -93,268 +200,239 @@ impl FrameError {
     pub fn reason(self) -> &'static str {
         match self {
             Self::Truncated => "truncated_frame",
-            Self::Version(_) => "unsupported_version",
+            Self::UnknownType(_) => "unknown_frame_type",
             Self::Malformed(_) => "malformed_frame",
-            Self::TooLong => "frame_too_long",
+            Self::RecordTooLong => "record_too_long",
+            Self::NotLast(_) => "frame_not_last",
         }
     }
 }
 
-impl Frame {
-    /// Encodes the frame into `out` (cleared first).
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.clear();
-        out.push(VERSION);
+impl Frame<'_> {
+    /// Its type byte.
+    pub fn kind(&self) -> u8 {
         match self {
-            Self::Keepalive => out.push(kind::KEEPALIVE),
-            Self::Goodbye => out.push(kind::GOODBYE),
-            Self::Offer { id, offer } => {
-                out.push(kind::OFFER);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&offer.key);
-                out.extend_from_slice(&offer.source.to_bytes());
-                out.extend_from_slice(&offer.destination.to_bytes());
+            Self::Keepalive => kind::KEEPALIVE,
+            Self::Goodbye => kind::GOODBYE,
+            Self::Confirm => kind::CONFIRM,
+            Self::Offer { .. } => kind::OFFER,
+            Self::OfferReply { .. } => kind::OFFER_REPLY,
+            Self::Data(_) => kind::DATA,
+            Self::Close { .. } => kind::CLOSE,
+            Self::Rekey(_) => kind::REKEY,
+            Self::RekeyReply(_) => kind::REKEY_REPLY,
+            Self::RekeyDone => kind::REKEY_DONE,
+        }
+    }
+
+    /// Bytes the frame takes in a header block.
+    pub fn size(&self) -> usize {
+        1 + body_len(self.kind()).unwrap_or(0)
+    }
+
+    /// Writes the frame at the start of `out` (at least [`Frame::size`] bytes).
+    pub fn encode(&self, out: &mut [u8]) {
+        out[0] = self.kind();
+        let body = &mut out[1..self.size()];
+        match self {
+            Self::Keepalive | Self::Goodbye | Self::Confirm | Self::RekeyDone => {}
+            Self::Offer { id, source, destination, salt, key } => {
+                body[..4].copy_from_slice(&id.to_le_bytes());
+                source.encode(&mut body[4..16]);
+                destination.encode(&mut body[16..28]);
+                body[28..44].copy_from_slice(salt);
+                body[44..76].copy_from_slice(&key[..]);
             }
             Self::OfferReply { id, result } => {
-                out.push(kind::OFFER_REPLY);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.push(result.code());
+                body[..4].copy_from_slice(&id.to_le_bytes());
+                body[4] = result.code();
             }
-            Self::Data(frame) => {
-                out.push(kind::DATA);
-                out.extend_from_slice(&frame.source.to_bytes());
-                out.extend_from_slice(&frame.destination.to_bytes());
-                out.extend_from_slice(&frame.seq.to_le_bytes());
-                out.extend_from_slice(&frame.tag);
-                out.extend_from_slice(&frame.payload);
+            Self::Data(head) => head.encode(body),
+            Self::Close { source, destination, reason } => {
+                source.encode(&mut body[..12]);
+                destination.encode(&mut body[12..24]);
+                body[24] = reason.code();
             }
-            Self::Close { source, destination } => {
-                out.push(kind::CLOSE);
-                out.extend_from_slice(&source.to_bytes());
-                out.extend_from_slice(&destination.to_bytes());
-            }
-        }
-    }
-
-    /// Decodes a reassembled frame.
-    pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
-        let (&version, rest) = bytes.split_first().ok_or(FrameError::Truncated)?;
-        let (&kind, body) = rest.split_first().ok_or(FrameError::Truncated)?;
-        if version != VERSION {
-            return Err(FrameError::Version(version));
-        }
-        let exact =
-            |len: usize| if body.len() == len { Ok(()) } else { Err(FrameError::Malformed(kind)) };
-        let endpoint = |at: usize| Endpoint::decode(&body[at..at + ENDPOINT_SIZE]);
-        let u32_at =
-            |at: usize| u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
-        match kind {
-            kind::KEEPALIVE => exact(0).map(|()| Self::Keepalive),
-            kind::GOODBYE => exact(0).map(|()| Self::Goodbye),
-            kind::OFFER => {
-                exact(4 + KEY_SIZE + 2 * ENDPOINT_SIZE)?;
-                let mut key = [0u8; KEY_SIZE];
-                key.copy_from_slice(&body[4..4 + KEY_SIZE]);
-                let offer = Offer {
-                    key,
-                    source: endpoint(4 + KEY_SIZE),
-                    destination: endpoint(4 + KEY_SIZE + ENDPOINT_SIZE),
-                };
-                key.zeroize();
-                Ok(Self::Offer { id: u32_at(0), offer })
-            }
-            kind::OFFER_REPLY => {
-                exact(5)?;
-                let result = OfferResult::from_code(body[4]).ok_or(FrameError::Malformed(kind))?;
-                Ok(Self::OfferReply { id: u32_at(0), result })
-            }
-            kind::DATA => {
-                if body.len() < DATA_HEAD || body.len() > DATA_HEAD + MAX_PAYLOAD {
-                    return Err(FrameError::Malformed(kind));
-                }
-                let mut seq = [0u8; 8];
-                seq.copy_from_slice(&body[24..32]);
-                let mut tag = [0u8; TAG_SIZE];
-                tag.copy_from_slice(&body[32..DATA_HEAD]);
-                Ok(Self::Data(DataFrame {
-                    source: endpoint(0),
-                    destination: endpoint(ENDPOINT_SIZE),
-                    seq: u64::from_le_bytes(seq),
-                    payload: body[DATA_HEAD..].to_vec(),
-                    tag,
-                }))
-            }
-            kind::CLOSE => exact(2 * ENDPOINT_SIZE).map(|()| Self::Close {
-                source: endpoint(0),
-                destination: endpoint(ENDPOINT_SIZE),
-            }),
-            _ => Err(FrameError::Malformed(kind)),
+            Self::Rekey(message) => body.copy_from_slice(&message[..]),
+            Self::RekeyReply(message) => body.copy_from_slice(&message[..]),
         }
     }
 }
 
-/// Reassembles frames from transport-message plaintexts.
-pub struct Assembler {
-    buf: Vec<u8>,
+/// The frames of a decrypted header block, in order.
+pub struct Frames<'a> {
+    rest: &'a [u8],
 }
 
-impl Default for Assembler {
-    fn default() -> Self {
-        Self { buf: Vec::with_capacity(FRAME_MAX) }
-    }
+/// Iterates over the frames of `block` (a header block's plaintext).
+pub fn frames(block: &[u8]) -> Frames<'_> {
+    Frames { rest: block }
 }
 
-impl Assembler {
-    /// Adds one plaintext; returns the frame's bytes when it was the last chunk.
-    pub fn push(&mut self, plaintext: &[u8]) -> Result<Option<&[u8]>, FrameError> {
-        let (&flags, chunk) = plaintext.split_first().ok_or(FrameError::Truncated)?;
-        if flags & !1 != 0 {
-            return Err(FrameError::Malformed(0));
+impl<'a> Iterator for Frames<'a> {
+    type Item = Result<Frame<'a>, FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (&kind, rest) = self.rest.split_first()?;
+        let Some(len) = body_len(kind) else {
+            self.rest = &[];
+            return Some(Err(FrameError::UnknownType(kind)));
+        };
+        if rest.len() < len {
+            self.rest = &[];
+            return Some(Err(FrameError::Truncated));
         }
-        if self.buf.len() + chunk.len() > FRAME_MAX {
-            return Err(FrameError::TooLong);
+        let (body, rest) = rest.split_at(len);
+        self.rest = rest;
+        Some(decode(kind, body))
+    }
+}
+
+/// Decodes a frame body whose length [`body_len`] has already checked.
+fn decode(kind: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
+    let endpoint = |at: usize| Endpoint::decode(&body[at..at + ENDPOINT_SIZE]);
+    Ok(match kind {
+        kind::KEEPALIVE => Frame::Keepalive,
+        kind::GOODBYE => Frame::Goodbye,
+        kind::CONFIRM => Frame::Confirm,
+        kind::REKEY_DONE => Frame::RekeyDone,
+        kind::OFFER => Frame::Offer {
+            id: u32_at(body, 0),
+            source: endpoint(4),
+            destination: endpoint(16),
+            salt: array(&body[28..44]),
+            key: body[44..76].try_into().map_err(|_| FrameError::Truncated)?,
+        },
+        kind::OFFER_REPLY => Frame::OfferReply {
+            id: u32_at(body, 0),
+            result: OfferResult::from_code(body[4]).ok_or(FrameError::Malformed(kind))?,
+        },
+        kind::DATA => {
+            let head = DataHead::decode(body);
+            if head.len as usize > MAX_PAYLOAD {
+                return Err(FrameError::Malformed(kind));
+            }
+            Frame::Data(head)
         }
-        self.buf.extend_from_slice(chunk);
-        Ok((flags & 1 == 1).then_some(self.buf.as_slice()))
-    }
-
-    /// Forgets the frame just returned, wiping it (an offer's key passes through here).
-    pub fn reset(&mut self) {
-        self.buf.zeroize();
-        self.buf.clear();
-    }
+        kind::CLOSE => Frame::Close {
+            source: endpoint(0),
+            destination: endpoint(12),
+            reason: CloseReason::from_code(body[24]).ok_or(FrameError::Malformed(kind))?,
+        },
+        kind::REKEY => Frame::Rekey(body.try_into().map_err(|_| FrameError::Truncated)?),
+        kind::REKEY_REPLY => Frame::RekeyReply(body.try_into().map_err(|_| FrameError::Truncated)?),
+        other => return Err(FrameError::UnknownType(other)),
+    })
 }
 
-/// Splits `frame` into transport-message plaintexts, each passed to `send`.
-pub fn chunks(frame: &[u8], mut send: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
-    let mut plain = [0u8; MAX_PLAINTEXT];
-    let mut parts = frame.chunks(MAX_CHUNK).peekable();
-    while let Some(part) = parts.next() {
-        plain[0] = u8::from(parts.peek().is_none());
-        plain[1..=part.len()].copy_from_slice(part);
-        send(&plain[..=part.len()])?;
+/// Checks a decrypted header block as a whole: it holds at least one frame, every frame
+/// decodes, REKEY_REPLY and REKEY_DONE come last, and its DATA payloads add up to at most
+/// [`MAX_RECORD_PAYLOAD`]; returns that sum.
+pub fn check_block(block: &[u8]) -> Result<usize, FrameError> {
+    if block.is_empty() {
+        return Err(FrameError::Truncated);
     }
-    plain.zeroize();
-    Ok(())
-}
-
-/// Reads one length-prefixed message into `buf`; returns its length. The length is checked
-/// before anything is read, and `buf` is never grown.
-pub fn read_message(stream: &mut impl Read, buf: &mut [u8; MAX_MESSAGE]) -> io::Result<usize> {
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len)?;
-    let len = usize::from(u16::from_be_bytes(len));
-    if len == 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "empty link message"));
+    let mut payload = 0usize;
+    let mut ended = None;
+    for frame in frames(block) {
+        let frame = frame?;
+        if let Some(kind) = ended {
+            return Err(FrameError::NotLast(kind));
+        }
+        match frame {
+            Frame::Data(head) => payload += head.len as usize,
+            Frame::RekeyReply(_) | Frame::RekeyDone => ended = Some(frame.kind()),
+            _ => {}
+        }
+        if payload > MAX_RECORD_PAYLOAD {
+            return Err(FrameError::RecordTooLong);
+        }
     }
-    stream.read_exact(&mut buf[..len])?;
-    Ok(len)
-}
-
-/// Writes one length-prefixed message.
-pub fn write_message(stream: &mut impl Write, message: &[u8]) -> io::Result<()> {
-    let len = u16::try_from(message.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "link message too long"))?;
-    let mut out = Vec::with_capacity(2 + message.len());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(message);
-    stream.write_all(&out)
+    Ok(payload)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cmm::frames::Rejection;
 
     const A: Endpoint = Endpoint { node: 1, partition: 2, process: 3 };
     const B: Endpoint = Endpoint { node: 4, partition: 5, process: 6 };
 
-    fn round_trip(frame: &Frame) -> Frame {
-        let mut bytes = Vec::new();
-        frame.encode(&mut bytes);
-        let mut assembler = Assembler::default();
-        let mut out = None;
-        chunks(&bytes, |plain| {
-            if let Some(frame) = assembler.push(plain).unwrap() {
-                out = Some(Frame::decode(frame).unwrap());
-            }
-            Ok(())
-        })
-        .unwrap();
-        out.unwrap()
+    fn block(frames: &[Frame<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for frame in frames {
+            let at = out.len();
+            out.resize(at + frame.size(), 0);
+            frame.encode(&mut out[at..]);
+        }
+        out
     }
 
     #[test]
-    fn messages_are_length_prefixed_and_bounded() {
-        let mut wire = Vec::new();
-        write_message(&mut wire, b"abc").unwrap();
-        assert_eq!(wire, [0, 3, b'a', b'b', b'c']);
-        let mut buf = Box::new([0u8; MAX_MESSAGE]);
-        assert_eq!(read_message(&mut wire.as_slice(), &mut buf).unwrap(), 3);
-        assert!(read_message(&mut [0u8, 0].as_slice(), &mut buf).is_err(), "empty");
-        assert!(read_message(&mut [0u8, 9, 1].as_slice(), &mut buf).is_err(), "truncated");
-        assert!(write_message(&mut Vec::new(), &vec![0; 70_000]).is_err());
-    }
-
-    #[test]
-    fn every_frame_round_trips_even_across_chunks() {
-        let offer = Offer { key: [9; 32], source: A, destination: B };
-        let Frame::Offer { id, offer: back } = round_trip(&Frame::Offer { id: 7, offer }) else {
-            panic!()
-        };
-        assert_eq!((id, back.key, back.source, back.destination), (7, [9; 32], A, B));
-        let reply = Frame::OfferReply {
-            id: 7,
-            result: OfferResult::Rejected(crate::cmm::frames::Rejection::NoListener),
-        };
-        assert!(matches!(
-            round_trip(&reply),
-            Frame::OfferReply {
-                id: 7,
-                result: OfferResult::Rejected(crate::cmm::frames::Rejection::NoListener)
-            }
-        ));
-        let data = DataFrame {
-            source: A,
-            destination: B,
-            seq: 42,
-            payload: vec![5; MAX_PAYLOAD],
-            tag: [1; 16],
-        };
-        let Frame::Data(back) = round_trip(&Frame::Data(data)) else { panic!() };
-        assert_eq!(
-            (back.seq, back.payload.len(), back.tag, back.source),
-            (42, MAX_PAYLOAD, [1; 16], A)
+    fn every_frame_round_trips() {
+        let key = [9u8; 32];
+        let head =
+            DataHead { source: A, destination: B, epoch: 3, seq: 42, len: 100, tag: [1; 16] };
+        let msg1 = [5u8; MSG1_SIZE];
+        let msg2 = [6u8; MSG2_SIZE];
+        let sent = [
+            Frame::Confirm,
+            Frame::Keepalive,
+            Frame::Offer { id: 7, source: A, destination: B, salt: [2; 16], key: &key },
+            Frame::OfferReply { id: 7, result: OfferResult::Rejected(Rejection::NoListener) },
+            Frame::Data(head),
+            Frame::Close { source: A, destination: B, reason: CloseReason::Revoked },
+            Frame::Rekey(&msg1),
+            Frame::Goodbye,
+            Frame::RekeyDone,
+        ];
+        let bytes = block(&sent);
+        assert_eq!(check_block(&bytes), Ok(100));
+        let back: Vec<Frame<'_>> = frames(&bytes).map(Result::unwrap).collect();
+        assert_eq!(back.len(), sent.len());
+        for (a, b) in sent.iter().zip(&back) {
+            assert_eq!(block(&[*a]), block(&[*b]), "{a:?}");
+        }
+        let Frame::Offer { key: k, salt, .. } = back[2] else { panic!() };
+        assert_eq!((k, salt), (&key, [2; 16]));
+        assert!(matches!(back[4], Frame::Data(h) if h == head));
+        assert!(
+            matches!(frames(&block(&[Frame::RekeyReply(&msg2)])).next(), Some(Ok(Frame::RekeyReply(m))) if m == &msg2)
         );
-        assert!(matches!(
-            round_trip(&Frame::Close { source: A, destination: B }),
-            Frame::Close { .. }
-        ));
-        assert!(matches!(round_trip(&Frame::Keepalive), Frame::Keepalive));
     }
 
     #[test]
-    fn frames_decode_strictly() {
-        let err = |bytes: &[u8]| Frame::decode(bytes).err();
-        assert_eq!(err(&[]), Some(FrameError::Truncated));
-        assert_eq!(err(&[1]), Some(FrameError::Truncated));
-        assert_eq!(err(&[2, 1]), Some(FrameError::Version(2)));
-        assert_eq!(err(&[1, 99]), Some(FrameError::Malformed(99)));
-        assert_eq!(err(&[1, kind::KEEPALIVE, 0]), Some(FrameError::Malformed(kind::KEEPALIVE)));
-        assert_eq!(err(&[1, kind::OFFER, 0, 0]), Some(FrameError::Malformed(kind::OFFER)));
+    fn blocks_are_checked_strictly() {
+        assert_eq!(check_block(&[]), Err(FrameError::Truncated));
+        assert_eq!(check_block(&[99]), Err(FrameError::UnknownType(99)));
+        assert_eq!(check_block(&[kind::OFFER, 0, 0]), Err(FrameError::Truncated));
         assert_eq!(
-            err(&[1, kind::OFFER_REPLY, 0, 0, 0, 0, 9]),
-            Some(FrameError::Malformed(kind::OFFER_REPLY))
+            check_block(&[kind::OFFER_REPLY, 0, 0, 0, 0, 9]),
+            Err(FrameError::Malformed(kind::OFFER_REPLY))
         );
-        assert_eq!(err(&[1, kind::DATA, 0]), Some(FrameError::Malformed(kind::DATA)));
-        let mut assembler = Assembler::default();
-        assert_eq!(assembler.push(&[]).err(), Some(FrameError::Truncated));
-        assert_eq!(assembler.push(&[2, 0]).err(), Some(FrameError::Malformed(0)));
-        let big = vec![0u8; MAX_CHUNK + 1];
-        assert!(assembler.push(&big).unwrap().is_none());
-        assert_eq!(assembler.push(&big).err(), Some(FrameError::TooLong));
+        let close =
+            block(&[Frame::Close { source: A, destination: B, reason: CloseReason::Closed }]);
+        let mut bad = close.clone();
+        *bad.last_mut().unwrap() = 200;
+        assert_eq!(check_block(&bad), Err(FrameError::Malformed(kind::CLOSE)));
+        let head = |len| {
+            Frame::Data(DataHead { source: A, destination: B, epoch: 0, seq: 0, len, tag: [0; 16] })
+        };
+        assert_eq!(
+            check_block(&block(&[head(MAX_PAYLOAD as u32 + 1)])),
+            Err(FrameError::Malformed(kind::DATA))
+        );
+        let many: Vec<Frame<'_>> = (0..5).map(|_| head(MAX_PAYLOAD as u32)).collect();
+        assert_eq!(check_block(&block(&many)), Err(FrameError::RecordTooLong));
+        assert_eq!(
+            check_block(&block(&[Frame::RekeyDone, Frame::Keepalive])),
+            Err(FrameError::NotLast(kind::REKEY_DONE))
+        );
+        assert_eq!(check_block(&block(&[Frame::Keepalive, Frame::RekeyDone])), Ok(0));
     }
 
-    /// A small deterministic generator, so the random tests below are reproducible.
+    /// A small deterministic generator, so the random test below is reproducible.
     fn xorshift(state: &mut u64) -> u64 {
         *state ^= *state << 13;
         *state ^= *state >> 7;
@@ -363,22 +441,18 @@ mod tests {
     }
 
     #[test]
-    fn random_bytes_never_panic_the_decoders() {
+    fn random_blocks_never_panic_the_decoder() {
         let mut state = 0x5eed_u64;
-        let mut assembler = Assembler::default();
         for _ in 0..50_000 {
-            let len = (xorshift(&mut state) % 200) as usize;
+            let len = (xorshift(&mut state) % 300) as usize;
             let mut bytes: Vec<u8> = (0..len).map(|_| xorshift(&mut state) as u8).collect();
-            // Half the time, a valid version and type, so the bodies' checks are reached too.
-            if len >= 2 && xorshift(&mut state).is_multiple_of(2) {
-                bytes[0] = VERSION;
-                bytes[1] = (xorshift(&mut state) % 8) as u8;
+            if len > 0 && xorshift(&mut state).is_multiple_of(2) {
+                bytes[0] = (xorshift(&mut state) % 12) as u8;
             }
-            let _ = Frame::decode(&bytes);
-            if let Ok(Some(frame)) = assembler.push(&bytes) {
-                let _ = Frame::decode(frame);
+            let _ = check_block(&bytes);
+            for frame in frames(&bytes) {
+                let _ = frame;
             }
-            assembler.reset();
         }
     }
 }

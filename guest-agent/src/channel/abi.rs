@@ -188,6 +188,8 @@ pub struct ControlRequest {
 
 /// Size of an encoded [`ControlRequest`].
 pub const CONTROL_REQUEST_SIZE: usize = 64;
+/// Size of a request's head: everything before the key.
+pub const CONTROL_HEAD_SIZE: usize = 32;
 
 impl ControlRequest {
     /// Encodes the request.
@@ -203,21 +205,29 @@ impl ControlRequest {
         out
     }
 
-    /// Decodes a request; `None` if reserved bytes are not zero.
-    pub fn from_bytes(bytes: &[u8; CONTROL_REQUEST_SIZE]) -> Option<Self> {
+    /// Decodes a request's head (its first [`CONTROL_HEAD_SIZE`] bytes), leaving the key
+    /// zero: a device reads the key where it keeps keys; `None` if reserved bytes are not zero.
+    pub fn head_from_bytes(bytes: &[u8; CONTROL_HEAD_SIZE]) -> Option<Self> {
         if get32(bytes, 28) != 0 {
             return None;
         }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&bytes[32..64]);
         Some(Self {
             op: get32(bytes, 0),
             flags: get32(bytes, 4),
             process: get32(bytes, 8),
             channel: get32(bytes, 12),
             remote: Endpoint::decode(&bytes[16..28]),
-            key,
+            key: [0; 32],
         })
+    }
+
+    /// Decodes a request; `None` if reserved bytes are not zero.
+    pub fn from_bytes(bytes: &[u8; CONTROL_REQUEST_SIZE]) -> Option<Self> {
+        let mut head = [0u8; CONTROL_HEAD_SIZE];
+        head.copy_from_slice(&bytes[..CONTROL_HEAD_SIZE]);
+        let mut request = Self::head_from_bytes(&head)?;
+        request.key.copy_from_slice(&bytes[CONTROL_HEAD_SIZE..]);
+        Some(request)
     }
 }
 

@@ -1,7 +1,37 @@
 //! Control requests: LISTEN, OPEN (at once on this node, answered later from another),
 //! CLOSE, LIST and STATS.
+//!
+//! A request's first 32 bytes are its head; a guest-supplied key (OPEN with the guest-key
+//! flag) is read from the request's last 32 bytes straight into the CMM's secret memory, so it
+//! never sits on the device thread's stack or heap.
 
+use guest_agent::channel::abi::{
+    self, op, status, ControlRequest, ControlResponse, CHANNEL_INFO_SIZE, CONTROL_HEAD_SIZE,
+    CONTROL_REQUEST_SIZE, CONTROL_RESPONSE_SIZE,
+};
+
+use super::chain::Cursor;
 use super::*;
+use crate::cmm::{KeySource, Opening};
+
+/// What a control request gets.
+enum Answer {
+    /// A response head and body, written now.
+    Now(ControlResponse, Vec<u8>),
+    /// Nothing yet: the chain stays with the device until the offer is answered.
+    Later,
+}
+
+/// The key part of an OPEN request, still in guest memory.
+struct GuestKey<'c, 'm> {
+    cursor: &'c mut Cursor<'m>,
+}
+
+impl KeySource for GuestKey<'_, '_> {
+    fn read_key(&mut self, out: &mut [u8; 32]) -> bool {
+        self.cursor.read(out).unwrap_or(false)
+    }
+}
 
 impl ChannelNode {
     /// One control request: read it, act on it, write the response (or keep the chain until
@@ -10,24 +40,33 @@ impl ChannelNode {
         &mut self,
         index: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        generation: u64,
     ) -> Result<Option<u32>, Malformed> {
         let partition = self.devices[index].partition;
-        let mem = self.devices[index].mem.clone();
         let head_index = chain.head_index();
         let response_at = chain.clone().writable().next().map(|d| (d.addr(), d.len() as usize));
-        let (mut reader, mut writer) = split(chain, &mem, "control chain outside guest RAM")?;
-        let mut raw = [0u8; CONTROL_REQUEST_SIZE];
-        let mut request =
-            reader.read_exact(&mut raw).ok().and_then(|()| ControlRequest::from_bytes(&raw));
-        raw.zeroize();
-        let room = writer.available_bytes();
+        let mut reader = Cursor::readable(chain.clone(), mem);
+        let mut writer = Cursor::writable(chain, mem);
+        let room = writer.remaining()?;
+        let mut raw = [0u8; CONTROL_HEAD_SIZE];
+        let request = (reader.remaining()? >= CONTROL_REQUEST_SIZE && reader.read(&mut raw)?)
+            .then(|| ControlRequest::head_from_bytes(&raw))
+            .flatten();
         let answer = match &request {
             Some(request)
                 if request.op == op::OPEN && request.flags & !abi::FLAG_GUEST_KEY == 0 =>
             {
                 match response_at.filter(|(_, len)| *len >= CONTROL_RESPONSE_SIZE) {
                     Some((response, _)) => {
-                        self.open(index, partition, request, head_index, response)
+                        let pending = PendingOpen {
+                            channel: ChannelId(0),
+                            device: index,
+                            generation,
+                            head: head_index,
+                            response,
+                        };
+                        self.open(partition, request, &mut reader, pending)
                     }
                     None => {
                         Answer::Now(self.refused(partition, status::BUFFER_TOO_SMALL), Vec::new())
@@ -39,152 +78,113 @@ impl ChannelNode {
             }
             None => Answer::Now(self.refused(partition, status::BAD_REQUEST), Vec::new()),
         };
-        // A guest-supplied key was copied into the key table; no other copy may stay behind.
-        if let Some(request) = &mut request {
-            request.key.zeroize();
-        }
         let Answer::Now(head, body) = answer else { return Ok(None) };
         if room < CONTROL_RESPONSE_SIZE {
             return Ok(Some(0));
         }
-        writer
-            .write_all(&head.to_bytes())
-            .map_err(|_| Malformed("control response not writable"))?;
-        writer.write_all(&body).map_err(|_| Malformed("control response not writable"))?;
+        writer.write(&head.to_bytes())?;
+        writer.write(&body)?;
         Ok(Some((CONTROL_RESPONSE_SIZE + body.len()) as u32))
     }
 
     /// OPEN: on this node it completes at once; to another node the offer goes over the link
     /// and the request waits for the answer.
-    pub(super) fn open(
+    fn open(
         &mut self,
-        index: usize,
         partition: u32,
         req: &ControlRequest,
-        head: u16,
-        response: GuestAddress,
+        reader: &mut Cursor<'_>,
+        pending: PendingOpen,
     ) -> Answer {
-        let key = (req.flags & abi::FLAG_GUEST_KEY != 0).then_some(req.key);
-        let (channel, offer) = match self.cmm.open(partition, req.process, req.remote, key) {
-            Ok(Opening::Done(id)) => return Answer::Now(opened(Ok(id)), Vec::new()),
-            Err(code) => return Answer::Now(opened(Err(code)), Vec::new()),
-            Ok(Opening::Remote { channel, offer }) => (channel, offer),
-        };
-        let node = offer.destination.node;
-        let sent = match &self.links {
-            Some((links, _)) => links.send(node, &Frame::Offer { id: channel.0, offer }).is_ok(),
-            None => false,
-        };
-        if !sent {
-            return Answer::Now(opened(Err(self.cmm.offer_failed(channel))), Vec::new());
+        let mut key = GuestKey { cursor: reader };
+        let key: Option<&mut dyn KeySource> =
+            (req.flags & abi::FLAG_GUEST_KEY != 0).then_some(&mut key as &mut dyn KeySource);
+        match self.cmm.open(partition, req.process, req.remote, key) {
+            Ok(Opening::Done(id)) => Answer::Now(opened(Ok(id)), Vec::new()),
+            Ok(Opening::Pending(channel)) => {
+                self.pending_opens.push(PendingOpen { channel, ..pending });
+                Answer::Later
+            }
+            Err(code) => Answer::Now(opened(Err(code)), Vec::new()),
         }
-        let generation = self.devices[index].shared.generation.load(Ordering::Acquire);
-        self.pending_opens.push(PendingOpen { channel, device: index, generation, head, response });
-        Answer::Later
+    }
+
+    /// Completes the OPENs other nodes answered (or whose links failed).
+    pub(super) fn complete_answers(&mut self) {
+        for (channel, result) in self.cmm.take_answers() {
+            if let Some(at) = self.pending_opens.iter().position(|p| p.channel == channel) {
+                let pending = self.pending_opens.swap_remove(at);
+                self.complete_open(pending, opened(result));
+            }
+        }
     }
 
     /// Writes the answer to a pending OPEN and hands its chain back to the guest.
-    pub(super) fn complete_open(&mut self, pending: PendingOpen, response: ControlResponse) {
+    fn complete_open(&mut self, pending: PendingOpen, response: ControlResponse) {
         let device = &self.devices[pending.device];
-        if device.shared.generation.load(Ordering::Acquire) != pending.generation {
+        let (shared, mem) = (device.shared.clone(), device.mem.clone());
+        if shared.generation.load(std::sync::atomic::Ordering::Acquire) != pending.generation {
             // The guest reset the device meanwhile: the chain is gone with its queue.
             return;
         }
-        let (shared, mem) = (device.shared.clone(), device.mem.clone());
-        if mem.write_slice(&response.to_bytes(), pending.response).is_err() {
+        if vm_memory::Bytes::write_slice(&mem, &response.to_bytes(), pending.response).is_err() {
             shared.fail("control response not writable");
             return;
         }
-        let mut activation = lock(&shared.activation);
-        let Activation::Active { queues } = &mut *activation else { return };
-        let Some(queue) = queues.get_mut(0) else { return };
-        if queue.add_used(&mem, pending.head, CONTROL_RESPONSE_SIZE as u32).is_err() {
-            drop(activation);
-            shared.fail("used ring not writable");
-            return;
-        }
-        let interrupt = queue.needs_notification(&mem).unwrap_or(true);
-        drop(activation);
-        shared.used();
-        if interrupt {
-            shared.signal(INT_USED_BUFFER);
+        match self.return_chains(
+            pending.device,
+            0,
+            &mem,
+            pending.generation,
+            &[(pending.head, CONTROL_RESPONSE_SIZE as u32)],
+            false,
+        ) {
+            Ok(_) => {}
+            Err(Malformed(why)) => shared.fail(why),
         }
     }
 
-    /// Answers the pending OPEN of `channel`, if there is one.
-    pub(super) fn answer_open(&mut self, channel: ChannelId, result: Result<ChannelId, u32>) {
-        if let Some(at) = self.pending_opens.iter().position(|p| p.channel == channel) {
-            let pending = self.pending_opens.swap_remove(at);
-            self.complete_open(pending, opened(result));
-        }
-    }
-
-    pub(super) fn refused(&mut self, partition: u32, code: u32) -> ControlResponse {
+    fn refused(&mut self, partition: u32, code: u32) -> ControlResponse {
         ControlResponse { status: self.cmm.refuse(partition, code), ..Default::default() }
     }
 
-    /// Carries out a decoded request; `room` is the space after the response head.
-    pub(super) fn execute(&mut self, partition: u32, req: &ControlRequest, room: usize) -> Answer {
-        let (head, body) = self.execute_now(partition, req, room);
-        Answer::Now(head, body)
-    }
-
-    pub(super) fn execute_now(
-        &mut self,
-        partition: u32,
-        req: &ControlRequest,
-        room: usize,
-    ) -> (ControlResponse, Vec<u8>) {
-        match req.op {
+    /// Carries out a request other than OPEN; `room` is the space after the response head.
+    fn execute(&mut self, partition: u32, req: &ControlRequest, room: usize) -> Answer {
+        let (head, body) = match req.op {
             op::LISTEN if req.flags == 0 => {
                 (opened(self.cmm.listen(partition, req.process, req.remote)), Vec::new())
             }
             op::CLOSE if req.flags == 0 => {
                 let status = match self.cmm.close(partition, req.process, req.channel) {
-                    Ok(Some(closing)) => {
-                        if let Some((links, _)) = &self.links {
-                            let frame = Frame::Close {
-                                source: closing.source,
-                                destination: closing.destination,
-                            };
-                            // An unreachable peer learns of the close when its link goes down.
-                            let _ = links.send(closing.node, &frame);
-                        }
-                        status::OK
-                    }
-                    Ok(None) => status::OK,
+                    Ok(()) => status::OK,
                     Err(code) => code,
                 };
                 (ControlResponse { status, ..Default::default() }, Vec::new())
             }
             op::LIST => {
                 let entries = self.cmm.list(partition);
+                let head =
+                    ControlResponse { status: status::OK, channel: 0, count: entries.len() as u32 };
                 if entries.len() * CHANNEL_INFO_SIZE > room {
-                    let head = ControlResponse {
-                        status: status::BUFFER_TOO_SMALL,
-                        channel: 0,
-                        count: entries.len() as u32,
-                    };
-                    return (head, Vec::new());
+                    (ControlResponse { status: status::BUFFER_TOO_SMALL, ..head }, Vec::new())
+                } else {
+                    (head, entries.iter().flat_map(|e| e.to_bytes()).collect())
                 }
-                let body = entries.iter().flat_map(|e| e.to_bytes()).collect();
-                (
-                    ControlResponse { status: status::OK, channel: 0, count: entries.len() as u32 },
-                    body,
-                )
             }
             op::STATS => {
                 let body = self.cmm.stats(partition).to_bytes();
                 if body.len() > room {
-                    return (self.refused(partition, status::BUFFER_TOO_SMALL), Vec::new());
+                    (self.refused(partition, status::BUFFER_TOO_SMALL), Vec::new())
+                } else {
+                    (ControlResponse { status: status::OK, ..Default::default() }, body.to_vec())
                 }
-                (ControlResponse { status: status::OK, ..Default::default() }, body.to_vec())
             }
             op::LISTEN | op::OPEN | op::CLOSE => {
                 (self.refused(partition, status::BAD_REQUEST), Vec::new())
             }
             _ => (self.refused(partition, status::UNKNOWN_OP), Vec::new()),
-        }
+        };
+        Answer::Now(head, body)
     }
 }
 

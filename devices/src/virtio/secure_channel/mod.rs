@@ -1,42 +1,40 @@
 //! The secure-channel device (docs/DEVICE.md): three queues per partition (control, transmit,
 //! receive) in front of the node's CMM.
 //!
-//! All partitions' devices and the CMM live in one [`ChannelNode`] on the device thread, so a
-//! message from one partition to another needs no lock beyond the two devices' queue slots,
-//! taken one at a time. The device stamps node and partition on every request: the guest names
-//! only its process.
+//! All partitions' devices and the CMM live in one [`ChannelNode`] on the device thread: a
+//! message from one partition to another is copied from the sender's buffer straight into the
+//! receiver's, and the host links (the CMM's router) are served on the same thread, so a
+//! message from another node is opened in the link's receive buffer and copied once, into the
+//! guest. The device stamps node and partition on every request: the guest names only its
+//! process. The device speaks only to the CMM.
 
+mod chain;
 mod control;
-mod data;
 mod pool;
+mod receive;
 mod remote;
+mod transmit;
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use guest_agent::channel::abi::{
-    self, op, status, ControlRequest, ControlResponse, TxHeader, CHANNEL_INFO_SIZE,
-    CONTROL_REQUEST_SIZE, CONTROL_RESPONSE_SIZE, RX_HEADER_SIZE, TX_HEADER_SIZE,
-};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guest_agent::channel::abi::{self, RxHeader};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
-use zeroize::Zeroize;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::mmio::DeviceDescription;
 use super::shared::{Activation, DeviceShared, INT_USED_BUFFER};
 use crate::bus::lock;
 use crate::cmm::connection_table::ChannelId;
-use crate::cmm::frames::OfferResult;
-use crate::cmm::query::{Query, QueryPort, Reply};
-use crate::cmm::{Cmm, Delivery, Opening, Routed};
-use crate::link::wire::Frame;
-use crate::link::{Inbound, Inbox, LinkHandle};
+use crate::cmm::query::QueryPort;
+use crate::cmm::Cmm;
+use crate::link::FdChange;
 
 /// Size of the control queue.
 pub const CONTROL_QUEUE_SIZE: u16 = 64;
@@ -44,6 +42,10 @@ pub const CONTROL_QUEUE_SIZE: u16 = 64;
 pub const DATA_QUEUE_SIZE: u16 = 256;
 /// Verified messages held for a partition with no free receive buffer.
 pub const MAX_PENDING: usize = 256;
+/// Chains of one queue handled before the device thread turns to other work.
+const BUDGET: usize = 64;
+/// How often the link timer runs (keepalives, rekeys, dead links).
+const LINK_TICK: Duration = Duration::from_millis(250);
 
 const QUEUES: usize = 3;
 
@@ -57,13 +59,20 @@ pub fn description(config: abi::Config) -> DeviceDescription {
     }
 }
 
+/// A verified message waiting for a receive buffer.
+struct Held {
+    channel: ChannelId,
+    header: RxHeader,
+    payload: Vec<u8>,
+}
+
 /// One partition's secure-channel device, as the device thread holds it.
 pub struct ChannelDevice {
     partition: u32,
     shared: Arc<DeviceShared>,
     mem: GuestMemoryMmap,
     queue_evts: Vec<EventFd>,
-    pending: VecDeque<Delivery>,
+    pending: VecDeque<Held>,
 }
 
 impl ChannelDevice {
@@ -78,8 +87,15 @@ impl ChannelDevice {
     }
 }
 
-/// A chain the guest made that the device cannot parse: the device needs a reset.
+/// A chain the guest made that the device cannot use: the device needs a reset.
+#[derive(Debug)]
 struct Malformed(&'static str);
+
+impl From<chain::OutOfRam> for Malformed {
+    fn from(_: chain::OutOfRam) -> Self {
+        Malformed("a buffer lies outside guest RAM")
+    }
+}
 
 /// An OPEN waiting for another node's answer: where to write the response once it comes.
 struct PendingOpen {
@@ -90,52 +106,50 @@ struct PendingOpen {
     response: GuestAddress,
 }
 
-/// What a control request gets.
-enum Answer {
-    /// A response head and body, written now.
-    Now(ControlResponse, Vec<u8>),
-    /// Nothing yet: the chain stays with the device until the offer is answered.
-    Later,
-}
-
 /// The CMM and every partition's device, on the device thread.
 pub struct ChannelNode {
     cmm: Cmm,
     devices: Vec<ChannelDevice>,
-    links: Option<(LinkHandle, Inbox)>,
     queries: Option<QueryPort>,
     pending_opens: Vec<PendingOpen>,
     buffers: pool::BufferPool,
-    /// Reused by every transmit batch for the deliveries it makes.
-    deliveries: Vec<Delivery>,
-    /// Reused by every transmit batch for the frames it sends to other nodes.
-    outbound: Vec<(u32, Frame)>,
+    timer: Option<TimerFd>,
+    timer_running: bool,
+    /// Devices that used receive buffers in the current pass (signalled once at its end).
+    touched: Vec<usize>,
 }
 
-/// Event data of the link inbox (queue events use `device * QUEUES + queue`).
-const INBOX: u32 = u32::MAX;
+/// Event data of the link arrivals.
+const ARRIVALS: u32 = u32::MAX;
 /// Event data of the control API's questions.
 const QUERIES: u32 = u32::MAX - 1;
+/// Event data of the link timer.
+const TIMER: u32 = u32::MAX - 2;
+/// Event data of link sockets: this bit, and the link's token.
+const LINK: u32 = 1 << 30;
 
 impl ChannelNode {
-    /// The node's devices in front of `cmm`, and the host links if the node has any.
-    pub fn new(
-        mut cmm: Cmm,
-        devices: Vec<ChannelDevice>,
-        links: Option<(LinkHandle, Inbox)>,
-    ) -> Self {
+    /// The node's devices in front of `cmm`.
+    pub fn new(mut cmm: Cmm, devices: Vec<ChannelDevice>) -> Self {
         for device in &devices {
             cmm.add_partition(device.partition);
         }
+        let timer = cmm.arrivals_fd().and_then(|_| match TimerFd::new() {
+            Ok(timer) => Some(timer),
+            Err(e) => {
+                log::error!("secure channel: no timer for the links: {e}");
+                None
+            }
+        });
         Self {
             cmm,
             devices,
-            links,
             queries: None,
             pending_opens: Vec::new(),
             buffers: pool::BufferPool::default(),
-            deliveries: Vec::new(),
-            outbound: Vec::new(),
+            timer,
+            timer_running: false,
+            touched: Vec::new(),
         }
     }
 
@@ -155,7 +169,9 @@ impl ChannelNode {
         self.cmm.stats(partition).notifications += 1;
         let outcome = match queue {
             0 => self.run_queue(index, 0, Self::control),
-            1 => self.transmit(index),
+            1 => self.run_queue(index, 1, |node, index, chain, mem, _| {
+                node.send_one(index, chain, mem).map(Some)
+            }),
             _ => Ok(()),
         };
         if let Err(Malformed(why)) = outcome {
@@ -165,85 +181,176 @@ impl ChannelNode {
         self.flush_pending(index);
     }
 
-    /// Runs `handle` on every chain of queue `q` of device `index`; each returns the bytes it
-    /// wrote. Notifications are re-enabled before the queue is left, so nothing is missed.
-    fn run_queue(
-        &mut self,
-        index: usize,
-        q: usize,
-        mut handle: impl FnMut(
+    /// Handles queue `q` of device `index`, a budget of chains at a time: `handle` gets each
+    /// chain and returns the bytes it wrote to it (`None`: it keeps the chain, to complete it
+    /// later). What a batch staged for other nodes goes out at its end.
+    fn run_queue<F>(&mut self, index: usize, q: usize, mut handle: F) -> Result<(), Malformed>
+    where
+        F: for<'m> FnMut(
             &mut Self,
             usize,
-            DescriptorChain<&GuestMemoryMmap>,
+            DescriptorChain<&'m GuestMemoryMmap>,
+            &'m GuestMemoryMmap,
+            u64,
         ) -> Result<Option<u32>, Malformed>,
-    ) -> Result<(), Malformed> {
-        let device = &self.devices[index];
-        let (shared, mem) = (device.shared.clone(), device.mem.clone());
-        let mut activation = lock(&shared.activation);
-        let queue = match &mut *activation {
-            Activation::Active { queues } => match queues.get_mut(q) {
-                Some(queue) if queue.ready() => queue,
-                _ => return Ok(()),
-            },
-            Activation::Inactive => return Err(Malformed("queue notified before DRIVER_OK")),
-            Activation::NeedsReset => return Ok(()),
-        };
-        let mut used_any = false;
+    {
+        let mem = self.devices[index].mem.clone();
         loop {
-            queue
-                .disable_notification(&mem)
-                .map_err(|_| Malformed("queue rings not in guest RAM"))?;
-            loop {
-                let chain = queue
-                    .iter(&mem)
-                    .map_err(|_| Malformed("avail index ran ahead of the queue"))?
-                    .next();
-                let Some(chain) = chain else { break };
+            let mut chains = Vec::with_capacity(BUDGET);
+            let generation = self.take_chains(index, q, &mem, BUDGET, &mut chains)?;
+            let mut used = Vec::with_capacity(chains.len());
+            for chain in chains {
                 let head = chain.head_index();
-                // `None`: the handler keeps the chain and completes it later.
-                if let Some(written) = handle(self, index, chain)? {
-                    queue
-                        .add_used(&mem, head, written)
-                        .map_err(|_| Malformed("used ring not writable"))?;
-                    used_any = true;
+                if let Some(written) = handle(self, index, chain, &mem, generation)? {
+                    used.push((head, written));
                 }
             }
-            if !queue
-                .enable_notification(&mem)
-                .map_err(|_| Malformed("queue rings not in guest RAM"))?
-            {
-                break;
+            self.cmm.flush();
+            self.signal_touched();
+            if !self.return_chains(index, q, &mem, generation, &used, true)? {
+                return Ok(());
             }
         }
-        let interrupt = used_any && queue.needs_notification(&mem).unwrap_or(true);
+    }
+
+    /// Takes up to `limit` chains from queue `q` of device `index`, with notifications
+    /// suppressed while it is being worked on. The queue's lock is not held while they are
+    /// handled (a message may go to another queue of the same partition).
+    fn take_chains<'m>(
+        &self,
+        index: usize,
+        q: usize,
+        mem: &'m GuestMemoryMmap,
+        limit: usize,
+        chains: &mut Vec<DescriptorChain<&'m GuestMemoryMmap>>,
+    ) -> Result<u64, Malformed> {
+        let shared = &self.devices[index].shared;
+        let generation = shared.generation.load(std::sync::atomic::Ordering::Acquire);
+        let mut activation = lock(&shared.activation);
+        let Activation::Active { queues } = &mut *activation else { return Ok(generation) };
+        let Some(queue) = queues.get_mut(q).filter(|q| q.ready()) else { return Ok(generation) };
+        queue.disable_notification(mem).map_err(|_| Malformed("queue rings not in guest RAM"))?;
+        while chains.len() < limit {
+            match queue
+                .iter(mem)
+                .map_err(|_| Malformed("avail index ran ahead of the queue"))?
+                .next()
+            {
+                Some(chain) => chains.push(chain),
+                None => break,
+            }
+        }
+        Ok(generation)
+    }
+
+    /// Returns used chains `(head, written)` to queue `q` of device `index`; with `rearm`
+    /// re-enables notifications and says whether more chains are waiting. Chains taken
+    /// before a reset are not returned (the queue they came from is gone).
+    fn return_chains(
+        &self,
+        index: usize,
+        q: usize,
+        mem: &GuestMemoryMmap,
+        generation: u64,
+        used: &[(u16, u32)],
+        rearm: bool,
+    ) -> Result<bool, Malformed> {
+        let shared = &self.devices[index].shared;
+        let mut activation = lock(&shared.activation);
+        if shared.generation.load(std::sync::atomic::Ordering::Acquire) != generation {
+            return Ok(false);
+        }
+        let Activation::Active { queues } = &mut *activation else { return Ok(false) };
+        let Some(queue) = queues.get_mut(q) else { return Ok(false) };
+        for &(head, written) in used {
+            queue.add_used(mem, head, written).map_err(|_| Malformed("used ring not writable"))?;
+        }
+        let more = rearm
+            && queue
+                .enable_notification(mem)
+                .map_err(|_| Malformed("queue rings not in guest RAM"))?;
+        let interrupt = !used.is_empty() && queue.needs_notification(mem).unwrap_or(true);
         drop(activation);
-        if used_any {
+        if !used.is_empty() {
             shared.used();
         }
         if interrupt {
             shared.signal(INT_USED_BUFFER);
         }
-        Ok(())
+        Ok(more)
     }
-}
 
-/// The device-readable and device-writable parts of a chain; `Malformed(what)` if any of its
-/// buffers lies outside guest RAM.
-fn split<'m>(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &'m GuestMemoryMmap,
-    what: &'static str,
-) -> Result<(Reader<'m>, Writer<'m>), Malformed> {
-    let reader = chain.clone().reader(mem).map_err(|_| Malformed(what))?;
-    let writer = chain.writer(mem).map_err(|_| Malformed(what))?;
-    Ok((reader, writer))
+    /// Applies the links' epoll changes.
+    fn apply_fd_changes(&mut self, ops: &mut EventOps) {
+        for change in self.cmm.take_fd_changes() {
+            match change {
+                FdChange::Watch { fd, token, writable } => {
+                    let events = if writable { EventSet::IN | EventSet::OUT } else { EventSet::IN };
+                    let event = Events::with_data_raw(fd, LINK | token as u32, events);
+                    if ops.modify(event).is_err() && ops.add(event).is_err() {
+                        log::error!("secure channel: cannot watch link socket {fd}");
+                    }
+                }
+                FdChange::Forget(socket) => {
+                    let fd = socket.as_raw_fd();
+                    if let Err(e) = ops.remove(Events::with_data_raw(fd, 0, EventSet::IN)) {
+                        log::error!("secure channel: cannot forget link socket {fd}: {e:?}");
+                    }
+                    drop(socket);
+                }
+            }
+        }
+        self.run_timer(ops);
+    }
+
+    /// Runs the link timer while there are links, and stops it when there are none.
+    fn run_timer(&mut self, ops: &mut EventOps) {
+        let Some(timer) = &mut self.timer else { return };
+        let wanted = self.cmm.has_links();
+        if wanted == self.timer_running {
+            return;
+        }
+        let result = if wanted { timer.reset(LINK_TICK, Some(LINK_TICK)) } else { timer.clear() };
+        if let Err(e) = result {
+            log::error!("secure channel: link timer: {e}");
+            return;
+        }
+        if !self.timer_running {
+            let fd = timer.as_raw_fd();
+            if ops.add(Events::with_data_raw(fd, TIMER, EventSet::IN)).is_err() {
+                let _ = ops.modify(Events::with_data_raw(fd, TIMER, EventSet::IN));
+            }
+        }
+        self.timer_running = wanted;
+    }
+
+    /// Signals every device that used receive buffers in this pass, once.
+    fn signal_touched(&mut self) {
+        for index in std::mem::take(&mut self.touched) {
+            let shared = &self.devices[index].shared;
+            let mem = &self.devices[index].mem;
+            let interrupt = {
+                let mut activation = lock(&shared.activation);
+                match &mut *activation {
+                    Activation::Active { queues } => {
+                        queues.get_mut(2).is_some_and(|q| q.needs_notification(mem).unwrap_or(true))
+                    }
+                    _ => false,
+                }
+            };
+            shared.used();
+            if interrupt {
+                shared.signal(INT_USED_BUFFER);
+            }
+        }
+    }
 }
 
 impl MutEventSubscriber for ChannelNode {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Some((_, inbox)) = &self.links {
-            if let Err(e) = ops.add(Events::with_data(&inbox.wake, INBOX, EventSet::IN)) {
-                log::error!("secure channel: watching the link inbox: {e:?}");
+        if let Some(fd) = self.cmm.arrivals_fd() {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, ARRIVALS, EventSet::IN)) {
+                log::error!("secure channel: watching the link arrivals: {e:?}");
             }
         }
         if let Some(port) = &self.queries {
@@ -264,20 +371,46 @@ impl MutEventSubscriber for ChannelNode {
         }
     }
 
-    fn process(&mut self, events: Events, _: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            INBOX => return self.drain_inbox(),
-            QUERIES => return self.answer_queries(),
-            _ => {}
+            ARRIVALS => self.cmm.links_arrived(),
+            QUERIES => self.answer_queries(),
+            TIMER => {
+                if let Some(timer) = &mut self.timer {
+                    let _ = timer.wait();
+                }
+                self.cmm.tick();
+            }
+            data if data & LINK != 0 => {
+                let token = (data & !LINK) as usize;
+                let set = events.event_set();
+                if set.intersects(EventSet::OUT) {
+                    self.cmm.link_writable(token);
+                }
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                    self.link_readable(token);
+                }
+            }
+            data => {
+                let (index, queue) = (data as usize / QUEUES, data as usize % QUEUES);
+                let Some(device) = self.devices.get(index) else { return };
+                if let Some(evt) =
+                    device.queue_evts.get(queue).filter(|e| e.as_raw_fd() == events.fd())
+                {
+                    let _ = evt.read();
+                }
+                self.notified(index, queue);
+            }
         }
-        let data = events.data() as usize;
-        let (index, queue) = (data / QUEUES, data % QUEUES);
-        let Some(device) = self.devices.get(index) else {
-            return;
-        };
-        if let Some(evt) = device.queue_evts.get(queue).filter(|e| e.as_raw_fd() == events.fd()) {
-            let _ = evt.read();
-        }
-        self.notified(index, queue);
+        self.complete_answers();
+        self.signal_touched();
+        self.apply_fd_changes(ops);
+    }
+}
+
+impl Drop for ChannelNode {
+    fn drop(&mut self) {
+        // The device thread is stopping: peers hear a goodbye rather than wait for a timeout.
+        self.cmm.shut_down();
     }
 }

@@ -1,0 +1,335 @@
+//! The CMM on one node, and two CMMs linked by real routers over loopback TCP.
+
+use guest_agent::channel::abi::{state, status, Endpoint, RxHeader, TxHeader};
+
+use super::connection_table::ChannelId;
+use super::*;
+use crate::cmm::audit::Audit;
+use crate::crypto::channel::{associated_data, ChannelCiphers};
+use crate::link::loopback::linked;
+use crate::link::router::{Router, RouterConfig};
+use crate::link::wire::DataHead;
+use crate::secret::SecretBox;
+
+/// Delivered messages, as a device would see them.
+#[derive(Default)]
+struct Inbox(Vec<(u32, RxHeader, Vec<u8>)>);
+
+impl Deliver for Inbox {
+    fn deliver(&mut self, partition: u32, header: &RxHeader, payload: &[u8]) -> Delivered {
+        self.0.push((partition, *header, payload.to_vec()));
+        Delivered::Written
+    }
+}
+
+/// A payload in host memory.
+struct Bytes<'a>(&'a [u8]);
+
+impl Payload for Bytes<'_> {
+    fn read_into(&mut self, out: &mut [u8]) -> bool {
+        out.copy_from_slice(&self.0[..out.len()]);
+        true
+    }
+}
+
+/// A guest's own key.
+struct GuestKey([u8; 32]);
+
+impl KeySource for GuestKey {
+    fn read_key(&mut self, out: &mut [u8; 32]) -> bool {
+        out.copy_from_slice(&self.0);
+        true
+    }
+}
+
+fn ep(node: u32, partition: u32, process: u32) -> Endpoint {
+    Endpoint { node, partition, process }
+}
+
+fn tx(channel: ChannelId, source: Endpoint, len: usize) -> TxHeader {
+    TxHeader { channel: channel.0, source, len: len as u32 }
+}
+
+fn config(lifetime: u32) -> CmmConfig {
+    CmmConfig {
+        capacity: 64,
+        lifetime: KeyLifetime { messages: lifetime, secs: 600 },
+        ..CmmConfig::default()
+    }
+}
+
+fn one_node() -> Cmm {
+    let mut cmm = Cmm::new(1, config(1 << 30), Audit::new(1, None), Router::unlinked()).unwrap();
+    for partition in 1..=3 {
+        cmm.add_partition(partition);
+    }
+    cmm
+}
+
+fn opened(result: Result<Opening, Status>) -> Result<ChannelId, Status> {
+    result.map(|o| match o {
+        Opening::Done(id) | Opening::Pending(id) => id,
+    })
+}
+
+/// Partition 1 process 10 listens for partition 2 process 20, which opens.
+fn local_pair(cmm: &mut Cmm, key: Option<[u8; 32]>) -> (ChannelId, ChannelId) {
+    let listener = cmm.listen(1, 10, ep(1, 2, 20)).unwrap();
+    let mut guest = key.map(GuestKey);
+    let source = guest.as_mut().map(|k| k as &mut dyn KeySource);
+    let opener = opened(cmm.open(2, 20, ep(1, 1, 10), source)).unwrap();
+    (listener, opener)
+}
+
+#[test]
+fn an_offer_on_one_node_needs_a_matching_listen() {
+    let mut cmm = one_node();
+    assert_eq!(opened(cmm.open(2, 20, ep(1, 1, 10), None)), Err(status::NO_LISTENER));
+    cmm.listen(1, 10, ep(1, 2, 99)).unwrap();
+    assert_eq!(opened(cmm.open(2, 20, ep(1, 1, 10), None)), Err(status::NO_LISTENER));
+    assert_eq!(cmm.key_count(), 0);
+    assert!(cmm.list(2).is_empty(), "the failed OPEN left no entry");
+    assert_eq!(opened(cmm.open(2, 20, ep(7, 1, 10), None)), Err(status::UNREACHABLE), "no link");
+}
+
+#[test]
+fn messages_on_one_node_go_guest_to_guest_with_verified_sources() {
+    let mut cmm = one_node();
+    let (listener, opener) = local_pair(&mut cmm, Some([42; 32]));
+    assert_eq!(cmm.key_count(), 2, "each entry holds its key");
+    let sent = cmm.send(2, &tx(opener, ep(1, 2, 20), 5), &mut Bytes(b"hello")).unwrap();
+    let Sent::Local { partition, channel, header } = sent else { panic!("{sent:?}") };
+    assert_eq!((partition, channel), (1, listener));
+    assert_eq!((header.source, header.process, header.seq, header.len), (ep(1, 2, 20), 10, 0, 5));
+    let back = cmm.send(1, &tx(listener, ep(1, 1, 10), 3), &mut Bytes(b"hi!")).unwrap();
+    assert!(matches!(back, Sent::Local { partition: 2, .. }));
+    for forged in [ep(1, 3, 20), ep(9, 2, 20), ep(1, 2, 21)] {
+        assert_eq!(
+            cmm.send(2, &tx(opener, forged, 1), &mut Bytes(b"x")),
+            Err(status::FORGED_SOURCE)
+        );
+    }
+    assert_eq!(
+        cmm.send(2, &tx(listener, ep(1, 2, 20), 1), &mut Bytes(b"x")),
+        Err(status::NO_CHANNEL)
+    );
+    assert_eq!(cmm.stats(2).forged, 3);
+    assert_eq!(
+        cmm.send(2, &tx(opener, ep(1, 2, 20), 65_537), &mut Bytes(&[0; 65_537])),
+        Err(status::TOO_BIG)
+    );
+}
+
+#[test]
+fn close_and_revoke_remove_keys_on_both_sides() {
+    let mut cmm = one_node();
+    let (listener, opener) = local_pair(&mut cmm, None);
+    assert_eq!(cmm.close(1, 11, listener.0), Err(status::NOT_OWNER));
+    assert_eq!(cmm.close(2, 20, listener.0), Err(status::NO_CHANNEL));
+    cmm.close(2, 20, opener.0).unwrap();
+    assert_eq!(cmm.key_count(), 0);
+    assert_eq!(cmm.list(1)[0].state, state::PEER_CLOSED);
+    assert_eq!(
+        cmm.send(1, &tx(listener, ep(1, 1, 10), 1), &mut Bytes(b"x")),
+        Err(status::NOT_OPEN)
+    );
+    cmm.close(1, 10, listener.0).unwrap();
+    let (_, opener) = local_pair(&mut cmm, None);
+    assert_eq!(cmm.revoke(3, opener.0), Err(status::NO_CHANNEL), "another partition's channel");
+    cmm.revoke(2, opener.0).unwrap();
+    assert_eq!(cmm.key_count(), 0);
+}
+
+#[test]
+fn limits_hold() {
+    let limits = Limits { max_message: 8, max_channels: 2 };
+    let config = CmmConfig { limits, ..config(1 << 30) };
+    let mut cmm = Cmm::new(1, config, Audit::new(1, None), Router::unlinked()).unwrap();
+    let (_, opener) = local_pair(&mut cmm, None);
+    assert_eq!(
+        cmm.send(2, &tx(opener, ep(1, 2, 20), 9), &mut Bytes(&[0; 9])),
+        Err(status::TOO_BIG)
+    );
+    cmm.listen(1, 11, ep(1, 2, 20)).unwrap();
+    assert_eq!(cmm.listen(1, 12, ep(1, 2, 20)), Err(status::TABLE_FULL));
+    assert_eq!(cmm.listen(2, 20, ep(1, 1, 10)), Err(status::EXISTS));
+}
+
+/// Two nodes' CMMs, linked.
+struct Two {
+    a: Cmm,
+    b: Cmm,
+    a_token: usize,
+    b_token: usize,
+    audit_b: Audit,
+}
+
+impl Two {
+    fn new(lifetime: u32) -> Self {
+        let (a, b) = linked(RouterConfig::default()).unwrap();
+        let (a_token, b_token, audit_b) = (a.token, b.token, b.audit.clone());
+        let mut a = Cmm::new(1, config(lifetime), a.audit, a.router).unwrap();
+        let mut b = Cmm::new(2, config(lifetime), b.audit, b.router).unwrap();
+        a.add_partition(1);
+        b.add_partition(1);
+        Self { a, b, a_token, b_token, audit_b }
+    }
+
+    /// Lets node 2 handle what node 1 sent (and the other way round), at least once and
+    /// then until `until` holds (for at most two seconds).
+    fn deliver(&mut self, inbox: &mut Inbox, until: impl Fn(&Inbox) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            self.a.flush();
+            self.b.link_readable(self.b_token, inbox);
+            self.b.flush();
+            self.a.link_readable(self.a_token, inbox);
+            if until(inbox) || std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Node 2 process 10 listens for node 1 process 20, which opens with `key`.
+    fn open(&mut self, key: [u8; 32]) -> (ChannelId, ChannelId) {
+        let listener = self.b.listen(1, 10, ep(1, 1, 20)).unwrap();
+        let mut guest = GuestKey(key);
+        let Ok(Opening::Pending(opener)) = self.a.open(1, 20, ep(2, 1, 10), Some(&mut guest))
+        else {
+            panic!()
+        };
+        let mut inbox = Inbox::default();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut answers = Vec::new();
+        while answers.is_empty() && std::time::Instant::now() < deadline {
+            self.deliver(&mut inbox, |_| true);
+            answers = self.a.take_answers();
+        }
+        assert_eq!(answers, [(opener, Ok(opener))]);
+        (listener, opener)
+    }
+
+    fn audited_b(&self, reason: &str) -> bool {
+        self.audit_b.recent().iter().any(|r| r.contains(&format!("\"reason\":\"{reason}\"")))
+    }
+}
+
+#[test]
+fn channels_across_nodes_open_carry_messages_and_ratchet_their_keys() {
+    let mut two = Two::new(3);
+    let (listener, opener) = two.open([5; 32]);
+    let mut inbox = Inbox::default();
+    for i in 0..10u8 {
+        let body = [i; 100];
+        let sent = two.a.send(1, &tx(opener, ep(1, 1, 20), 100), &mut Bytes(&body)).unwrap();
+        assert_eq!(sent, Sent::Remote);
+    }
+    two.deliver(&mut inbox, |inbox| inbox.0.len() == 10);
+    assert_eq!(inbox.0.len(), 10);
+    for (i, (partition, header, payload)) in inbox.0.iter().enumerate() {
+        assert_eq!(
+            (*partition, header.channel, header.source, header.seq),
+            (1, listener.0, ep(1, 1, 20), i as u64)
+        );
+        assert_eq!(payload, &vec![i as u8; 100]);
+    }
+    // Three messages per key: epochs 0, 1, 2 and 3 were used, and both sides agree.
+    let a = two.a.list_all();
+    let b = two.b.list_all();
+    assert_eq!((a[0].tx_epoch, b[0].rx_epoch), (3, 3));
+    assert_eq!(a[0].salt, b[0].salt, "one salt for the channel");
+    assert_eq!(two.b.stats(1).received, 10);
+}
+
+#[test]
+fn replayed_and_retired_epoch_messages_are_refused() {
+    let key = [9; 32];
+    let mut two = Two::new(2);
+    let (_, opener) = two.open(key);
+    let mut inbox = Inbox::default();
+    for _ in 0..5 {
+        two.a.send(1, &tx(opener, ep(1, 1, 20), 4), &mut Bytes(b"four")).unwrap();
+    }
+    two.deliver(&mut inbox, |inbox| inbox.0.len() == 5);
+    assert_eq!(two.b.list_all()[0].rx_epoch, 2);
+    // A message sealed as the sender would have at epoch 0, seq 5: correct keys, retired epoch.
+    let salt = two.a.list_all()[0].salt;
+    let (src, dst) = (ep(1, 1, 20), ep(2, 1, 10));
+    let ciphers =
+        SecretBox::new_with(|s| ChannelCiphers::init(s, &key, &salt, &src, &dst)).unwrap();
+    let forge = |two: &mut Two, epoch: u32, seq: u64| {
+        let head = DataHead { source: src, destination: dst, epoch, seq, len: 3, tag: [0; 16] };
+        two.a.router.stage_data(2, head, |buf| {
+            buf.copy_from_slice(b"old");
+            ciphers.tx.seal(&associated_data(&src, &dst, epoch, seq), seq, buf)
+        })
+    };
+    forge(&mut two, 0, 5).unwrap();
+    let audit = two.audit_b.clone();
+    let seen = |reason: &'static str| {
+        let audit = audit.clone();
+        move |_: &Inbox| audit.recent().iter().any(|r| r.contains(reason))
+    };
+    two.deliver(&mut inbox, seen("retired_epoch"));
+    assert!(two.audited_b("retired_epoch"), "{:#?}", two.audit_b.recent());
+    // An old sequence number.
+    forge(&mut two, 2, 1).unwrap();
+    two.deliver(&mut inbox, seen("replayed_or_reordered"));
+    assert!(two.audited_b("replayed_or_reordered"));
+    // Two epochs ahead.
+    forge(&mut two, 4, 5).unwrap();
+    two.deliver(&mut inbox, seen("bad_epoch"));
+    assert!(two.audited_b("bad_epoch"));
+    assert_eq!(inbox.0.len(), 5, "nothing forged was delivered");
+    assert_eq!(two.b.stats(1).rejected, 3);
+    // The channel still works.
+    two.a.send(1, &tx(opener, ep(1, 1, 20), 4), &mut Bytes(b"more")).unwrap();
+    two.deliver(&mut inbox, |inbox| inbox.0.len() == 6);
+    assert_eq!(inbox.0[5].2, b"more");
+}
+
+#[test]
+fn offers_are_checked_against_the_link_and_the_table() {
+    let mut two = Two::new(1 << 30);
+    // Nobody listens on node 2: the offer is refused and the guest learns why.
+    let Ok(Opening::Pending(id)) = two.a.open(1, 20, ep(2, 1, 10), None) else { panic!() };
+    let mut inbox = Inbox::default();
+    let mut answers = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while answers.is_empty() && std::time::Instant::now() < deadline {
+        two.deliver(&mut inbox, |_| true);
+        answers = two.a.take_answers();
+    }
+    assert_eq!(answers, [(id, Err(status::NO_LISTENER))]);
+    assert_eq!((two.a.key_count(), two.a.channel_count()), (0, 0), "nothing left behind");
+    assert!(two.audited_b("no_listener"));
+    // An offer claiming another source node is refused at once.
+    two.b.listen(1, 10, ep(3, 1, 20)).unwrap();
+    let offer = channels::ReceivedOffer {
+        source: ep(3, 1, 20),
+        destination: ep(2, 1, 10),
+        salt: [0; 16],
+        key: &[1; 32],
+    };
+    let forged = two.b.core.receive_offer(1, &offer);
+    assert_eq!(forged, Err(frames::Rejection::ForgedSourceNode));
+    assert_eq!(two.b.key_count(), 0);
+}
+
+#[test]
+fn a_lost_link_closes_its_channels_and_erases_their_keys() {
+    let mut two = Two::new(1 << 30);
+    let (_, opener) = two.open([3; 32]);
+    assert_eq!(two.a.key_count(), 1);
+    let Two { mut a, b, a_token, .. } = two;
+    drop(b);
+    let mut inbox = Inbox::default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while a.key_count() > 0 && std::time::Instant::now() < deadline {
+        a.link_readable(a_token, &mut inbox);
+    }
+    assert_eq!(a.key_count(), 0);
+    assert_eq!(a.list(1)[0].state, state::PEER_CLOSED);
+    assert_eq!(a.send(1, &tx(opener, ep(1, 1, 20), 1), &mut Bytes(b"x")), Err(status::NOT_OPEN));
+}
