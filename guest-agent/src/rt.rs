@@ -36,6 +36,7 @@ pub fn start(boot_info: *const BootInfo, main: fn(&'static BootInfo) -> u32) -> 
         exit(BAD_BOOT_INFO_EXIT_STATUS);
     }
     crate::pages::init(info);
+    crate::time::init(info);
     exit(main(info))
 }
 

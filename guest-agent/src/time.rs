@@ -1,6 +1,22 @@
 //! Time from the TSC, which `rdtsc` reads natively at CPL 3; the boot info gives its rate.
 
+use core::sync::atomic::{AtomicU32, Ordering};
+
 use crate::boot_info::BootInfo;
+
+/// The TSC's rate in kHz, from the boot info (0: unknown).
+static TSC_KHZ: AtomicU32 = AtomicU32::new(0);
+
+/// Records the TSC rate for [`elapsed_nanos`] (the runtime does it at start).
+pub fn init(info: &BootInfo) {
+    TSC_KHZ.store(info.tsc_khz, Ordering::Relaxed);
+}
+
+/// Nanoseconds in `ticks` TSC ticks, at the rate the boot info gave; `None` if it gave none.
+pub fn elapsed_nanos(ticks: u64) -> Option<u64> {
+    let khz = u64::from(TSC_KHZ.load(Ordering::Relaxed));
+    (khz != 0).then(|| (u128::from(ticks) * 1_000_000 / u128::from(khz)) as u64)
+}
 
 /// The TSC now.
 pub fn ticks() -> u64 {
