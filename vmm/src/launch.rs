@@ -293,7 +293,10 @@ fn start_devices(
         partitions.iter_mut().flat_map(Partition::take_backends).collect();
     let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
     let cmm = Cmm::new(launch.node, launch.cmm, audit, router).map_err(LaunchError::Cmm)?;
-    backends.push(Arc::new(Mutex::new(ChannelNode::new(cmm, channels).with_queries(queries))));
+    let node = ChannelNode::new(cmm, channels).map_err(LaunchError::DeviceThread)?;
+    let node = Arc::new(Mutex::new(node.with_queries(queries)));
+    ChannelNode::serve_inline(&node);
+    backends.push(node);
     DeviceThread::start(backends).map_err(LaunchError::DeviceThread)
 }
 

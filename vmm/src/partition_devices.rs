@@ -96,10 +96,13 @@ impl<'a> DeviceSet<'a> {
         let mut queue_evts = Vec::with_capacity(desc.queue_sizes.len());
         for index in 0..desc.queue_sizes.len() as u32 {
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(AttachError::EventFd)?;
-            let addr = IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
-            self.vm
-                .register_ioevent(&evt, &addr, index)
-                .map_err(kvm("registering an ioeventfd"))?;
+            // An inline queue's notifications come to the transport, on the vCPU's thread.
+            if desc.inline_queues & (1 << index) == 0 {
+                let addr = IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
+                self.vm
+                    .register_ioevent(&evt, &addr, index)
+                    .map_err(kvm("registering an ioeventfd"))?;
+            }
             queue_evts.push(evt);
         }
         let shared = Arc::new(DeviceShared::new(irq, self.wake.clone()));

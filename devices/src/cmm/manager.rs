@@ -359,6 +359,11 @@ impl Cmm {
         self.handle_downs();
     }
 
+    /// Whether the links have epoll changes waiting for the device thread.
+    pub fn has_fd_changes(&self) -> bool {
+        self.router.has_fd_changes()
+    }
+
     /// The epoll changes the device thread must make for the links.
     pub fn take_fd_changes(&mut self) -> Vec<FdChange> {
         self.router.take_fd_changes()

@@ -226,6 +226,11 @@ impl Router {
         std::mem::take(&mut self.fd_changes)
     }
 
+    /// Whether epoll changes are waiting.
+    pub fn has_fd_changes(&self) -> bool {
+        !self.fd_changes.is_empty()
+    }
+
     /// Peers whose links went down since the last call: their channels are gone.
     pub fn take_downs(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.downs)

@@ -31,6 +31,9 @@ pub struct DeviceDescription {
     pub queue_sizes: Vec<u16>,
     /// The device configuration space (read-only to the driver).
     pub config: Vec<u8>,
+    /// Queues (a bit each) whose notifications reach the transport (no ioeventfd), to be
+    /// served on the notifying vCPU's own thread by [`DeviceShared::notify_inline`].
+    pub inline_queues: u32,
 }
 
 /// One device's virtio-mmio register file.
@@ -140,9 +143,12 @@ impl MmioTransport {
                 self.shared.interrupt_status.fetch_and(!value, Ordering::AcqRel);
             }
             reg::STATUS => self.write_status(value),
-            // QueueNotify normally never gets here (ioeventfd); a notify the kernel did not
-            // match (a bad queue index) is ignored, as is anything read-only.
-            reg::QUEUE_NOTIFY => log::debug!("queue notify {value} reached the transport"),
+            // Served here for the queues the device takes inline; otherwise a notify the
+            // kernel's ioeventfd did not match (a bad queue index) is ignored.
+            reg::QUEUE_NOTIFY if !self.shared.notify_inline(value) => {
+                log::debug!("queue notify {value} reached the transport")
+            }
+            // Anything read-only is ignored.
             _ => {}
         }
     }
@@ -283,6 +289,7 @@ mod tests {
             features: 0,
             queue_sizes: vec![16],
             config: vec![1, 2, 3, 4],
+            inline_queues: 0,
         };
         (MmioTransport::new(desc, shared.clone(), mem), shared)
     }

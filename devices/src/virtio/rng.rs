@@ -24,6 +24,7 @@ pub fn description() -> DeviceDescription {
         features: 0,
         queue_sizes: vec![QUEUE_SIZE],
         config: Vec::new(),
+        inline_queues: 0,
     }
 }
 

@@ -2,7 +2,7 @@
 //! thread): the queues once the driver has set them up, and the interrupt line.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -44,6 +44,18 @@ pub struct DeviceShared {
     failures: AtomicU64,
     /// Wakes the partition's vCPU if it idles on the idle port.
     waker: Arc<Wake>,
+    /// Serves a queue's notification on the notifying vCPU's thread (see
+    /// `DeviceDescription::inline_queue`); returns whether it took the notification.
+    inline: OnceLock<InlineNotify>,
+}
+
+/// A handler for a queue notification, run on the vCPU thread that made it.
+pub struct InlineNotify(pub Box<dyn Fn(u32) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for InlineNotify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InlineNotify")
+    }
 }
 
 /// Failures of one device logged as warnings; later ones are logged at debug level.
@@ -59,7 +71,18 @@ impl DeviceShared {
             generation: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             waker,
+            inline: OnceLock::new(),
         }
+    }
+
+    /// Installs the handler of inline notifications (once).
+    pub fn set_inline_notify(&self, handler: InlineNotify) {
+        let _ = self.inline.set(handler);
+    }
+
+    /// A notification of `queue` reached the transport: its handler takes it if there is one.
+    pub fn notify_inline(&self, queue: u32) -> bool {
+        self.inline.get().is_some_and(|handler| (handler.0)(queue))
     }
 
     /// The device used buffers: a guest idling for them may go on.

@@ -10,12 +10,14 @@
 
 mod chain;
 mod control;
+mod inline;
 mod pool;
 mod receive;
 mod remote;
 mod transmit;
 
 use std::collections::VecDeque;
+use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,8 +58,14 @@ pub fn description(config: abi::Config) -> DeviceDescription {
         features: 0,
         queue_sizes: vec![CONTROL_QUEUE_SIZE, DATA_QUEUE_SIZE, DATA_QUEUE_SIZE],
         config: config.to_bytes().to_vec(),
+        inline_queues: 1 << CONTROL_QUEUE | 1 << TX_QUEUE,
     }
 }
+
+/// The control queue's index.
+const CONTROL_QUEUE: u32 = 0;
+/// The transmit queue's index.
+const TX_QUEUE: u32 = 1;
 
 /// A verified message waiting for a receive buffer.
 struct Held {
@@ -117,6 +125,8 @@ pub struct ChannelNode {
     timer_running: bool,
     /// Devices that used receive buffers in the current pass (signalled once at its end).
     touched: Vec<usize>,
+    /// Written by a vCPU thread that changed what the device thread must watch.
+    poke: EventFd,
 }
 
 /// Event data of the link arrivals.
@@ -125,12 +135,14 @@ const ARRIVALS: u32 = u32::MAX;
 const QUERIES: u32 = u32::MAX - 1;
 /// Event data of the link timer.
 const TIMER: u32 = u32::MAX - 2;
+/// Event data of the pokes from vCPU threads.
+const POKE: u32 = u32::MAX - 3;
 /// Event data of link sockets: this bit, and the link's token.
 const LINK: u32 = 1 << 30;
 
 impl ChannelNode {
     /// The node's devices in front of `cmm`.
-    pub fn new(mut cmm: Cmm, devices: Vec<ChannelDevice>) -> Self {
+    pub fn new(mut cmm: Cmm, devices: Vec<ChannelDevice>) -> io::Result<Self> {
         for device in &devices {
             cmm.add_partition(device.partition);
         }
@@ -141,7 +153,7 @@ impl ChannelNode {
                 None
             }
         });
-        Self {
+        Ok(Self {
             cmm,
             devices,
             queries: None,
@@ -150,7 +162,8 @@ impl ChannelNode {
             timer,
             timer_running: false,
             touched: Vec::new(),
-        }
+            poke: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
     }
 
     /// Answers the control API's questions from `port`.
@@ -358,6 +371,9 @@ impl MutEventSubscriber for ChannelNode {
                 log::error!("secure channel: watching the control API: {e:?}");
             }
         }
+        if let Err(e) = ops.add(Events::with_data(&self.poke, POKE, EventSet::IN)) {
+            log::error!("secure channel: watching the vCPU threads' pokes: {e:?}");
+        }
         for (index, device) in self.devices.iter().enumerate() {
             for (queue, evt) in device.queue_evts.iter().enumerate() {
                 let data = (index * QUEUES + queue) as u32;
@@ -375,6 +391,9 @@ impl MutEventSubscriber for ChannelNode {
         match events.data() {
             ARRIVALS => self.cmm.links_arrived(),
             QUERIES => self.answer_queries(),
+            POKE => {
+                let _ = self.poke.read();
+            }
             TIMER => {
                 if let Some(timer) = &mut self.timer {
                     let _ = timer.wait();
