@@ -152,9 +152,11 @@ fn wait(mut child: Child, deadline: Duration) -> Outcome {
             break status;
         }
         if start.elapsed() > deadline {
+            let threads = threads_of(child.id());
             let _ = child.kill();
             let _ = child.wait();
-            panic!("process ran past its {deadline:?} deadline");
+            let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+            panic!("process ran past its {deadline:?} deadline; its threads:\n{threads}\nstdout:\n{out}\nstderr:\n{err}");
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -163,6 +165,30 @@ fn wait(mut child: Child, deadline: Duration) -> Outcome {
         stdout: out.join().expect("stdout reader"),
         stderr: err.join().expect("stderr reader"),
     }
+}
+
+/// What each thread of process `pid` is doing: name, state and kernel wait channel (for a
+/// process that hangs).
+fn threads_of(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return String::new() };
+    tasks
+        .flatten()
+        .map(|task| {
+            let read =
+                |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+            let stat = read("stat");
+            let state =
+                stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("?");
+            format!(
+                "  {} {} {} {}",
+                read("comm").trim(),
+                state,
+                read("wchan"),
+                read("stack").replace('\n', " | ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Whether this process runs as root (needed to drop privileges or hide /dev/kvm).
