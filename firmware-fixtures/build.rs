@@ -2,7 +2,7 @@
 //!
 //! The guest workspace needs its own rustflags (`guest/.cargo/config.toml`), which apply only
 //! when cargo runs inside it, so this script runs a nested cargo there with a target directory
-//! of its own and an environment cleaned of the outer build's flags (../shared/MACHINE.md says
+//! of its own and an environment cleaned of the outer build's flags (docs/GUEST.md, "Building firmware", says
 //! why each variable must go). Each program is then copied to `target/fixtures/<name>.elf`.
 
 use std::env;

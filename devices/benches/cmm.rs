@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use guest_agent::channel::abi::Endpoint;
 use keyhold_devices::cmm::audit::Audit;
-use keyhold_devices::cmm::{Cmm, CmmConfig, Deliver, Delivered, KeyLifetime, Limits, Opening};
+use keyhold_devices::cmm::{Cmm, CmmConfig, Deliver, Delivered, Limits, Opening};
 use keyhold_devices::link::loopback::linked;
 use keyhold_devices::link::{Router, RouterConfig};
 
@@ -31,7 +31,7 @@ fn config(capacity: usize) -> CmmConfig {
     CmmConfig {
         capacity,
         limits: Limits { max_message: 64 * 1024, max_channels: u32::MAX },
-        lifetime: KeyLifetime::default(),
+        ..CmmConfig::default()
     }
 }
 
@@ -51,7 +51,7 @@ impl Deliver for Nowhere {
 fn one_node(channels: usize) {
     let pairs = channels / 2;
     let (anon, shared) = rss();
-    let audit = Audit::new(1, None);
+    let audit = Audit::to_log(1).expect("audit writer");
     let mut cmm = Cmm::new(1, config(channels), audit, Router::unlinked()).expect("key table");
     let start = Instant::now();
     for i in 0..pairs as u32 {

@@ -13,4 +13,6 @@ pub mod exit_port;
 pub mod idle;
 pub mod link;
 pub mod secret;
+pub mod timer;
+pub mod token_bucket;
 pub mod virtio;

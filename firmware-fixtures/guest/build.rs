@@ -1,4 +1,4 @@
-//! Links every program as a static bare-metal image with `link.ld` (../../shared/MACHINE.md).
+//! Links every program as a static bare-metal image with `link.ld` (docs/GUEST.md, "Building firmware").
 
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");

@@ -145,7 +145,18 @@ fn every_fixture_boots_and_stops_as_designed() {
         ("spin", 124),
     ];
     // These need a peer and arguments; tests/channel.rs and tests/memory.rs boot them.
-    let paired = ["echo", "ping", "forge", "snoop", "bad-queue", "flood", "keys"];
+    let paired = [
+        "echo",
+        "ping",
+        "forge",
+        "snoop",
+        "bad-queue",
+        "flood",
+        "keys",
+        "queues",
+        "lifecycle",
+        "hog",
+    ];
     let names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     for name in firmware_fixtures::NAMES {
         assert!(names.contains(name) || paired.contains(name), "fixture {name} is not tested");

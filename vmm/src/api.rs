@@ -11,13 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_agent::channel::abi::{state, Stats};
+use guest_agent::channel::abi::{closed, state, Stats};
 use keyhold_devices::bus::lock;
 use keyhold_devices::cmm::audit::Audit;
 use keyhold_devices::cmm::query::{Query, QueryHandle, Reply};
 use keyhold_devices::cmm::ChannelView;
 use keyhold_devices::link::LinkBook;
 use serde_json::{json, Value};
+
+use crate::partition_devices::DeviceView;
+use crate::seccomp::{Containment, ThreadKind};
 
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -33,6 +36,8 @@ pub struct PartitionState {
     pub memory_mib: u64,
     /// `None` while running; the stop report once stopped.
     pub stopped: Option<(u8, String)>,
+    /// Its devices.
+    pub devices: Vec<DeviceView>,
 }
 
 /// What the API reads.
@@ -57,8 +62,13 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Serves `state` on a Unix socket at `path` (a stale socket there is replaced).
-    pub fn start(path: &Path, state: Arc<ApiState>) -> std::io::Result<Self> {
+    /// Serves `state` on a Unix socket at `path` (a stale socket there is replaced); the
+    /// thread installs its seccomp filter from `containment` before it accepts anything.
+    pub fn start(
+        path: &Path,
+        state: Arc<ApiState>,
+        containment: &Containment,
+    ) -> std::io::Result<Self> {
         if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
             std::fs::remove_file(path)?;
         }
@@ -66,7 +76,9 @@ impl ApiServer {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let containment = containment.clone();
         let thread = std::thread::Builder::new().name("api".into()).spawn(move || {
+            containment.install(ThreadKind::Api);
             while !flag.load(Ordering::Acquire) {
                 match listener.accept() {
                     Ok((stream, _)) => serve(&state, stream),
@@ -184,7 +196,10 @@ fn ask(state: &ApiState, query: Query) -> (u16, Value) {
         Some(Reply::Revoked(Err(code))) => {
             (404, json!({ "error": "no such channel", "status": code }))
         }
-        None => (503, json!({ "error": "the device thread did not answer" })),
+        // No route asks about stopped partitions: that answer never comes here.
+        None | Some(Reply::PartitionStopped(_)) => {
+            (503, json!({ "error": "the device thread did not answer" }))
+        }
     }
 }
 
@@ -205,10 +220,26 @@ fn partitions(state: &ApiState) -> Value {
                     "running": running,
                     "exit_status": exit_status,
                     "report": report,
+                    "devices": p.devices.iter().map(device_json).collect::<Vec<_>>(),
                 })
             })
             .collect(),
     )
+}
+
+fn device_json(device: &DeviceView) -> Value {
+    let c = &device.shared.counters;
+    let n = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    json!({
+        "kind": device.kind,
+        "state": device.shared.state_name(),
+        "spurious_notifications": n(&c.spurious_notifications),
+        "refused_queue_configs": n(&c.refused_queue_configs),
+        "queue_stops": n(&c.queue_stops),
+        "needs_reset": n(&c.needs_reset),
+        "throttled": n(&c.throttled),
+        "deferred": n(&c.deferred),
+    })
 }
 
 fn channel_json(view: &ChannelView) -> Value {
@@ -224,6 +255,7 @@ fn channel_json(view: &ChannelView) -> Value {
         "partition": partition,
         "channel": format!("{:#x}", e.channel),
         "state": state,
+        "closed": closed::name(e.closed),
         "process": e.process,
         "remote": { "node": e.remote.node, "partition": e.remote.partition, "process": e.remote.process },
         "sent": e.sent,

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::seccomp::{Switch, ThreadKind};
+
 /// keyhold: a minimal KVM VMM whose partitions talk over secure channels.
 #[derive(Debug, Parser)]
 #[command(name = "keyhold", version, about, max_term_width = 100)]
@@ -52,6 +54,7 @@ Exit status:
   125    the VMM failed while running the partition, or KVM exited unexpectedly
   130    SIGINT asked the node to stop (every partition is stopped first)
   143    SIGTERM asked the node to stop (likewise)
+  159    a thread made a system call its seccomp filter does not allow (the report names it)
   2      bad input: arguments, firmware file, memory size, /dev/kvm missing or not permitted
   1      the host refused a resource (memory, threads) before boot
 
@@ -87,6 +90,23 @@ pub struct RunArgs {
     /// Stop any partition still running after SECS seconds (fractions allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// System-call filters.
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
+}
+
+/// The containment switches of `keyhold run` and `keyhold node` (docs/SECURITY.md).
+#[derive(Debug, Args)]
+pub struct SeccompArgs {
+    /// Each thread runs under a seccomp filter of the system calls its kind needs; `off` runs
+    /// without them, for debugging only (with a warning).
+    #[arg(long = "seccomp", value_name = "on|off", default_value = "on")]
+    pub switch: Switch,
+    /// Self-test of the containment: THREAD (vcpu, devices, link-setup, api, main) makes a
+    /// system call its filter does not allow, right after installing it; with the filters on
+    /// the process stops with status 159 and the report.
+    #[arg(long = "seccomp-selftest", value_name = "THREAD", hide = true)]
+    pub selftest: Option<ThreadKind>,
 }
 
 /// Arguments of `keyhold ctl`.
@@ -156,6 +176,9 @@ pub struct NodeArgs {
     /// Stop partitions still running after SECS seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// System-call filters.
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
 }
 
 fn parse_partition_arg(arg: &str) -> Result<(u32, String), String> {

@@ -9,6 +9,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{Containment, ThreadKind};
+
 /// A backend as the device thread holds it.
 pub type Backend = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -38,8 +40,9 @@ pub struct DeviceThread {
 }
 
 impl DeviceThread {
-    /// Starts the thread with `backends` subscribed.
-    pub fn start(backends: Vec<Backend>) -> std::io::Result<Self> {
+    /// Starts the thread with `backends` subscribed; it installs its seccomp filter from
+    /// `containment` before it handles any event.
+    pub fn start(backends: Vec<Backend>, containment: &Containment) -> std::io::Result<Self> {
         let mut manager =
             EventManager::<Backend>::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         let stop_evt = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -51,7 +54,9 @@ impl DeviceThread {
         for backend in backends {
             manager.add_subscriber(backend);
         }
+        let containment = containment.clone();
         let thread = std::thread::Builder::new().name("devices".into()).spawn(move || {
+            containment.install(ThreadKind::Devices);
             while !stop.load(Ordering::Acquire) {
                 if let Err(e) = manager.run() {
                     log::error!("device thread: {e:?}");

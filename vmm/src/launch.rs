@@ -15,20 +15,24 @@ use keyhold_devices::link::{LinkManager, Router};
 
 use crate::api::{ApiServer, ApiState, PartitionState};
 
-use crate::cli::{NodeArgs, RunArgs};
+use crate::cli::{NodeArgs, RunArgs, SeccompArgs};
 use crate::cluster_config::ClusterLinks;
 use crate::node_config::{self, ConfigError};
 use std::sync::{Arc, Mutex};
 
-use keyhold_devices::cmm::audit::Audit;
+use keyhold_devices::cmm::audit::{Audit, AuditConfig};
 use keyhold_devices::cmm::{Cmm, CmmConfig};
 use keyhold_devices::virtio::secure_channel::ChannelNode;
 
 use crate::device_thread::{Backend, DeviceThread};
 use crate::host::{self, HostError};
 use crate::partition::{self, Partition, PartitionConfig, PartitionError};
+use crate::seccomp::{Containment, Needs, SeccompError};
 use crate::stop::Stopped;
 use crate::supervisor::{self, SupervisorError};
+
+/// How long the node waits at exit for the audit writer to catch up.
+const AUDIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Exit status for bad input.
 pub const STATUS_BAD_INPUT: u8 = 2;
@@ -100,6 +104,9 @@ pub enum LaunchError {
     /// The partitions could not be supervised.
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    /// The threads' seccomp filters could not be prepared.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 impl LaunchError {
@@ -110,6 +117,7 @@ impl LaunchError {
             Self::Host(HostError::KvmOpen(_))
             | Self::Supervisor(_)
             | Self::DeviceThread(_)
+            | Self::Seccomp(_)
             | Self::Cmm(_) => STATUS_HOST_FAILURE,
             _ => STATUS_BAD_INPUT,
         }
@@ -148,7 +156,15 @@ pub fn partition_configs(args: &RunArgs) -> Result<Vec<PartitionConfig>, LaunchE
 }
 
 fn config(id: u32, firmware: PathBuf, memory_mib: u64) -> PartitionConfig {
-    PartitionConfig { id, firmware, memory_mib, node_id: 0, args: String::new(), dump_ram: None }
+    PartitionConfig {
+        id,
+        firmware,
+        memory_mib,
+        node_id: 0,
+        args: String::new(),
+        dump_ram: None,
+        rng_limit: Default::default(),
+    }
 }
 
 /// What one keyhold process runs: a node with its partitions.
@@ -162,8 +178,8 @@ pub struct Launch {
     pub timeout: Option<std::time::Duration>,
     /// Where the consoles go (stdout if `None`).
     pub console: Option<PathBuf>,
-    /// Where audit records go (the log, at info level, if `None`).
-    pub audit_log: Option<PathBuf>,
+    /// Where audit records go and how they are bounded.
+    pub audit: AuditConfig,
     /// The host links, if the node is part of a cluster.
     pub links: Option<ClusterLinks>,
     /// The CMM's size, per-partition limits and key lifetimes.
@@ -179,56 +195,68 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         partitions: partition_configs(args)?,
         timeout: args.timeout,
         console: args.console.clone(),
-        audit_log: None,
+        audit: AuditConfig::default(),
         links: None,
         cmm: CmmConfig::default(),
         api_socket: None,
     };
-    boot(&launch, process_start)
+    boot(&launch, &args.seccomp, process_start)
 }
 
 /// `keyhold node`: boots the partitions of a node config.
 pub fn node(args: &NodeArgs, process_start: Instant) -> Result<u8, LaunchError> {
     let mut launch = node_config::load(&args.config)?;
     launch.timeout = args.timeout;
-    boot(&launch, process_start)
+    boot(&launch, &args.seccomp, process_start)
 }
 
 /// Boots a node's partitions and returns the process exit status: the first non-zero status
-/// of a partition, in the order they stopped, or 0.
-pub fn boot(launch: &Launch, process_start: Instant) -> Result<u8, LaunchError> {
+/// of a partition, in the order they stopped, or 0. Every thread it starts, and the calling
+/// thread once they have started, runs under its seccomp filter (unless `seccomp` says off).
+pub fn boot(
+    launch: &Launch,
+    seccomp: &SeccompArgs,
+    process_start: Instant,
+) -> Result<u8, LaunchError> {
+    let needs = Needs { dump_ram: launch.partitions.iter().any(|p| p.dump_ram.is_some()) };
+    let containment = Containment::prepare(seccomp.switch, needs, seccomp.selftest)?;
     let firmware = launch
         .partitions
         .iter()
         .map(PartitionConfig::open_firmware)
         .collect::<Result<Vec<_>, _>>()?;
-    let audit = open_audit(launch)?;
+    let audit = open_audit(launch, &containment)?;
+    let flusher = audit.clone();
     let kvm = host::open_kvm()?;
     let mut partitions = create_partitions(&kvm, launch, firmware)?;
-    let (links, router) = start_links(launch, &audit)?;
+    let (links, router) = start_links(launch, &audit, &containment)?;
     let (queries, query_port) = query::channel().map_err(LaunchError::DeviceThread)?;
     let api_state = Arc::new(ApiState {
         node: launch.node,
-        partitions: Mutex::new(launch.partitions.iter().map(api_partition).collect()),
+        partitions: Mutex::new(
+            partitions.iter().zip(&launch.partitions).map(api_partition).collect(),
+        ),
         queries,
         links: links.as_ref().map(LinkManager::book),
         audit: audit.clone(),
     });
-    let device_thread = start_devices(&mut partitions, launch, audit, router, query_port)?;
+    let device_thread =
+        start_devices(&mut partitions, launch, audit, router, query_port, &containment)?;
     let api = match &launch.api_socket {
         Some(path) => Some(
-            ApiServer::start(path, api_state.clone())
+            ApiServer::start(path, api_state.clone(), &containment)
                 .map_err(|source| LaunchError::ApiSocket { path: path.clone(), source })?,
         ),
         None => None,
     };
-    let stops = supervisor::run(partitions, launch.timeout, process_start, move |stopped| {
-        report_stop(&api_state, stopped)
-    })?;
+    let on_stop = move |stopped: &Stopped| report_stop(&api_state, stopped);
+    let stops = supervisor::run(partitions, launch.timeout, process_start, &containment, on_stop)?;
     drop(api);
     // Devices stop before the links, so nothing is sent over a link being torn down.
     drop(device_thread);
     drop(links);
+    // The last records (links going down, channels closing) reach the file before exit.
+    flusher.flush(AUDIT_FLUSH);
     Ok(stops.iter().map(|s| s.exit_status()).find(|&s| s != 0).unwrap_or(0))
 }
 
@@ -254,6 +282,7 @@ fn create_partitions(
 fn start_links(
     launch: &Launch,
     audit: &Audit,
+    containment: &Containment,
 ) -> Result<(Option<LinkManager>, Router), LaunchError> {
     let Some(l) = &launch.links else { return Ok((None, Router::unlinked())) };
     let (manager, router) = LinkManager::start(
@@ -263,13 +292,23 @@ fn start_links(
         l.listen,
         audit.clone(),
         l.settings,
+        containment.for_thread(crate::seccomp::ThreadKind::LinkSetup),
     )
     .map_err(|source| LaunchError::Listen { addr: l.listen, source })?;
     Ok((Some(manager), router))
 }
 
-/// Reports a stopped partition on stderr (unless it exited cleanly) and to the API.
+/// Reports a stopped partition on stderr (unless it exited cleanly) and to the API, and has
+/// its channels closed (their peers learn that the partition stopped).
 fn report_stop(state: &ApiState, stopped: &Stopped) {
+    let partition = stopped.partition;
+    match state.queries.ask(query::Query::PartitionStopped { partition }) {
+        Some(query::Reply::PartitionStopped(0)) => {}
+        Some(query::Reply::PartitionStopped(n)) => {
+            log::info!("partition {partition} stopped: its {n} channels are closed")
+        }
+        _ => log::warn!("partition {partition} stopped, but the device thread did not answer"),
+    }
     let report = stopped.report();
     if let Some(report) = &report {
         eprintln!("keyhold: {report}");
@@ -288,6 +327,7 @@ fn start_devices(
     audit: Audit,
     router: Router,
     queries: QueryPort,
+    containment: &Containment,
 ) -> Result<DeviceThread, LaunchError> {
     let mut backends: Vec<Backend> =
         partitions.iter_mut().flat_map(Partition::take_backends).collect();
@@ -297,30 +337,27 @@ fn start_devices(
     let node = Arc::new(Mutex::new(node.with_queries(queries)));
     ChannelNode::serve_inline(&node);
     backends.push(node);
-    DeviceThread::start(backends).map_err(LaunchError::DeviceThread)
+    DeviceThread::start(backends, containment).map_err(LaunchError::DeviceThread)
 }
 
-fn api_partition(config: &PartitionConfig) -> PartitionState {
+fn api_partition((partition, config): (&Partition, &PartitionConfig)) -> PartitionState {
     PartitionState {
         id: config.id,
         firmware: config.firmware.clone(),
         memory_mib: config.memory_mib,
         stopped: None,
+        devices: partition.devices(),
     }
 }
 
-fn open_audit(launch: &Launch) -> Result<Audit, LaunchError> {
-    let file = match &launch.audit_log {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| LaunchError::AuditLog { path: path.clone(), source })?,
-        ),
-        None => None,
-    };
-    Ok(Audit::new(launch.node, file))
+fn open_audit(launch: &Launch, containment: &Containment) -> Result<Audit, LaunchError> {
+    let contain = containment.for_thread(crate::seccomp::ThreadKind::Audit);
+    Audit::start(launch.node, launch.audit.clone(), contain).map_err(|source| {
+        LaunchError::AuditLog {
+            path: launch.audit.file.as_ref().map(|f| f.path.clone()).unwrap_or_default(),
+            source,
+        }
+    })
 }
 
 fn console_output(path: Option<&std::path::Path>) -> Result<SharedOutput, LaunchError> {

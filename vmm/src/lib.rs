@@ -22,6 +22,7 @@ pub mod node_config;
 pub mod page_tables;
 pub mod partition;
 pub mod partition_devices;
+pub mod seccomp;
 pub mod stop;
 pub mod supervisor;
 pub mod vcpu;

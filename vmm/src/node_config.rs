@@ -12,15 +12,24 @@
 //! [links]                         # optional: timing and bounds of the host links
 //! rekey_after_secs = 120           # (docs/OPERATOR.md lists every field and its default)
 //!
+//! [audit]                          # optional: bounds on the audit log
+//! max_file_mib = 64                # rotated to audit.jsonl.1 (and .2, ...) past this size
+//! keep_files = 4                   # rotated files kept
+//! records_per_second = 10          # per source (a partition, a peer node, an address)
+//! burst = 50
+//!
 //! [channels]                       # optional
 //! capacity = 65536                 # channels the node can hold
 //! key_lifetime_messages = 1073741824
+//! open_timeout_secs = 5            # an OPEN to another node fails TIMED_OUT after this
 //!
 //! [[partition]]
 //! id = 1
 //! firmware = "../target/fixtures/echo.elf"
 //! memory_mib = 32                  # optional, default 32
 //! args = "peer=1:2:1"              # optional
+//! rng_bytes_per_sec = 1048576      # optional: virtio-rng's rate for this partition
+//! rng_burst_bytes = 262144         # optional: what it may draw at once
 //! ```
 //! Unknown fields are errors, so a typo is reported rather than ignored.
 
@@ -29,8 +38,12 @@ use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
+use keyhold_devices::cmm::audit::{
+    AuditConfig, AuditFile, RateLimit, DEFAULT_KEEP, DEFAULT_MAX_BYTES,
+};
 use keyhold_devices::cmm::{CmmConfig, KeyLifetime, Limits};
 use keyhold_devices::link::LinkSettings;
+use keyhold_devices::virtio::rng::RngLimit;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -81,7 +94,19 @@ struct File {
     #[serde(default)]
     channels: ChannelsSection,
     #[serde(default)]
+    audit: AuditSection,
+    #[serde(default)]
     partition: Vec<PartitionSection>,
+}
+
+/// `[audit]`: every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditSection {
+    max_file_mib: Option<u64>,
+    keep_files: Option<u32>,
+    records_per_second: Option<f64>,
+    burst: Option<f64>,
 }
 
 /// `[links]`: every field optional; the defaults are WireGuard's where it has one.
@@ -108,6 +133,7 @@ struct ChannelsSection {
     per_partition: Option<u32>,
     key_lifetime_messages: Option<u32>,
     key_lifetime_secs: Option<u32>,
+    open_timeout_secs: Option<f64>,
 }
 
 /// Most channels a node can hold (the connection table's ID space).
@@ -134,6 +160,8 @@ struct PartitionSection {
     memory_mib: Option<u64>,
     #[serde(default)]
     args: String,
+    rng_bytes_per_sec: Option<u64>,
+    rng_burst_bytes: Option<u64>,
 }
 
 /// Reads and checks `path`.
@@ -177,6 +205,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
                 &format!("ID {} is used twice", p.id),
             ));
         }
+        let field = |name: &str| format!("partition[{i}].{name}");
+        let d = RngLimit::default();
+        let rng_limit = RngLimit {
+            bytes_per_sec: count(
+                path,
+                &field("rng_bytes_per_sec"),
+                p.rng_bytes_per_sec,
+                64,
+                1 << 30,
+                d.bytes_per_sec,
+            )?,
+            burst: count(path, &field("rng_burst_bytes"), p.rng_burst_bytes, 64, 1 << 30, d.burst)?,
+        };
         partitions.push(PartitionConfig {
             id: p.id,
             firmware: base.join(p.firmware),
@@ -184,6 +225,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             node_id: file.node.id,
             args: p.args,
             dump_ram: None,
+            rng_limit,
         });
     }
     let settings = link_settings(path, &file.links)?;
@@ -216,7 +258,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
         partitions,
         timeout: None,
         console: None,
-        audit_log: file.node.audit_log.map(|p| base.join(p)),
+        audit: audit_config(path, file.node.audit_log.map(|p| base.join(p)), &file.audit)?,
         links,
         cmm,
         api_socket: file.node.api_socket.map(|p| base.join(p)),
@@ -330,6 +372,24 @@ fn link_settings(path: &Path, l: &LinksSection) -> Result<LinkSettings, ConfigEr
     Ok(s)
 }
 
+fn audit_config(
+    path: &Path,
+    log: Option<PathBuf>,
+    a: &AuditSection,
+) -> Result<AuditConfig, ConfigError> {
+    let mib =
+        count(path, "audit.max_file_mib", a.max_file_mib, 1, 1 << 20, DEFAULT_MAX_BYTES >> 20)?;
+    let keep = count(path, "audit.keep_files", a.keep_files, 0, 1000, DEFAULT_KEEP)?;
+    let d = RateLimit::default();
+    let per_second =
+        count(path, "audit.records_per_second", a.records_per_second, 0.01, 1e6, d.per_second)?;
+    let burst = count(path, "audit.burst", a.burst, 1.0, 1e6, d.burst)?;
+    Ok(AuditConfig {
+        file: log.map(|path| AuditFile { path, max_bytes: mib << 20, keep }),
+        limit: RateLimit { per_second, burst },
+    })
+}
+
 fn cmm_config(path: &Path, c: &ChannelsSection) -> Result<CmmConfig, ConfigError> {
     let d = CmmConfig::default();
     let capacity = count(path, "channels.capacity", c.capacity, 1, MAX_CAPACITY, d.capacity)?;
@@ -353,7 +413,14 @@ fn cmm_config(path: &Path, c: &ChannelsSection) -> Result<CmmConfig, ConfigError
             d.lifetime.secs,
         )?,
     };
-    Ok(CmmConfig { capacity, limits: Limits { max_channels: per_partition, ..d.limits }, lifetime })
+    let open_timeout =
+        secs(path, "channels.open_timeout_secs", c.open_timeout_secs, d.open_timeout)?;
+    Ok(CmmConfig {
+        capacity,
+        limits: Limits { max_channels: per_partition, ..d.limits },
+        lifetime,
+        open_timeout,
+    })
 }
 
 #[cfg(test)]
@@ -371,7 +438,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(launch.node, 3);
-        assert_eq!(launch.audit_log, Some(PathBuf::from("/etc/keyhold/audit.jsonl")));
+        let audit = launch.audit.file.unwrap();
+        assert_eq!(audit.path, PathBuf::from("/etc/keyhold/audit.jsonl"));
+        assert_eq!((audit.max_bytes, audit.keep), (DEFAULT_MAX_BYTES, DEFAULT_KEEP));
         assert_eq!(launch.partitions[0].firmware, PathBuf::from("/etc/keyhold/echo.elf"));
         assert_eq!(launch.partitions[0].memory_mib, DEFAULT_MEMORY_MIB);
         assert_eq!(launch.partitions[0].node_id, 3);
@@ -388,6 +457,9 @@ mod tests {
             ("[node]\nid = 1\ncolour = \"red\"\n", "unknown field `colour`"),
             ("[[partition]]\nid = 1\nfirmware = \"a\"\n", "missing field `node`"),
             ("not toml at all", "node.toml"),
+            ("[node]\nid = 1\n[audit]\nburst = 0\n[[partition]]\nid = 1\nfirmware = \"a\"\n", "audit.burst: 0 is not between 1 and 1000000"),
+            ("[node]\nid = 1\n[channels]\nopen_timeout_secs = -2\n[[partition]]\nid = 1\nfirmware = \"a\"\n", "channels.open_timeout_secs"),
+            ("[node]\nid = 1\n[[partition]]\nid = 1\nfirmware = \"a\"\nrng_bytes_per_sec = 1\n", "partition[0].rng_bytes_per_sec: 1 is not between 64"),
         ];
         for (text, want) in cases {
             let err = parse_str(text).unwrap_err().to_string();

@@ -21,12 +21,13 @@ use vm_memory::{
 };
 
 use keyhold_devices::cmm::Limits;
+use keyhold_devices::virtio::rng::RngLimit;
 use keyhold_devices::virtio::secure_channel::ChannelDevice;
 
 use crate::device_thread::Backend;
 use crate::layout::{BOOT_ARGS, BOOT_INFO, MAX_RAM, MIN_RAM};
 use crate::loader::{Firmware, FirmwareError};
-use crate::partition_devices::{AttachError, DeviceSet};
+use crate::partition_devices::{AttachError, DeviceSet, DeviceView};
 use crate::stop::{StopRequest, Stopped};
 use crate::vcpu::Vcpu;
 use crate::{cpu, host, page_tables};
@@ -46,6 +47,8 @@ pub struct PartitionConfig {
     pub args: String,
     /// Directory to write the partition's RAM to when it stops (`partition-<id>.ram`).
     pub dump_ram: Option<PathBuf>,
+    /// How much entropy its virtio-rng serves.
+    pub rng_limit: RngLimit,
 }
 
 /// Why a partition could not be created.
@@ -138,6 +141,8 @@ pub struct Partition {
     channel: Option<ChannelDevice>,
     /// Where to dump guest RAM at the stop.
     dump_ram: Option<PathBuf>,
+    /// Its devices, for the control API.
+    devices: Vec<DeviceView>,
     _vm: VmFd,
     memory: GuestMemoryMmap,
 }
@@ -146,6 +151,11 @@ impl Partition {
     /// The device backends, for the device thread.
     pub fn take_backends(&mut self) -> Vec<Backend> {
         std::mem::take(&mut self.backends)
+    }
+
+    /// Its devices' state and counters, for the control API.
+    pub fn devices(&self) -> Vec<DeviceView> {
+        self.devices.clone()
     }
 
     /// The secure-channel device, for the node's CMM.
@@ -166,8 +176,8 @@ impl Partition {
     /// Runs the guest until it stops. Takes the whole partition so that the VM and its RAM
     /// live exactly as long as the vCPU runs.
     pub fn run(self, process_start: Instant) -> Stopped {
-        let Self { vcpu, backends, channel, dump_ram, _vm: vm, memory } = self;
-        drop((backends, channel));
+        let Self { vcpu, backends, channel, dump_ram, devices, _vm: vm, memory } = self;
+        drop((backends, channel, devices));
         let id = vcpu.partition;
         let stopped = vcpu.run(process_start);
         if let Some(dir) = dump_ram {
@@ -244,9 +254,10 @@ pub fn create(
     // Devices wake the vCPU when it idles on the idle port waiting for them.
     let wake = Arc::new(Wake::default());
     let mut devices = DeviceSet::new(&vm, &memory, &mut mmio, &mut info, wake.clone());
-    let backends = vec![devices.attach_rng().map_err(device_error)?];
+    let backends = vec![devices.attach_rng(config.rng_limit).map_err(device_error)?];
     let channel =
         devices.attach_secure_channel(config.node_id, id, limits).map_err(device_error)?;
+    let views = devices.views();
     let cr3 = write_boot_state(&memory, &mut info, &config.args)
         .map_err(|e| PartitionError::GuestMemory { id, reason: e.to_string() })?;
 
@@ -261,7 +272,15 @@ pub fn create(
     let stop = Arc::new(StopRequest::default());
     let vcpu = Vcpu { partition: id, fd, pio, mmio, console, stop };
     let dump_ram = config.dump_ram.clone();
-    Ok(Partition { vcpu, backends, channel: Some(channel), dump_ram, _vm: vm, memory })
+    Ok(Partition {
+        vcpu,
+        backends,
+        channel: Some(channel),
+        dump_ram,
+        devices: views,
+        _vm: vm,
+        memory,
+    })
 }
 
 /// Writes all of the partition's RAM to `dir/partition-<id>.ram` (for debugging, and for the

@@ -3,6 +3,7 @@
 //! device thread.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use guest_agent::boot_info::{BootInfo, DeviceInfo, DeviceKind};
@@ -11,7 +12,7 @@ use keyhold_devices::bus::{Bus, BusError};
 use keyhold_devices::cmm::Limits;
 use keyhold_devices::idle::Wake;
 use keyhold_devices::virtio::mmio::{reg, DeviceDescription, MmioTransport, WINDOW_SIZE};
-use keyhold_devices::virtio::rng::{self, Rng};
+use keyhold_devices::virtio::rng::{self, Rng, RngLimit};
 use keyhold_devices::virtio::secure_channel::{self, ChannelDevice};
 use keyhold_devices::virtio::shared::DeviceShared;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -19,6 +20,7 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device_thread::Backend;
 use crate::layout::{MMIO_BASE, MMIO_SIZE};
@@ -57,6 +59,16 @@ pub struct DeviceSet<'a> {
     info: &'a mut BootInfo,
     wake: Arc<Wake>,
     count: u32,
+    attached: Vec<DeviceView>,
+}
+
+/// A device as the control API shows it: its kind and its shared state.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    /// `virtio-rng` or `secure-channel`.
+    pub kind: &'static str,
+    /// Its state and counters.
+    pub shared: Arc<DeviceShared>,
 }
 
 /// A device just attached: what its backend needs.
@@ -76,7 +88,12 @@ impl<'a> DeviceSet<'a> {
         info: &'a mut BootInfo,
         wake: Arc<Wake>,
     ) -> Self {
-        Self { vm, mem, mmio, info, wake, count: 0 }
+        Self { vm, mem, mmio, info, wake, count: 0, attached: Vec::new() }
+    }
+
+    /// The devices attached so far.
+    pub fn views(&self) -> Vec<DeviceView> {
+        self.attached.clone()
     }
 
     /// Attaches a virtio device described by `desc`.
@@ -114,6 +131,11 @@ impl<'a> DeviceSet<'a> {
             return Err(AttachError::Full);
         }
         self.count += 1;
+        let name = match kind {
+            DeviceKind::VirtioRng => "virtio-rng",
+            DeviceKind::SecureChannel => "secure-channel",
+        };
+        self.attached.push(DeviceView { kind: name, shared: shared.clone() });
         Ok(Attached { shared, queue_evts })
     }
 
@@ -136,18 +158,20 @@ impl<'a> DeviceSet<'a> {
         Ok(ChannelDevice::new(partition, attached.shared, self.mem.clone(), attached.queue_evts))
     }
 
-    /// Attaches a virtio-rng and returns its backend.
-    pub fn attach_rng(&mut self) -> Result<Backend, AttachError> {
+    /// Attaches a virtio-rng serving at most `limit`, and returns its backend.
+    pub fn attach_rng(&mut self, limit: RngLimit) -> Result<Backend, AttachError> {
         let attached = self.attach(DeviceKind::VirtioRng, rng::description())?;
-        let rng = Rng::new(attached.shared, self.mem.clone());
-        Ok(Arc::new(Mutex::new(RngBackend { rng, queue_evts: attached.queue_evts })))
+        let rng = Rng::new(attached.shared, self.mem.clone(), limit);
+        let timer = keyhold_devices::timer::nonblocking().map_err(AttachError::EventFd)?;
+        Ok(Arc::new(Mutex::new(RngBackend { rng, queue_evts: attached.queue_evts, timer })))
     }
 }
 
-/// virtio-rng on the device thread.
+/// virtio-rng on the device thread, with the timer that resumes it when its rate allows.
 struct RngBackend {
     rng: Rng,
     queue_evts: Vec<EventFd>,
+    timer: TimerFd,
 }
 
 impl MutEventSubscriber for RngBackend {
@@ -157,13 +181,24 @@ impl MutEventSubscriber for RngBackend {
                 log::error!("virtio-rng: watching a queue: {e:?}");
             }
         }
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            log::error!("virtio-rng: watching its rate timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, _: &mut EventOps) {
         if let Some(evt) = self.queue_evts.iter().find(|e| e.as_raw_fd_eq(events.fd())) {
             let _ = evt.read();
+        } else if self.timer.as_raw_fd_eq(events.fd()) {
+            let _ = self.timer.wait();
         }
-        self.rng.process();
+        if let Some(wait) = self.rng.process() {
+            // A zero duration would disarm the timer: wait at least a millisecond.
+            let wait = wait.max(Duration::from_millis(1));
+            if let Err(e) = self.timer.reset(wait, None) {
+                log::error!("virtio-rng: arming its rate timer: {e}");
+            }
+        }
     }
 }
 
@@ -172,8 +207,8 @@ trait RawFdEq {
     fn as_raw_fd_eq(&self, fd: std::os::fd::RawFd) -> bool;
 }
 
-impl RawFdEq for EventFd {
+impl<T: std::os::fd::AsRawFd> RawFdEq for T {
     fn as_raw_fd_eq(&self, fd: std::os::fd::RawFd) -> bool {
-        std::os::fd::AsRawFd::as_raw_fd(self) == fd
+        self.as_raw_fd() == fd
     }
 }

@@ -18,6 +18,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::host::ShutdownSignals;
 use crate::kick;
 use crate::partition::Partition;
+use crate::seccomp::{Containment, ThreadKind};
 use crate::stop::{StopReason, StopRequest, Stopped};
 
 /// Why the supervisor could not run the partitions.
@@ -139,10 +140,15 @@ impl MutEventSubscriber for Supervisor {
 
 /// Boots every partition and returns how each stopped, in the order they stopped.
 /// `on_stop` runs on the calling thread as each one stops.
+///
+/// Each vCPU thread installs its seccomp filter from `containment` before it enters its
+/// guest; the calling thread installs the main thread's once every vCPU thread has started,
+/// for the rest of its life (the caller then only stops the other threads and returns).
 pub fn run(
     partitions: Vec<Partition>,
     timeout: Option<Duration>,
     process_start: Instant,
+    containment: &Containment,
     on_stop: impl FnMut(&Stopped) + Send + 'static,
 ) -> Result<Vec<Stopped>, SupervisorError> {
     kick::install_handler().map_err(setup_error("installing the vCPU kick signal handler"))?;
@@ -166,8 +172,9 @@ pub fn run(
     let signals = ShutdownSignals::open().ok();
     let mut running = Vec::with_capacity(partitions.len());
     for partition in partitions {
-        running.push(spawn(partition, process_start)?);
+        running.push(spawn(partition, process_start, containment)?);
     }
+    containment.install(ThreadKind::Main);
     let supervisor = Arc::new(Mutex::new(Supervisor {
         running,
         timer,
@@ -190,16 +197,22 @@ fn lock(supervisor: &Mutex<Supervisor>) -> std::sync::MutexGuard<'_, Supervisor>
     supervisor.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Starts the vCPU thread of one partition.
-fn spawn(partition: Partition, process_start: Instant) -> Result<Running, SupervisorError> {
+/// Starts the vCPU thread of one partition; it installs its seccomp filter first.
+fn spawn(
+    partition: Partition,
+    process_start: Instant,
+    containment: &Containment,
+) -> Result<Running, SupervisorError> {
     let id = partition.id();
     let stopped_evt =
         EventFd::new(libc::EFD_NONBLOCK).map_err(setup_error("creating a stop eventfd"))?;
     let signal = stopped_evt.try_clone().map_err(setup_error("cloning a stop eventfd"))?;
     let stop = partition.stop_request();
+    let containment = containment.clone();
     let thread = std::thread::Builder::new()
         .name(format!("p{id}-vcpu"))
         .spawn(move || {
+            containment.install(ThreadKind::Vcpu);
             let stopped = partition.run(process_start);
             if let Err(e) = signal.write(1) {
                 log::error!("partition {id}: signalling its stop: {e}");

@@ -4,7 +4,7 @@
 use guest_agent::channel::abi::{status, Endpoint};
 
 use super::audit::Record;
-use super::connection_table::{ChannelId, ChannelState, Entry, InsertError};
+use super::connection_table::{ChannelId, ChannelState, Closure, Entry, InsertError};
 use super::frames::{CloseReason, OfferResult, Rejection};
 use super::key_table::KeySlot;
 use super::manager::{Core, KeySource, Opening, Reply, Status};
@@ -149,7 +149,48 @@ impl Core {
             entry.salt = salt;
             entry.epoch_since = now;
         }
+        self.offers.push_back((id, std::time::Instant::now()));
         Ok(())
+    }
+
+    /// Fails the OPENs whose offers have waited past the timeout: TIMED_OUT to the guest, and
+    /// a CLOSE to the peer in case it accepted after all.
+    pub(super) fn expire_offers(&mut self, router: &mut Router, now: std::time::Instant) {
+        while let Some(&(id, sent)) = self.offers.front() {
+            if now.saturating_duration_since(sent) < self.open_timeout {
+                break;
+            }
+            self.offers.pop_front();
+            let Some(entry) = self.table.get(id).filter(|e| e.state == ChannelState::Offering)
+            else {
+                continue; // answered meanwhile
+            };
+            let (local, remote) = (entry.local, entry.remote);
+            self.audit.record(Record {
+                peer: Some(remote.node),
+                ..Record::endpoints("offer_timed_out", "no_answer", &local, &remote)
+            });
+            self.end(router, id, CloseReason::Closed);
+            let code = self.refuse(local.partition, status::TIMED_OUT);
+            self.answers.push((id, Err(code)));
+        }
+    }
+
+    /// Partition `partition` stopped: its listeners go, and its channels are closed with
+    /// their peers told why. Returns how many entries it held.
+    pub(super) fn partition_stopped(&mut self, router: &mut Router, partition: u32) -> usize {
+        let ids = self.table.ids_of(partition);
+        for &id in &ids {
+            self.end(router, id, CloseReason::PartitionStopped);
+        }
+        let source = self.endpoint(partition, 0);
+        self.audit.record(Record {
+            source: Some(&source),
+            count: Some(ids.len() as u64),
+            by_node: true,
+            ..Record::link("channels_closed", "partition_stopped", None)
+        });
+        ids.len()
     }
 
     /// An offer that came from `node` (claim 1): both IDs are verified against the connection
@@ -166,7 +207,7 @@ impl Core {
             Err(r) => r.reason(),
         };
         let event = if verdict.is_ok() { "offer_accepted" } else { "offer_rejected" };
-        self.audit(event, reason, &offer.source, &offer.destination);
+        self.audit_from(node, event, reason, &offer.source, &offer.destination);
         verdict
     }
 
@@ -275,7 +316,10 @@ impl Core {
             Some(e) if e.local.partition == partition => (e.local, e.remote),
             _ => return Err(status::NO_CHANNEL),
         };
-        self.audit("channel_revoked", "operator", &local, &remote);
+        self.audit.record(Record {
+            by_node: true,
+            ..Record::endpoints("channel_revoked", "operator", &local, &remote)
+        });
         self.end(router, id, CloseReason::Revoked);
         Ok(())
     }
@@ -320,7 +364,7 @@ impl Core {
         reason: CloseReason,
     ) {
         if source.node != node {
-            self.audit("close_rejected", "forged_source_node", &source, &destination);
+            self.audit_from(node, "close_rejected", "forged_source_node", &source, &destination);
             return;
         }
         let Some(id) = self.table.find(&destination, &source) else { return };
@@ -329,9 +373,9 @@ impl Core {
         }
         self.forget_key(id);
         if let Some(entry) = self.table.get_mut(id) {
-            entry.state = ChannelState::PeerClosed;
+            entry.state = ChannelState::PeerClosed(Closure::Peer(reason));
         }
-        self.audit("channel_closed", reason.reason(), &source, &destination);
+        self.audit_from(node, "channel_closed", reason.reason(), &source, &destination);
     }
 
     /// The link to `node` is gone: its open channels are closed (keys erased) and offers
@@ -340,7 +384,11 @@ impl Core {
         let affected: Vec<(ChannelId, ChannelState)> = self
             .table
             .all()
-            .filter(|(_, e)| e.remote.node == node && e.state != ChannelState::Listening)
+            // Listeners stay; entries already closed keep the reason they were closed for.
+            .filter(|(_, e)| {
+                e.remote.node == node
+                    && matches!(e.state, ChannelState::Open | ChannelState::Offering)
+            })
             .map(|(id, e)| (id, e.state))
             .collect();
         for (id, state) in affected {
@@ -355,7 +403,7 @@ impl Core {
             } else {
                 self.forget_key(id);
                 if let Some(entry) = self.table.get_mut(id) {
-                    entry.state = ChannelState::PeerClosed;
+                    entry.state = ChannelState::PeerClosed(Closure::LinkDown);
                 }
             }
         }

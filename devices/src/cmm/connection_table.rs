@@ -9,8 +9,9 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use guest_agent::channel::abi::{state, ChannelInfo, Endpoint};
+use guest_agent::channel::abi::{closed, state, ChannelInfo, Endpoint};
 
+use super::frames::CloseReason;
 use super::key_table::KeySlot;
 use crate::crypto::channel::SALT_SIZE;
 
@@ -28,8 +29,29 @@ pub enum ChannelState {
     Offering,
     /// Keyed: messages flow.
     Open,
-    /// The peer closed it (or it was revoked, or its link was lost); its key is gone.
-    PeerClosed,
+    /// The peer's end is gone, for this reason; so is the key.
+    PeerClosed(Closure),
+}
+
+/// Why a channel's peer end is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closure {
+    /// The peer's CMM closed it, for this reason.
+    Peer(CloseReason),
+    /// The host link to the peer's node was lost.
+    LinkDown,
+}
+
+impl Closure {
+    /// The code LIST carries (`abi::closed`).
+    pub fn code(self) -> u32 {
+        match self {
+            Self::Peer(CloseReason::Closed) => closed::BY_PEER,
+            Self::Peer(CloseReason::Revoked) => closed::REVOKED,
+            Self::Peer(CloseReason::PartitionStopped) => closed::PARTITION_STOPPED,
+            Self::LinkDown => closed::LINK_DOWN,
+        }
+    }
 }
 
 /// One connection-table entry.
@@ -88,17 +110,18 @@ impl Entry {
 
     /// The entry as LIST shows it.
     pub fn info(&self, id: ChannelId) -> ChannelInfo {
-        let state = match self.state {
-            ChannelState::Listening => state::LISTENING,
-            ChannelState::Offering => state::OFFERING,
-            ChannelState::Open => state::OPEN,
-            ChannelState::PeerClosed => state::PEER_CLOSED,
+        let (state, closed) = match self.state {
+            ChannelState::Listening => (state::LISTENING, closed::NOT_CLOSED),
+            ChannelState::Offering => (state::OFFERING, closed::NOT_CLOSED),
+            ChannelState::Open => (state::OPEN, closed::NOT_CLOSED),
+            ChannelState::PeerClosed(why) => (state::PEER_CLOSED, why.code()),
         };
         ChannelInfo {
             channel: id.0,
             state,
             process: self.local.process,
             remote: self.remote,
+            closed,
             sent: self.sent,
             received: self.received,
             dropped: self.dropped,

@@ -10,9 +10,9 @@
 //! router, so that frames coming off a link can be handed to the core while the router holds
 //! their bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use guest_agent::channel::abi::{ChannelInfo, Endpoint, RxHeader, Stats, TxHeader};
 
@@ -61,11 +61,22 @@ pub struct CmmConfig {
     pub limits: Limits,
     /// Channel key lifetime.
     pub lifetime: KeyLifetime,
+    /// How long an OPEN waits for another node's answer before it fails TIMED_OUT.
+    pub open_timeout: Duration,
 }
+
+/// Default of [`CmmConfig::open_timeout`]: long enough for a link being re-established
+/// (a handshake takes milliseconds), short enough that a guest is not left waiting.
+pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for CmmConfig {
     fn default() -> Self {
-        Self { capacity: 65_536, limits: Limits::default(), lifetime: KeyLifetime::default() }
+        Self {
+            capacity: 65_536,
+            limits: Limits::default(),
+            lifetime: KeyLifetime::default(),
+            open_timeout: DEFAULT_OPEN_TIMEOUT,
+        }
     }
 }
 
@@ -136,6 +147,9 @@ pub(super) struct Core {
     pub(super) stats: HashMap<u32, Stats>,
     pub(super) limits: Limits,
     pub(super) lifetime: KeyLifetime,
+    pub(super) open_timeout: Duration,
+    /// Offers sent, oldest first, with when they went: each is answered, or times out.
+    pub(super) offers: VecDeque<(ChannelId, Instant)>,
     clock: Instant,
     /// Answers to remote OPENs, for the devices to complete.
     pub(super) answers: Vec<(ChannelId, Result<ChannelId, Status>)>,
@@ -174,6 +188,22 @@ impl Core {
         self.audit.record(Record::endpoints(event, reason, source, destination));
     }
 
+    /// Audits a decision about what the CMM of `node` sent (a frame from another node names
+    /// it as the peer, whose rate of records is then limited).
+    pub(super) fn audit_from(
+        &self,
+        node: u32,
+        event: &'static str,
+        reason: &'static str,
+        source: &Endpoint,
+        destination: &Endpoint,
+    ) {
+        self.audit.record(Record {
+            peer: (node != self.node).then_some(node),
+            ..Record::endpoints(event, reason, source, destination)
+        });
+    }
+
     /// Counts and audits a refused guest request of `partition`.
     pub(super) fn refuse(&mut self, partition: u32, code: Status) -> Status {
         self.stats(partition).refused += 1;
@@ -204,6 +234,8 @@ impl Cmm {
                 stats: HashMap::new(),
                 limits: config.limits,
                 lifetime: config.lifetime,
+                open_timeout: config.open_timeout,
+                offers: VecDeque::new(),
                 clock: Instant::now(),
                 answers: Vec::new(),
                 replies: Vec::new(),
@@ -384,10 +416,20 @@ impl Cmm {
         self.handle_downs();
     }
 
-    /// Keepalives, dead links, rekeys.
+    /// Keepalives, dead links, rekeys; OPENs that waited too long for an answer.
     pub fn tick(&mut self) {
         self.router.tick();
         self.handle_downs();
+        self.core.expire_offers(&mut self.router, Instant::now());
+        self.router.flush_all();
+    }
+
+    /// Partition `partition` stopped: every channel it held is closed, its peers told why.
+    /// Returns how many channels it held.
+    pub fn partition_stopped(&mut self, partition: u32) -> usize {
+        let closed = self.core.partition_stopped(&mut self.router, partition);
+        self.flush();
+        closed
     }
 
     /// Says goodbye on every link (the node is stopping).

@@ -191,7 +191,13 @@ impl Core {
                 }
             }
             Err(r) => {
-                self.audit("message_rejected", r.reason(), &head.source, &head.destination);
+                self.audit_from(
+                    node,
+                    "message_rejected",
+                    r.reason(),
+                    &head.source,
+                    &head.destination,
+                );
                 // Counted against the destination partition if it is one of ours; a peer
                 // naming partitions that do not exist must not grow the statistics table.
                 if let Some(stats) = self.stats.get_mut(&head.destination.partition) {

@@ -12,7 +12,7 @@ pub mod query;
 
 pub use manager::{
     ChannelView, Cmm, CmmConfig, Deliver, Delivered, KeyLifetime, KeySource, Limits, Opening,
-    Payload, Sent, Status,
+    Payload, Sent, Status, DEFAULT_OPEN_TIMEOUT,
 };
 
 #[cfg(test)]

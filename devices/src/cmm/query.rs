@@ -24,6 +24,11 @@ pub enum Query {
         /// The channel.
         channel: u32,
     },
+    /// A partition stopped: its channels close and its device goes quiet.
+    PartitionStopped {
+        /// The partition.
+        partition: u32,
+    },
 }
 
 /// An answer.
@@ -35,6 +40,8 @@ pub enum Reply {
     Stats(Vec<(u32, Stats)>),
     /// The revocation's outcome: a status code on failure.
     Revoked(Result<(), u32>),
+    /// How many channels the stopped partition held.
+    PartitionStopped(usize),
 }
 
 type Envelope = (Query, Sender<Reply>);

@@ -1,6 +1,6 @@
 //! The CMM on one node, and two CMMs linked by real routers over loopback TCP.
 
-use guest_agent::channel::abi::{state, status, Endpoint, RxHeader, TxHeader};
+use guest_agent::channel::abi::{closed, state, status, Endpoint, RxHeader, TxHeader};
 
 use super::connection_table::ChannelId;
 use super::*;
@@ -59,7 +59,8 @@ fn config(lifetime: u32) -> CmmConfig {
 }
 
 fn one_node() -> Cmm {
-    let mut cmm = Cmm::new(1, config(1 << 30), Audit::new(1, None), Router::unlinked()).unwrap();
+    let mut cmm =
+        Cmm::new(1, config(1 << 30), Audit::to_log(1).unwrap(), Router::unlinked()).unwrap();
     for partition in 1..=3 {
         cmm.add_partition(partition);
     }
@@ -129,6 +130,7 @@ fn close_and_revoke_remove_keys_on_both_sides() {
     cmm.close(2, 20, opener.0).unwrap();
     assert_eq!(cmm.key_count(), 0);
     assert_eq!(cmm.list(1)[0].state, state::PEER_CLOSED);
+    assert_eq!(cmm.list(1)[0].closed, closed::BY_PEER);
     assert_eq!(
         cmm.send(1, &tx(listener, ep(1, 1, 10), 1), &mut Bytes(b"x")),
         Err(status::NOT_OPEN)
@@ -144,7 +146,7 @@ fn close_and_revoke_remove_keys_on_both_sides() {
 fn limits_hold() {
     let limits = Limits { max_message: 8, max_channels: 2 };
     let config = CmmConfig { limits, ..config(1 << 30) };
-    let mut cmm = Cmm::new(1, config, Audit::new(1, None), Router::unlinked()).unwrap();
+    let mut cmm = Cmm::new(1, config, Audit::to_log(1).unwrap(), Router::unlinked()).unwrap();
     let (_, opener) = local_pair(&mut cmm, None);
     assert_eq!(
         cmm.send(2, &tx(opener, ep(1, 2, 20), 9), &mut Bytes(&[0; 9])),
@@ -331,5 +333,67 @@ fn a_lost_link_closes_its_channels_and_erases_their_keys() {
     }
     assert_eq!(a.key_count(), 0);
     assert_eq!(a.list(1)[0].state, state::PEER_CLOSED);
+    assert_eq!(a.list(1)[0].closed, closed::LINK_DOWN);
     assert_eq!(a.send(1, &tx(opener, ep(1, 1, 20), 1), &mut Bytes(b"x")), Err(status::NOT_OPEN));
+}
+
+#[test]
+fn a_stopped_partition_closes_its_channels_and_its_peers_learn_why() {
+    let mut cmm = one_node();
+    let (_, _) = local_pair(&mut cmm, None);
+    cmm.listen(2, 21, ep(1, 3, 30)).unwrap();
+    assert_eq!(cmm.partition_stopped(2), 2, "the open channel and the listener");
+    assert!(cmm.list(2).is_empty());
+    assert_eq!(cmm.key_count(), 0, "both ends' keys are gone");
+    let peer = cmm.list(1)[0];
+    assert_eq!((peer.state, peer.closed), (state::PEER_CLOSED, closed::PARTITION_STOPPED));
+}
+
+#[test]
+fn a_stopped_partition_closes_its_channels_on_other_nodes() {
+    let mut two = Two::new(1 << 30);
+    two.open([5; 32]);
+    assert_eq!(two.a.partition_stopped(1), 1);
+    let mut inbox = Inbox::default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while two.b.key_count() > 0 && std::time::Instant::now() < deadline {
+        two.deliver(&mut inbox, |_| true);
+    }
+    let peer = two.b.list(1)[0];
+    assert_eq!((peer.state, peer.closed), (state::PEER_CLOSED, closed::PARTITION_STOPPED));
+    assert_eq!(two.b.key_count(), 0);
+    assert!(two.audited_b("peer_partition_stopped"));
+    // The node then goes away: the channel keeps the reason it was closed for.
+    let Two { a, mut b, b_token, audit_b, .. } = two;
+    drop(a);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let link_down = |audit: &Audit| audit.recent().iter().any(|r| r.contains("\"link_down\""));
+    while !link_down(&audit_b) && std::time::Instant::now() < deadline {
+        b.link_readable(b_token, &mut inbox);
+    }
+    assert!(link_down(&audit_b));
+    assert_eq!(b.list(1)[0].closed, closed::PARTITION_STOPPED);
+}
+
+#[test]
+fn an_open_nobody_answers_times_out_and_the_peer_is_told_to_forget_it() {
+    let mut two = Two::new(1 << 30);
+    two.b.listen(1, 10, ep(1, 1, 20)).unwrap();
+    let Ok(Opening::Pending(id)) = two.a.open(1, 20, ep(2, 1, 10), None) else { panic!() };
+    let now = std::time::Instant::now();
+    two.a.core.expire_offers(&mut two.a.router, now);
+    assert!(two.a.take_answers().is_empty(), "not yet");
+    let later = now + DEFAULT_OPEN_TIMEOUT + std::time::Duration::from_millis(1);
+    two.a.core.expire_offers(&mut two.a.router, later);
+    assert_eq!(two.a.take_answers(), [(id, Err(status::TIMED_OUT))]);
+    assert_eq!((two.a.key_count(), two.a.channel_count()), (0, 0), "nothing left behind");
+    // The offer and the CLOSE after it reach node 2: whatever it stored, it forgets.
+    let mut inbox = Inbox::default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while two.b.list(1)[0].state != state::PEER_CLOSED && std::time::Instant::now() < deadline {
+        two.deliver(&mut inbox, |_| true);
+    }
+    assert_eq!(two.b.list(1)[0].state, state::PEER_CLOSED);
+    assert_eq!(two.b.key_count(), 0);
+    assert_eq!(two.a.stats(1).refused, 1);
 }

@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::token_bucket::TokenBucket;
+
 /// The bounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
@@ -42,41 +44,10 @@ impl Default for Limits {
 /// Source addresses tracked at most; past this, new addresses share one bucket.
 const MAX_ADDRESSES: usize = 4096;
 
-/// A token bucket: `rate` tokens a second, holding at most `burst`.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
-
-impl Bucket {
-    fn full(burst: f64, now: Instant) -> Self {
-        Self { tokens: burst, updated: now }
-    }
-
-    fn take(&mut self, rate: f64, now: Instant) -> bool {
-        let burst = 2.0 * rate;
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.updated = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn is_full(&self, rate: f64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens + elapsed * rate >= 2.0 * rate
-    }
-}
-
 #[derive(Debug)]
 struct Source {
     pending: usize,
-    bucket: Bucket,
+    bucket: TokenBucket,
 }
 
 /// What to do with a new connection.
@@ -95,8 +66,8 @@ pub enum Admit {
 pub struct Admission {
     limits: Limits,
     sources: HashMap<IpAddr, Source>,
-    overflow: Bucket,
-    global: Bucket,
+    overflow: TokenBucket,
+    global: TokenBucket,
     pending: usize,
 }
 
@@ -106,8 +77,8 @@ impl Admission {
         Self {
             limits,
             sources: HashMap::new(),
-            overflow: Bucket::full(2.0 * limits.handshakes_per_address, now),
-            global: Bucket::full(2.0 * limits.handshakes, now),
+            overflow: per_address(limits, now),
+            global: TokenBucket::new(limits.handshakes, 2.0 * limits.handshakes, now),
             pending: 0,
         }
     }
@@ -116,13 +87,13 @@ impl Admission {
     /// counts as pending until [`Admission::done`].
     pub fn connection(&mut self, ip: IpAddr, now: Instant) -> Admit {
         self.forget_idle(now);
-        let rate = self.limits.handshakes_per_address;
         let tracked = self.sources.len() < MAX_ADDRESSES || self.sources.contains_key(&ip);
         if tracked {
+            let limits = self.limits;
             let source = self
                 .sources
                 .entry(ip)
-                .or_insert_with(|| Source { pending: 0, bucket: Bucket::full(2.0 * rate, now) });
+                .or_insert_with(|| Source { pending: 0, bucket: per_address(limits, now) });
             if source.pending >= self.limits.pending_per_address {
                 return Admit::TooManyFromAddress;
             }
@@ -147,15 +118,11 @@ impl Admission {
     /// Whether a handshake from `ip` may be answered now (takes a token from its bucket and
     /// the global one).
     pub fn handshake(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let rate = self.limits.handshakes_per_address;
         let bucket = match self.sources.get_mut(&ip) {
             Some(source) => &mut source.bucket,
             None => &mut self.overflow,
         };
-        if !bucket.take(rate, now) {
-            return false;
-        }
-        self.global.take(self.limits.handshakes, now)
+        bucket.take(now) && self.global.take(now)
     }
 
     /// Unauthenticated connections held.
@@ -169,9 +136,13 @@ impl Admission {
         if self.sources.len() < MAX_ADDRESSES / 2 {
             return;
         }
-        let rate = self.limits.handshakes_per_address;
-        self.sources.retain(|_, s| s.pending > 0 || !s.bucket.is_full(rate, now));
+        self.sources.retain(|_, s| s.pending > 0 || !s.bucket.is_full(now));
     }
+}
+
+/// The handshake bucket of one source address: the rate, with a burst of twice that.
+fn per_address(limits: Limits, now: Instant) -> TokenBucket {
+    TokenBucket::new(limits.handshakes_per_address, 2.0 * limits.handshakes_per_address, now)
 }
 
 #[cfg(test)]

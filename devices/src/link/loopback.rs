@@ -62,7 +62,7 @@ fn end(
     directory: &Directory,
     config: RouterConfig,
 ) -> io::Result<(End, Sender<Established>)> {
-    let audit = Audit::new(id, None);
+    let audit = Audit::to_log(id)?;
     let book = Arc::new(LinkBook::new(directory, id));
     let (to_router, links) = mpsc::channel();
     let (ended, _) = mpsc::channel();

@@ -42,6 +42,10 @@ pub struct LinkManager {
 impl LinkManager {
     /// Listens on `listen` and starts linking with the other nodes of `directory`; returns
     /// the manager and the router for the device thread.
+    ///
+    /// `thread_start` runs first on the link-setup thread, before it touches any socket or
+    /// peer input: the VMM installs the thread's seccomp filter there (this crate knows
+    /// nothing of filters; pass `|| {}` for none).
     pub fn start(
         own_id: u32,
         key: Arc<NodeKey>,
@@ -49,6 +53,7 @@ impl LinkManager {
         listen: SocketAddr,
         audit: Audit,
         settings: LinkSettings,
+        thread_start: impl FnOnce() + Send + 'static,
     ) -> io::Result<(Self, Router)> {
         let listener = TcpListener::bind(listen)?;
         let local_addr = listener.local_addr()?;
@@ -78,8 +83,10 @@ impl LinkManager {
             router_wake.try_clone()?,
             from_router,
         )?;
-        let thread =
-            std::thread::Builder::new().name("link-setup".into()).spawn(move || setup.run())?;
+        let thread = std::thread::Builder::new().name("link-setup".into()).spawn(move || {
+            thread_start();
+            setup.run()
+        })?;
         let arrivals = Arrivals { links, wake: router_wake, ended, setup_wake: wake.try_clone()? };
         let config = settings.router;
         let context =

@@ -1,16 +1,18 @@
 //! The virtio-mmio transport, register layout version 2 (virtio 1.2, section 4.2).
 //!
 //! It is one [`BusDevice`] per device on the partition's MMIO bus, driven by the vCPU thread.
-//! Queue notifications do not come through here: the VMM registers an ioeventfd on
-//! `QueueNotify` for each queue, so KVM wakes the device thread without a userspace exit.
+//! Most queue notifications do not come through here: the VMM registers an ioeventfd on
+//! `QueueNotify` for each queue not served inline, so KVM wakes the device thread without a
+//! userspace exit. docs/DEVICE.md says which writes are ignored and which need a reset.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
-use super::shared::{Activation, DeviceShared};
+use super::queue_config::{Field, Half, QueueConfig};
+use super::shared::{Activation, ActiveQueue, DeviceShared};
 use super::{F_EVENT_IDX, F_VERSION_1};
 use crate::bus::{lock, BusDevice, IoAction};
 pub use guest_agent::virtio::registers::{reg, status, MAGIC, VERSION};
@@ -46,20 +48,13 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    queues: Vec<Queue>,
+    queues: Vec<QueueConfig>,
 }
 
 impl MmioTransport {
     /// A transport for the device `desc`, sharing `shared` with its backend.
     pub fn new(desc: DeviceDescription, shared: Arc<DeviceShared>, mem: GuestMemoryMmap) -> Self {
-        let queues = desc
-            .queue_sizes
-            .iter()
-            .map(|&max| {
-                Queue::new(max)
-                    .unwrap_or_else(|_| Queue::new(256).expect("256 is a valid queue size"))
-            })
-            .collect();
+        let queues = desc.queue_sizes.iter().map(|&max| QueueConfig::new(max)).collect();
         Self {
             desc,
             shared,
@@ -78,16 +73,18 @@ impl MmioTransport {
         self.desc.features | F_VERSION_1 | F_EVENT_IDX
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        // Queue registers are writable only while the driver sets the device up.
-        let writable =
-            self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0;
-        let queue = self.queues.get_mut(self.queue_sel as usize)?;
-        (writable && !queue.ready()).then_some(queue)
+    fn driver_ok(&self) -> bool {
+        self.status & status::DRIVER_OK != 0
     }
 
-    fn needs_reset(&self) -> bool {
-        matches!(*lock(&self.shared.activation), Activation::NeedsReset)
+    /// The selected queue, if the driver may write its registers: from FEATURES_OK on
+    /// (virtio 1.2, 3.1.1), and not while the device waits for a reset.
+    fn configurable_queue(&self) -> Option<usize> {
+        if self.status & status::FEATURES_OK == 0 || self.shared.needs_reset() {
+            return None;
+        }
+        let index = self.queue_sel as usize;
+        (index < self.queues.len()).then_some(index)
     }
 
     fn read_register(&self, offset: u64) -> u32 {
@@ -106,7 +103,7 @@ impl MmioTransport {
             reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.shared.interrupt_status.load(Ordering::Acquire),
-            reg::STATUS if self.needs_reset() => self.status | status::NEEDS_RESET,
+            reg::STATUS if self.shared.needs_reset() => self.status | status::NEEDS_RESET,
             reg::STATUS => self.status,
             // No shared-memory regions: their length reads as all ones.
             reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
@@ -116,48 +113,95 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
+        let address = |field, half| (field, half);
+        let ring = match offset {
+            reg::QUEUE_DESC_LOW => Some(address(Field::Descriptors, Half::Low)),
+            reg::QUEUE_DESC_HIGH => Some(address(Field::Descriptors, Half::High)),
+            reg::QUEUE_DRIVER_LOW => Some(address(Field::Driver, Half::Low)),
+            reg::QUEUE_DRIVER_HIGH => Some(address(Field::Driver, Half::High)),
+            reg::QUEUE_DEVICE_LOW => Some(address(Field::Device, Half::Low)),
+            reg::QUEUE_DEVICE_HIGH => Some(address(Field::Device, Half::High)),
+            _ => None,
+        };
+        if let Some((field, half)) = ring {
+            self.configure_queue(|q| q.set_address(field, half, value));
+            return;
+        }
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             reg::DRIVER_FEATURES => self.write_driver_features(value),
             reg::QUEUE_SEL => self.queue_sel = value,
-            reg::QUEUE_NUM => self.with_queue(|q| q.set_size(value as u16)),
-            reg::QUEUE_READY => self.with_queue(|q| q.set_ready(value == 1)),
-            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
-            reg::QUEUE_DESC_HIGH => {
-                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
-            }
-            reg::QUEUE_DRIVER_LOW => {
-                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DRIVER_HIGH => {
-                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
-            }
-            reg::QUEUE_DEVICE_LOW => {
-                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DEVICE_HIGH => {
-                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
-            }
+            reg::QUEUE_NUM => self.configure_queue(|q| q.set_size(value)),
+            reg::QUEUE_READY => self.write_queue_ready(value),
             reg::INTERRUPT_ACK => {
                 self.shared.interrupt_status.fetch_and(!value, Ordering::AcqRel);
             }
             reg::STATUS => self.write_status(value),
-            // Served here for the queues the device takes inline; otherwise a notify the
-            // kernel's ioeventfd did not match (a bad queue index) is ignored.
-            reg::QUEUE_NOTIFY if !self.shared.notify_inline(value) => {
-                log::debug!("queue notify {value} reached the transport")
-            }
+            reg::QUEUE_NOTIFY => self.notify(value),
             // Anything read-only is ignored.
             _ => {}
         }
     }
 
-    /// Runs `f` on the selected queue if the driver may configure it now (queue size and
-    /// addresses are set by the `virtio-queue` setters, which refuse invalid values).
-    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        if let Some(queue) = self.selected_queue() {
-            f(queue);
+    /// Writes a size or ring address of the selected queue: ignored while the queue is
+    /// ready (the driver must stop it first); a refused value is counted and remembered, so
+    /// that the queue cannot be enabled with it.
+    fn configure_queue(&mut self, write: impl FnOnce(&mut QueueConfig) -> bool) {
+        let Some(index) = self.configurable_queue() else { return };
+        let queue = &mut self.queues[index];
+        if queue.ready() {
+            log::debug!("queue {index}: configuration written while ready, ignored");
+            return;
+        }
+        if !write(queue) {
+            self.shared.counters.refused_queue_configs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// QueueReady (virtio 1.2, 4.2.2): reads back as written. After DRIVER_OK, writing 0
+    /// stops the queue (the device stops using it at once) and writing 1 starts it again from
+    /// the rings the driver has configured since.
+    fn write_queue_ready(&mut self, value: u32) {
+        let driver_ok = self.driver_ok();
+        let event_idx = self.driver_features & F_EVENT_IDX != 0;
+        let Some(index) = self.configurable_queue() else { return };
+        let queue = &mut self.queues[index];
+        let ready = value == 1;
+        if queue.ready() == ready {
+            return;
+        }
+        queue.set_ready(ready);
+        if !driver_ok {
+            return;
+        }
+        let started = if ready { Some(queue.activate(&self.mem, event_idx)) } else { None };
+        let mut activation = lock(&self.shared.activation);
+        let Activation::Active { queues } = &mut *activation else { return };
+        let Some(active) = queues.get_mut(index) else { return };
+        match started {
+            None => {
+                active.queue.set_ready(false);
+                active.epoch = self.shared.new_epoch();
+                drop(activation);
+                self.shared.counters.queue_stops.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Ok(fresh)) => {
+                *active = ActiveQueue { queue: fresh, epoch: self.shared.new_epoch() }
+            }
+            Some(Err(why)) => {
+                drop(activation);
+                self.shared.fail(why);
+            }
+        }
+    }
+
+    /// A notification that reached the transport: served here for the queues the device
+    /// takes inline; any other (a queue index the kernel's ioeventfds did not match) is
+    /// ignored and counted.
+    fn notify(&self, queue: u32) {
+        if !self.shared.notify_inline(queue) {
+            self.shared.spurious_notification();
         }
     }
 
@@ -210,30 +254,30 @@ impl MmioTransport {
             && self.driver_features & F_VERSION_1 != 0
     }
 
-    /// Hands the queues to the backend, or marks the device broken if they are unusable.
+    /// Hands the ready queues to the backend, or marks the device broken if any of them
+    /// cannot be used (a refused size or address, rings outside RAM).
     fn activate(&mut self) {
         let event_idx = self.driver_features & F_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
-        for queue in &mut self.queues {
-            if queue.ready() && !queue.is_valid(&self.mem) {
-                self.shared.fail("a ready queue has addresses outside guest RAM or a bad size");
-                return;
-            }
-            queue.set_event_idx(event_idx);
-            match Queue::try_from(queue.state()) {
-                Ok(copy) => queues.push(copy),
-                Err(e) => {
-                    self.shared.fail(&format!("queue set-up rejected: {e}"));
-                    return;
+        for (index, config) in self.queues.iter_mut().enumerate() {
+            let queue = if config.ready() {
+                match config.activate(&self.mem, event_idx) {
+                    Ok(queue) => queue,
+                    Err(why) => {
+                        self.shared.fail(&format!("queue {index}: {why}"));
+                        return;
+                    }
                 }
-            }
+            } else {
+                // Not enabled (yet): the backend sees it not ready.
+                virtio_queue::Queue::default()
+            };
+            queues.push(ActiveQueue { queue, epoch: self.shared.new_epoch() });
         }
-        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         *lock(&self.shared.activation) = Activation::Active { queues };
     }
 
     fn reset(&mut self) {
-        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         *lock(&self.shared.activation) = Activation::Inactive;
         self.shared.interrupt_status.store(0, Ordering::Release);
         self.status = 0;
@@ -400,6 +444,113 @@ mod tests {
         let (mut t, shared) = transport();
         write(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
         assert!(matches!(*lock(&shared.activation), Activation::NeedsReset));
+    }
+
+    const ALL_OK: u32 =
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    fn active_desc(shared: &DeviceShared) -> Option<(bool, u64, u64)> {
+        match &*lock(&shared.activation) {
+            Activation::Active { queues } => {
+                Some((queues[0].ready(), queues[0].desc_table(), queues[0].epoch))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn queue_ready_reads_back_and_a_ready_queue_can_be_reprogrammed_after_stopping() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, 0x1000);
+        assert_eq!(read(&mut t, reg::QUEUE_READY), 1);
+        write(&mut t, reg::QUEUE_DESC_LOW, 0x4000);
+        write(&mut t, reg::QUEUE_READY, 0);
+        assert_eq!(read(&mut t, reg::QUEUE_READY), 0, "reads back the last value written");
+        write(&mut t, reg::QUEUE_DESC_LOW, 0x5000);
+        write(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(t.queues[0].desc_table(), 0x5000, "written while ready: ignored; after: taken");
+    }
+
+    #[test]
+    fn stopping_a_queue_after_driver_ok_takes_it_from_the_backend_and_restarting_gives_it_back() {
+        let (mut t, shared) = transport();
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, 0x1000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        let (ready, _, first_epoch) = active_desc(&shared).unwrap();
+        assert!(ready);
+        write(&mut t, reg::QUEUE_READY, 0);
+        assert_eq!(read(&mut t, reg::QUEUE_READY), 0);
+        let (ready, _, stopped_epoch) = active_desc(&shared).unwrap();
+        assert!(!ready, "the device stops using the queue at once");
+        assert_ne!(stopped_epoch, first_epoch, "work taken from the old rings is abandoned");
+        write(&mut t, reg::QUEUE_DESC_LOW, 0x6000);
+        write(&mut t, reg::QUEUE_READY, 1);
+        let (ready, desc, epoch) = active_desc(&shared).unwrap();
+        assert!(ready && desc == 0x6000 && epoch != stopped_epoch, "restarted on the new rings");
+        assert_eq!(shared.counters.queue_stops.load(Ordering::Relaxed), 1);
+        assert_eq!(read(&mut t, reg::STATUS) & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn a_refused_queue_configuration_fails_driver_ok() {
+        for (register, value) in [
+            (reg::QUEUE_NUM, 12),
+            (reg::QUEUE_NUM, 0),
+            (reg::QUEUE_DESC_LOW, 0x1008),
+            (reg::QUEUE_DRIVER_LOW, 0x2001),
+            (reg::QUEUE_DEVICE_LOW, 0x3002),
+        ] {
+            let (mut t, shared) = transport();
+            negotiate(&mut t, F_VERSION_1);
+            setup_queue(&mut t, 0x1000);
+            write(&mut t, reg::QUEUE_READY, 0);
+            write(&mut t, register, value);
+            write(&mut t, reg::QUEUE_READY, 1);
+            write(&mut t, reg::STATUS, ALL_OK);
+            assert!(shared.needs_reset(), "register {register:#x} = {value:#x}");
+            assert_ne!(read(&mut t, reg::STATUS) & status::NEEDS_RESET, 0);
+            assert_eq!(shared.counters.refused_queue_configs.load(Ordering::Relaxed), 1);
+            write(&mut t, reg::STATUS, 0);
+            assert!(!shared.needs_reset(), "a reset clears it");
+            negotiate(&mut t, F_VERSION_1);
+            setup_queue(&mut t, 0x1000);
+            write(&mut t, reg::STATUS, ALL_OK);
+            assert!(active_desc(&shared).is_some(), "and the refused value is forgotten");
+        }
+    }
+
+    #[test]
+    fn restarting_a_stopped_queue_with_a_refused_configuration_needs_reset() {
+        let (mut t, shared) = transport();
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, 0x1000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        write(&mut t, reg::QUEUE_READY, 0);
+        write(&mut t, reg::QUEUE_NUM, 3);
+        assert!(!shared.needs_reset(), "a stopped queue may hold anything");
+        write(&mut t, reg::QUEUE_READY, 1);
+        assert!(shared.needs_reset());
+    }
+
+    #[test]
+    fn a_corrected_value_replaces_a_refused_one() {
+        let (mut t, shared) = transport();
+        negotiate(&mut t, F_VERSION_1);
+        write(&mut t, reg::QUEUE_NUM, 0);
+        setup_queue(&mut t, 0x1000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert!(active_desc(&shared).is_some(), "as a driver that unsets a queue, then sets it");
+    }
+
+    #[test]
+    fn notifications_of_queues_not_in_use_are_ignored_and_counted() {
+        let (mut t, shared) = transport();
+        write(&mut t, reg::QUEUE_NOTIFY, 0);
+        write(&mut t, reg::QUEUE_NOTIFY, 7);
+        assert_eq!(shared.counters.spurious_notifications.load(Ordering::Relaxed), 2);
+        assert!(!shared.needs_reset());
     }
 
     #[test]

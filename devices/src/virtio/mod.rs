@@ -6,6 +6,7 @@
 //! node's device thread, woken by the queue ioeventfds, and take the queues from that slot.
 
 pub mod mmio;
+pub mod queue_config;
 pub mod rng;
 pub mod secure_channel;
 pub mod shared;

@@ -1,6 +1,7 @@
 //! State a virtio device shares between its transport (vCPU thread) and its backend (device
 //! thread): the queues once the driver has set them up, and the interrupt line.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -19,13 +20,58 @@ pub const INT_CONFIG_CHANGE: u32 = 2;
 pub enum Activation {
     /// Not (yet) set up by the driver, or reset.
     Inactive,
-    /// DRIVER_OK was set with valid queues: the backend may use them.
+    /// DRIVER_OK was set with valid queues: the backend may use those that are ready.
     Active {
         /// The queues, in queue-index order.
-        queues: Vec<Queue>,
+        queues: Vec<ActiveQueue>,
     },
     /// The device hit an error it cannot recover from: the driver must reset it.
     NeedsReset,
+}
+
+/// A queue as the backend uses it, with the epoch of its rings: the driver may stop a queue
+/// and set it up anew while the device runs (virtio 1.2, 4.2.2.2), and a chain taken from the
+/// old rings must not be returned into the new ones.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// The queue.
+    pub queue: Queue,
+    /// Changes whenever the queue's rings change (activation, stop, restart, reset).
+    pub epoch: u64,
+}
+
+impl Deref for ActiveQueue {
+    type Target = Queue;
+    fn deref(&self) -> &Queue {
+        &self.queue
+    }
+}
+
+impl DerefMut for ActiveQueue {
+    fn deref_mut(&mut self) -> &mut Queue {
+        &mut self.queue
+    }
+}
+
+/// Counters of what a driver did that the device ignored or refused.
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Notifications of a queue that was not in use (before DRIVER_OK, after a reset or a
+    /// stop, or a queue that does not exist): ignored, as a notify may race a reset.
+    pub spurious_notifications: AtomicU64,
+    /// Queue configuration values the device refused (a size that is not a power of two or
+    /// above the maximum, a misaligned ring).
+    pub refused_queue_configs: AtomicU64,
+    /// Queues the driver stopped after DRIVER_OK.
+    pub queue_stops: AtomicU64,
+    /// Times the device needed a reset.
+    pub needs_reset: AtomicU64,
+    /// Times the device held requests back because the partition used up its rate
+    /// (virtio-rng).
+    pub throttled: AtomicU64,
+    /// Passes that left requests for a later pass because the partition used up its budget
+    /// of one pass (secure channel).
+    pub deferred: AtomicU64,
 }
 
 /// The shared part of one virtio device.
@@ -37,11 +83,10 @@ pub struct DeviceShared {
     pub interrupt_status: AtomicU32,
     /// Signals the guest's interrupt line (an irqfd).
     pub irq: EventFd,
-    /// Bumped on every activation and reset, so work started before one (a pending OPEN)
-    /// is not completed into a queue the guest has since replaced.
-    pub generation: AtomicU64,
-    /// Times the device failed, to bound how often that is logged.
-    failures: AtomicU64,
+    /// Source of queue epochs (see [`ActiveQueue::epoch`]).
+    epochs: AtomicU64,
+    /// What the driver did that the device ignored or refused.
+    pub counters: DeviceCounters,
     /// Wakes the partition's vCPU if it idles on the idle port.
     waker: Arc<Wake>,
     /// Serves a queue's notification on the notifying vCPU's thread (see
@@ -68,11 +113,35 @@ impl DeviceShared {
             activation: Mutex::new(Activation::Inactive),
             interrupt_status: AtomicU32::new(0),
             irq,
-            generation: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
+            epochs: AtomicU64::new(0),
+            counters: DeviceCounters::default(),
             waker,
             inline: OnceLock::new(),
         }
+    }
+
+    /// A queue epoch never handed out before.
+    pub fn new_epoch(&self) -> u64 {
+        self.epochs.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Counts a notification that found no queue in use.
+    pub fn spurious_notification(&self) {
+        self.counters.spurious_notifications.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Where the device is in its life cycle: `inactive`, `active` or `needs_reset`.
+    pub fn state_name(&self) -> &'static str {
+        match *crate::bus::lock(&self.activation) {
+            Activation::Inactive => "inactive",
+            Activation::Active { .. } => "active",
+            Activation::NeedsReset => "needs_reset",
+        }
+    }
+
+    /// Whether the device is waiting for the driver to reset it.
+    pub fn needs_reset(&self) -> bool {
+        matches!(*crate::bus::lock(&self.activation), Activation::NeedsReset)
     }
 
     /// Installs the handler of inline notifications (once).
@@ -102,7 +171,7 @@ impl DeviceShared {
     pub fn fail(&self, why: &str) {
         // A hostile driver can fail the device in a loop (resetting each time): the first few
         // failures are warnings, the rest only debug lines, so it cannot flood the log.
-        if self.failures.fetch_add(1, Ordering::Relaxed) < MAX_FAILURE_WARNINGS {
+        if self.counters.needs_reset.fetch_add(1, Ordering::Relaxed) < MAX_FAILURE_WARNINGS {
             log::warn!("virtio device needs reset: {why}");
         } else {
             log::debug!("virtio device needs reset: {why}");

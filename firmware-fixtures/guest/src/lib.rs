@@ -1,6 +1,7 @@
 //! What the fixture programs (`src/bin`) share.
 #![no_std]
 
+pub mod raw_queue;
 pub mod snoop_key;
 
 use guest_agent::channel::SecureChannel;

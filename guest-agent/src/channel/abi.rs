@@ -66,6 +66,8 @@ pub mod status {
     pub const NO_ROOM: u32 = 13;
     /// The device failed internally; nothing was done.
     pub const INTERNAL: u32 = 14;
+    /// The other node did not answer the OPEN in time; the channel was not opened.
+    pub const TIMED_OUT: u32 = 15;
 
     /// The status's name, as the audit log writes it.
     pub fn name(code: u32) -> &'static str {
@@ -85,6 +87,7 @@ pub mod status {
             UNREACHABLE => "unreachable",
             NO_ROOM => "no_room",
             INTERNAL => "internal",
+            TIMED_OUT => "timed_out",
             _ => "unknown",
         }
     }
@@ -100,6 +103,32 @@ pub mod state {
     pub const PEER_CLOSED: u32 = 3;
     /// Offered, waiting for the remote CMM's answer.
     pub const OFFERING: u32 = 4;
+}
+
+/// Why a channel is [`state::PEER_CLOSED`], in LIST entries (0 while it is not).
+pub mod closed {
+    /// The channel is not closed.
+    pub const NOT_CLOSED: u32 = 0;
+    /// The peer process closed its end.
+    pub const BY_PEER: u32 = 1;
+    /// An operator revoked the peer's end.
+    pub const REVOKED: u32 = 2;
+    /// The peer's partition stopped or crashed.
+    pub const PARTITION_STOPPED: u32 = 3;
+    /// The host link to the peer's node was lost.
+    pub const LINK_DOWN: u32 = 4;
+
+    /// The reason's name, as the control API writes it.
+    pub fn name(code: u32) -> &'static str {
+        match code {
+            NOT_CLOSED => "none",
+            BY_PEER => "closed_by_peer",
+            REVOKED => "revoked",
+            PARTITION_STOPPED => "partition_stopped",
+            LINK_DOWN => "link_down",
+            _ => "unknown",
+        }
+    }
 }
 
 /// A process somewhere in the cluster.
@@ -273,6 +302,8 @@ pub struct ChannelInfo {
     pub process: u32,
     /// The remote endpoint.
     pub remote: Endpoint,
+    /// Why the channel is closed (one of [`closed`]).
+    pub closed: u32,
     /// Messages sent.
     pub sent: u64,
     /// Messages delivered to the local process.
@@ -292,7 +323,8 @@ impl ChannelInfo {
         put32(&mut out, 4, self.state);
         put32(&mut out, 8, self.process);
         self.remote.encode(&mut out[12..24]);
-        // 24..32 reserved.
+        put32(&mut out, 24, self.closed);
+        // 28..32 reserved.
         put64(&mut out, 32, self.sent);
         put64(&mut out, 40, self.received);
         put64(&mut out, 48, self.dropped);
@@ -306,6 +338,7 @@ impl ChannelInfo {
             state: get32(bytes, 4),
             process: get32(bytes, 8),
             remote: Endpoint::decode(&bytes[12..24]),
+            closed: get32(bytes, 24),
             sent: get64(bytes, 32),
             received: get64(bytes, 40),
             dropped: get64(bytes, 48),
@@ -516,9 +549,10 @@ mod tests {
         assert_eq!(RxHeader::from_bytes(&rx.to_bytes()), rx);
         let info = ChannelInfo {
             channel: 1,
-            state: state::OPEN,
+            state: state::PEER_CLOSED,
             process: 2,
             remote,
+            closed: closed::PARTITION_STOPPED,
             sent: 3,
             received: 4,
             dropped: 5,

@@ -167,6 +167,29 @@ impl SecureChannel {
         Ok(())
     }
 
+    /// Stops the receive queue (virtio 1.2, 4.2.2.2): the device no longer writes into its
+    /// buffers; messages that arrive meanwhile wait in the device, up to its limit, until
+    /// [`Self::restart_receive`].
+    pub fn stop_receive(&mut self) -> Result<(), ChannelError> {
+        Ok(self.transport.stop_queue(abi::RX_QUEUE)?)
+    }
+
+    /// Replaces the receive queue with a new one while the device runs: stops it (if it is
+    /// not already), sets it up on fresh rings, posts every receive buffer again and enables
+    /// it. Buffers the device had not returned are simply posted again.
+    pub fn restart_receive(&mut self) -> Result<(), ChannelError> {
+        self.transport.stop_queue(abi::RX_QUEUE)?;
+        let event_idx = self.rx.event_idx();
+        self.rx = self.transport.setup_queue(abi::RX_QUEUE, RX_QUEUE_SIZE, event_idx)?;
+        for slot in 0..RX_SLOTS {
+            self.post_rx(slot)?;
+        }
+        self.rx.suppress_interrupts();
+        self.transport.check()?;
+        self.rx.kick();
+        Ok(())
+    }
+
     /// Sends one control request and waits for its response head; the rest of the response
     /// (LIST records, STATS) is left in the response buffer.
     fn control(&mut self, request: ControlRequest) -> Result<ControlResponse, ChannelError> {

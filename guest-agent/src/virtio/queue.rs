@@ -135,6 +135,11 @@ impl Virtqueue {
         self.num_free
     }
 
+    /// Whether the queue uses the event index (VIRTIO_F_EVENT_IDX was negotiated).
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
     /// The queue's size.
     pub fn size(&self) -> u16 {
         self.size

@@ -98,6 +98,21 @@ impl Transport {
         Ok(queue)
     }
 
+    /// Stops queue `index` (virtio 1.2, 4.2.2.2: write 0 to QueueReady and read it back): the
+    /// device no longer uses its rings, and [`Self::setup_queue`] may set it up anew, also
+    /// after DRIVER_OK. Fails if the device does not let go of the queue.
+    pub fn stop_queue(&self, index: u16) -> Result<(), DriverError> {
+        self.write(reg::QUEUE_SEL, u32::from(index));
+        self.write(reg::QUEUE_READY, 0);
+        // The device answers as soon as the write exits; a few reads are plenty.
+        for _ in 0..16 {
+            if self.read(reg::QUEUE_READY) == 0 {
+                return Ok(());
+            }
+        }
+        Err(DriverError::QueueUnavailable)
+    }
+
     /// Tells the device the driver is ready.
     pub fn driver_ok(&self) -> Result<(), DriverError> {
         let status = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;

@@ -41,7 +41,7 @@ impl ChannelNode {
         index: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-        generation: u64,
+        epoch: u64,
     ) -> Result<Option<u32>, Malformed> {
         let partition = self.devices[index].partition;
         let head_index = chain.head_index();
@@ -62,7 +62,7 @@ impl ChannelNode {
                         let pending = PendingOpen {
                             channel: ChannelId(0),
                             device: index,
-                            generation,
+                            epoch,
                             head: head_index,
                             response,
                         };
@@ -123,8 +123,8 @@ impl ChannelNode {
     fn complete_open(&mut self, pending: PendingOpen, response: ControlResponse) {
         let device = &self.devices[pending.device];
         let (shared, mem) = (device.shared.clone(), device.mem.clone());
-        if shared.generation.load(std::sync::atomic::Ordering::Acquire) != pending.generation {
-            // The guest reset the device meanwhile: the chain is gone with its queue.
+        if self.queue_epoch(pending.device, CONTROL_QUEUE as usize) != Some(pending.epoch) {
+            // The guest reset the device or stopped the queue meanwhile: the chain is gone.
             return;
         }
         if vm_memory::Bytes::write_slice(&mem, &response.to_bytes(), pending.response).is_err() {
@@ -135,7 +135,7 @@ impl ChannelNode {
             pending.device,
             0,
             &mem,
-            pending.generation,
+            pending.epoch,
             &[(pending.head, CONTROL_RESPONSE_SIZE as u32)],
             false,
         ) {

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::mmio::DeviceDescription;
-use super::shared::{Activation, DeviceShared, INT_USED_BUFFER};
+use super::shared::{Activation, ActiveQueue, DeviceShared, INT_USED_BUFFER};
 use crate::bus::lock;
 use crate::cmm::connection_table::ChannelId;
 use crate::cmm::query::QueryPort;
@@ -44,7 +44,7 @@ pub const CONTROL_QUEUE_SIZE: u16 = 64;
 pub const DATA_QUEUE_SIZE: u16 = 256;
 /// Verified messages held for a partition with no free receive buffer.
 pub const MAX_PENDING: usize = 256;
-/// Chains of one queue handled before the device thread turns to other work.
+/// Chains of one queue handled in one pass before the node turns to other work.
 const BUDGET: usize = 64;
 /// How often the link timer runs (keepalives, rekeys, dead links).
 const LINK_TICK: Duration = Duration::from_millis(250);
@@ -109,9 +109,18 @@ impl From<chain::OutOfRam> for Malformed {
 struct PendingOpen {
     channel: ChannelId,
     device: usize,
-    generation: u64,
+    /// The epoch of the control queue's rings the request came from.
+    epoch: u64,
     head: u16,
     response: GuestAddress,
+}
+
+/// Queue `q` of an active device, if the driver has it enabled.
+fn ready_queue(activation: &mut Activation, q: usize) -> Option<&mut ActiveQueue> {
+    match activation {
+        Activation::Active { queues } => queues.get_mut(q).filter(|queue| queue.ready()),
+        _ => None,
+    }
 }
 
 /// The CMM and every partition's device, on the device thread.
@@ -146,7 +155,7 @@ impl ChannelNode {
         for device in &devices {
             cmm.add_partition(device.partition);
         }
-        let timer = cmm.arrivals_fd().and_then(|_| match TimerFd::new() {
+        let timer = cmm.arrivals_fd().and_then(|_| match crate::timer::nonblocking() {
             Ok(timer) => Some(timer),
             Err(e) => {
                 log::error!("secure channel: no timer for the links: {e}");
@@ -176,6 +185,22 @@ impl ChannelNode {
         self.devices.iter().position(|d| d.partition == partition)
     }
 
+    /// Partition `partition` stopped (or crashed): its channels close, their peers learn why,
+    /// and its device lets go of the guest's rings and what it held for it. Returns how many
+    /// channels it held.
+    pub fn partition_stopped(&mut self, partition: u32) -> usize {
+        let closed = self.cmm.partition_stopped(partition);
+        if let Some(index) = self.device_of(partition) {
+            self.pending_opens.retain(|p| p.device != index);
+            let device = &mut self.devices[index];
+            for held in device.pending.drain(..) {
+                self.buffers.give(held.payload);
+            }
+            *lock(&device.shared.activation) = Activation::Inactive;
+        }
+        closed
+    }
+
     /// Handles a notification of queue `queue` of device `index`.
     fn notified(&mut self, index: usize, queue: usize) {
         let partition = self.devices[index].partition;
@@ -185,7 +210,13 @@ impl ChannelNode {
             1 => self.run_queue(index, 1, |node, index, chain, mem, _| {
                 node.send_one(index, chain, mem).map(Some)
             }),
-            _ => Ok(()),
+            _ => {
+                // The receive queue: new buffers for what is held (below).
+                if self.queue_epoch(index, queue).is_none() {
+                    self.devices[index].shared.spurious_notification();
+                }
+                Ok(())
+            }
         };
         if let Err(Malformed(why)) = outcome {
             self.devices[index].shared.fail(why);
@@ -194,9 +225,12 @@ impl ChannelNode {
         self.flush_pending(index);
     }
 
-    /// Handles queue `q` of device `index`, a budget of chains at a time: `handle` gets each
+    /// Handles up to a budget of chains of queue `q` of device `index`: `handle` gets each
     /// chain and returns the bytes it wrote to it (`None`: it keeps the chain, to complete it
-    /// later). What a batch staged for other nodes goes out at its end.
+    /// later). What the batch staged for other nodes goes out at its end. Chains beyond the
+    /// budget wait for the next pass (the queue's eventfd is written, so the device thread
+    /// comes back to them after what else is waiting): a guest that keeps adding requests
+    /// cannot keep the node from other partitions or the links.
     fn run_queue<F>(&mut self, index: usize, q: usize, mut handle: F) -> Result<(), Malformed>
     where
         F: for<'m> FnMut(
@@ -208,27 +242,31 @@ impl ChannelNode {
         ) -> Result<Option<u32>, Malformed>,
     {
         let mem = self.devices[index].mem.clone();
-        loop {
-            let mut chains = Vec::with_capacity(BUDGET);
-            let generation = self.take_chains(index, q, &mem, BUDGET, &mut chains)?;
-            let mut used = Vec::with_capacity(chains.len());
-            for chain in chains {
-                let head = chain.head_index();
-                if let Some(written) = handle(self, index, chain, &mem, generation)? {
-                    used.push((head, written));
-                }
-            }
-            self.cmm.flush();
-            self.signal_touched();
-            if !self.return_chains(index, q, &mem, generation, &used, true)? {
-                return Ok(());
+        let mut chains = Vec::with_capacity(BUDGET);
+        let epoch = self.take_chains(index, q, &mem, BUDGET, &mut chains)?;
+        let mut used = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let head = chain.head_index();
+            if let Some(written) = handle(self, index, chain, &mem, epoch)? {
+                used.push((head, written));
             }
         }
+        self.cmm.flush();
+        self.signal_touched();
+        if self.return_chains(index, q, &mem, epoch, &used, true)? {
+            let device = &self.devices[index];
+            device.shared.counters.deferred.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(evt) = device.queue_evts.get(q) {
+                let _ = evt.write(1);
+            }
+        }
+        Ok(())
     }
 
     /// Takes up to `limit` chains from queue `q` of device `index`, with notifications
-    /// suppressed while it is being worked on. The queue's lock is not held while they are
-    /// handled (a message may go to another queue of the same partition).
+    /// suppressed while it is being worked on; returns the epoch of the queue's rings. The
+    /// queue's lock is not held while they are handled (a message may go to another queue of
+    /// the same partition).
     fn take_chains<'m>(
         &self,
         index: usize,
@@ -238,10 +276,12 @@ impl ChannelNode {
         chains: &mut Vec<DescriptorChain<&'m GuestMemoryMmap>>,
     ) -> Result<u64, Malformed> {
         let shared = &self.devices[index].shared;
-        let generation = shared.generation.load(std::sync::atomic::Ordering::Acquire);
         let mut activation = lock(&shared.activation);
-        let Activation::Active { queues } = &mut *activation else { return Ok(generation) };
-        let Some(queue) = queues.get_mut(q).filter(|q| q.ready()) else { return Ok(generation) };
+        let Some(queue) = ready_queue(&mut activation, q) else {
+            // Not in use: before DRIVER_OK, after a reset or a stop (a notify may race them).
+            shared.spurious_notification();
+            return Ok(0);
+        };
         queue.disable_notification(mem).map_err(|_| Malformed("queue rings not in guest RAM"))?;
         while chains.len() < limit {
             match queue
@@ -253,28 +293,28 @@ impl ChannelNode {
                 None => break,
             }
         }
-        Ok(generation)
+        Ok(queue.epoch)
     }
 
-    /// Returns used chains `(head, written)` to queue `q` of device `index`; with `rearm`
-    /// re-enables notifications and says whether more chains are waiting. Chains taken
-    /// before a reset are not returned (the queue they came from is gone).
+    /// Returns used chains `(head, written)` to queue `q` of device `index`, taken from its
+    /// rings of `epoch`; with `rearm` re-enables notifications and says whether more chains
+    /// are waiting. Chains taken before a reset or a stop of the queue are not returned (the
+    /// rings they came from are gone).
     fn return_chains(
         &self,
         index: usize,
         q: usize,
         mem: &GuestMemoryMmap,
-        generation: u64,
+        epoch: u64,
         used: &[(u16, u32)],
         rearm: bool,
     ) -> Result<bool, Malformed> {
         let shared = &self.devices[index].shared;
         let mut activation = lock(&shared.activation);
-        if shared.generation.load(std::sync::atomic::Ordering::Acquire) != generation {
+        let Some(queue) = ready_queue(&mut activation, q).filter(|queue| queue.epoch == epoch)
+        else {
             return Ok(false);
-        }
-        let Activation::Active { queues } = &mut *activation else { return Ok(false) };
-        let Some(queue) = queues.get_mut(q) else { return Ok(false) };
+        };
         for &(head, written) in used {
             queue.add_used(mem, head, written).map_err(|_| Malformed("used ring not writable"))?;
         }
@@ -291,6 +331,12 @@ impl ChannelNode {
             shared.signal(INT_USED_BUFFER);
         }
         Ok(more)
+    }
+
+    /// The epoch of the rings of queue `q` of device `index`, if it is in use.
+    fn queue_epoch(&self, index: usize, q: usize) -> Option<u64> {
+        let mut activation = lock(&self.devices[index].shared.activation);
+        ready_queue(&mut activation, q).map(|queue| queue.epoch)
     }
 
     /// Applies the links' epoll changes.

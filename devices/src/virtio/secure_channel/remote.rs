@@ -27,6 +27,9 @@ impl ChannelNode {
                     self.cmm.flush();
                     Reply::Revoked(revoked)
                 }
+                Query::PartitionStopped { partition } => {
+                    Reply::PartitionStopped(self.partition_stopped(partition))
+                }
             };
             // The asker may have given up waiting; nothing to do then.
             let _ = reply.send(answer);

@@ -6,8 +6,6 @@
 #![no_std]
 #![no_main]
 
-use core::ptr::{read_volatile, write_volatile};
-
 use guest_agent::boot_info::DeviceKind;
 use guest_agent::channel::abi::{self, op, ControlRequest, Endpoint};
 use guest_agent::channel::SecureChannel;
@@ -16,56 +14,11 @@ use guest_agent::virtio::registers::{reg, status};
 use guest_agent::virtio::transport::Transport;
 use guest_agent::virtio::F_VERSION_1;
 use guest_agent::{pages, println, BootInfo};
+use keyhold_fixture_programs::raw_queue::{RawQueue, DESC_F_NEXT};
 
 /// Guest-physical memory that is neither RAM nor a device (RAM is far smaller).
 const NOT_RAM: u64 = 0xc000_0000;
 const QSIZE: u16 = 8;
-const DESC_F_NEXT: u16 = 1;
-
-/// A hand-made split queue: descriptor table, avail ring and used ring, one page each.
-struct RawQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
-
-impl RawQueue {
-    fn new() -> Self {
-        let page = || pages::alloc(4096).expect("RAM for a raw queue");
-        Self { desc: page(), avail: page(), used: page() }
-    }
-
-    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = self.desc + 16 * u64::from(i);
-        // SAFETY: our own page; the device reads it only after it is published.
-        unsafe {
-            write_volatile(at as *mut u64, addr);
-            write_volatile((at + 8) as *mut u32, len);
-            write_volatile((at + 12) as *mut u16, flags);
-            write_volatile((at + 14) as *mut u16, next);
-        }
-    }
-
-    /// Publishes `head` as avail entry `slot` and sets the avail index to `idx`.
-    fn publish(&self, slot: u16, head: u16, idx: u16) {
-        // SAFETY: our own page.
-        unsafe {
-            write_volatile((self.avail + 4 + 2 * u64::from(slot)) as *mut u16, head);
-            core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
-            write_volatile((self.avail + 2) as *mut u16, idx);
-        }
-    }
-
-    fn used_idx(&self) -> u16 {
-        // SAFETY: our own page, written by the device.
-        unsafe { read_volatile((self.used + 2) as *const u16) }
-    }
-
-    fn used_len(&self, slot: u16) -> u32 {
-        // SAFETY: as above.
-        unsafe { read_volatile((self.used + 8 + 8 * u64::from(slot)) as *const u32) }
-    }
-}
 
 struct Bad {
     t: Transport,
@@ -81,17 +34,7 @@ impl Bad {
 
     /// Points queue `index` at `q` (or at `desc` for the descriptor table) and marks it ready.
     fn setup(&self, index: u32, desc: u64, q: &RawQueue) {
-        self.t.write(reg::QUEUE_SEL, index);
-        self.t.write(reg::QUEUE_NUM, u32::from(QSIZE));
-        for (low, high, addr) in [
-            (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, desc),
-            (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, q.avail),
-            (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, q.used),
-        ] {
-            self.t.write(low, addr as u32);
-            self.t.write(high, (addr >> 32) as u32);
-        }
-        self.t.write(reg::QUEUE_READY, 1);
+        q.attach(&self.t, index, QSIZE, desc);
     }
 
     fn driver_ok(&self) {
