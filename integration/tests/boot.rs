@@ -1,5 +1,7 @@
 //! Booting fixtures with the real `keyhold run` under real KVM.
 
+use std::time::Duration;
+
 use keyhold_integration::{fixture, keyhold, require_kvm};
 
 fn arg(path: std::path::PathBuf) -> String {
@@ -181,15 +183,29 @@ fn sigterm_and_sigint_stop_every_partition_in_order() {
     require_kvm!();
     for (signal, status, name) in [("-TERM", 143, "SIGTERM"), ("-INT", 130, "SIGINT")] {
         let spin = arg(fixture("spin"));
-        let child =
-            keyhold_integration::spawn_keyhold(["run", "--firmware", &spin, "--firmware", &spin]);
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console");
+        let console_arg = console.display().to_string();
+        let child = keyhold_integration::spawn_keyhold([
+            "run",
+            "--firmware",
+            &spin,
+            "--firmware",
+            &spin,
+            "--console",
+            &console_arg,
+        ]);
+        // Both partitions run before the signal comes.
+        let running = keyhold_integration::nodes::wait_until(Duration::from_secs(30), || {
+            std::fs::read_to_string(&console).is_ok_and(|c| c.matches("spinning").count() == 2)
+        });
+        assert!(running, "{:?}", std::fs::read_to_string(&console));
         let killed = std::process::Command::new("kill")
             .args([signal, &child.id().to_string()])
             .status()
             .unwrap();
         assert!(killed.success());
-        let out = keyhold_integration::finish(child, std::time::Duration::from_secs(30));
+        let out = keyhold_integration::finish(child, Duration::from_secs(30));
         out.assert_no_panic();
         assert_eq!(out.code(), status, "{out:#?}");
         for id in [1, 2] {

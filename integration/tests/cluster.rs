@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyhold_integration::nodes::{
-    audit, channel_of, cluster, free_port, keygen, node, node_with, pair, run_nodes,
+    audit, channel_of, cluster, free_port, keygen, node, node_with, pair, run_nodes, wait_until,
 };
 use keyhold_integration::{finish, fixture, keyhold, require_kvm, spawn_keyhold, Outcome};
 
@@ -149,19 +149,29 @@ fn garbage_from_a_raw_client_is_refused_and_the_node_serves_on() {
     let n2 = node(d, "2", 2, &p.cluster, &p.k2);
     let children: Vec<_> = [&n1, &n2]
         .iter()
-        .map(|c| spawn_keyhold(["node", "--config", &c.display().to_string(), "--timeout", "4"]))
+        .map(|c| spawn_keyhold(["node", "--config", &c.display().to_string(), "--timeout", "60"]))
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    let linked = wait_until(Duration::from_secs(30), || audit(d, "2").contains("\"link_up\""));
+    assert!(linked, "{}", audit(d, "2"));
     use std::io::Write;
     for junk in [&b"\x00\x05hello"[..], &b"\xff\xff\x01"[..], &b"\x00\x00"[..]] {
         if let Ok(mut raw) = std::net::TcpStream::connect(("127.0.0.1", p.port2)) {
             let _ = raw.write_all(junk);
         }
     }
+    // The hello that does not decrypt is refused at once; the malformed ones are counted and
+    // written together when the node stops (if not before).
+    let refused = wait_until(Duration::from_secs(30), || {
+        audit(d, "2").contains("\"event\":\"link_rejected\",\"reason\":\"handshake_failed\"")
+    });
+    assert!(refused, "{}", audit(d, "2"));
+    for child in &children {
+        terminate(child);
+    }
     let outs: Vec<_> = children.into_iter().map(|c| finish(c, Duration::from_secs(60))).collect();
     for out in &outs {
         out.assert_no_panic();
-        assert_eq!(out.code(), 124, "{out:#?}");
+        assert_eq!(out.code(), 143, "{out:#?}");
     }
     let a2 = audit(d, "2");
     // A hello that does not decrypt is audited on its own; malformed messages are counted
@@ -186,19 +196,28 @@ fn a_killed_node_is_reported_down_and_links_again_when_restarted() {
     let (d, p) = (dir.path(), pair(dir.path()));
     let n1 = node(d, "1", 1, &p.cluster, &p.k1);
     let n2 = node(d, "2", 2, &p.cluster, &p.k2);
-    let first = spawn_keyhold(["node", "--config", &n1.display().to_string(), "--timeout", "12"]);
+    let first = spawn_keyhold(["node", "--config", &n1.display().to_string(), "--timeout", "60"]);
     let mut victim =
-        spawn_keyhold(["node", "--config", &n2.display().to_string(), "--timeout", "12"]);
-    std::thread::sleep(Duration::from_millis(1500));
+        spawn_keyhold(["node", "--config", &n2.display().to_string(), "--timeout", "60"]);
+    let ups = || audit(d, "1").matches("\"event\":\"link_up\"").count();
+    assert!(wait_until(Duration::from_secs(30), || ups() == 1), "{}", audit(d, "1"));
     victim.kill().unwrap(); // SIGKILL
     let _ = victim.wait();
-    std::thread::sleep(Duration::from_millis(4500));
-    let again = spawn_keyhold(["node", "--config", &n2.display().to_string(), "--timeout", "5"]);
+    let down = wait_until(Duration::from_secs(30), || audit(d, "1").contains("\"link_down\""));
+    assert!(down, "{}", audit(d, "1"));
+    let again = spawn_keyhold(["node", "--config", &n2.display().to_string(), "--timeout", "60"]);
+    assert!(wait_until(Duration::from_secs(30), || ups() == 2), "{}", audit(d, "1"));
+    terminate(&again);
     let again = finish(again, Duration::from_secs(60));
+    let goodbye = wait_until(Duration::from_secs(30), || {
+        audit(d, "1").matches("\"event\":\"link_down\"").count() == 2
+    });
+    assert!(goodbye, "{}", audit(d, "1"));
+    terminate(&first);
     let first = finish(first, Duration::from_secs(60));
     first.assert_no_panic();
     again.assert_no_panic();
-    assert_eq!(first.code(), 124, "node 1 ran on: {first:#?}");
+    assert_eq!(first.code(), 143, "node 1 ran on until stopped: {first:#?}");
     let a1 = audit(d, "1");
     assert_eq!(a1.matches("\"event\":\"link_up\"").count(), 2, "{a1}");
     let downs: Vec<&str> = a1.lines().filter(|l| l.contains("\"event\":\"link_down\"")).collect();
@@ -380,4 +399,10 @@ impl Drop for ClusterDown {
             let _ = script("cluster-down.sh", &[], &self.0);
         }
     }
+}
+
+/// Asks a node to stop, as an operator would (SIGTERM).
+fn terminate(child: &std::process::Child) {
+    let status = std::process::Command::new("kill").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
 }
