@@ -131,7 +131,8 @@ fn channel_cases(cases: &mut Cases, info: &BootInfo, peer: Endpoint) -> bool {
     let sent = ch.send(channel, 1, b"while stopped").is_ok();
     guest_agent::time::spin_for(info, 50_000);
     let restarted = ch.restart_receive().is_ok();
-    let held = ch.recv_wait(&mut back).is_ok_and(|m| m.copied == 13 && &back[..13] == b"while stopped");
+    let held =
+        ch.recv_wait(&mut back).is_ok_and(|m| m.copied == 13 && &back[..13] == b"while stopped");
     cases.expect(
         "an answer that came while the receive queue was stopped arrives once it is back",
         stopped && sent && restarted && held,
@@ -145,7 +146,8 @@ fn main(info: &'static BootInfo) -> u32 {
         println!("queues: needs peer=NODE:PARTITION:PROCESS");
         return CANNOT_RUN;
     };
-    let Some(t) = info.find_device(DeviceKind::VirtioRng).and_then(|d| Transport::probe(d, RNG).ok())
+    let Some(t) =
+        info.find_device(DeviceKind::VirtioRng).and_then(|d| Transport::probe(d, RNG).ok())
     else {
         println!("queues: no virtio-rng");
         return CANNOT_RUN;
