@@ -24,9 +24,7 @@ const OUTER_BUILD_VARS: &[&str] = &[
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let guest_dir = manifest_dir.join("guest");
-    let target_dir = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir.join("../target"));
+    let target_dir = target_dir();
     let guest_target_dir = target_dir.join("fixture-build");
     let fixtures_dir = target_dir.join("fixtures");
 
@@ -45,6 +43,24 @@ fn main() {
     println!("cargo:rerun-if-changed=guest/.cargo/config.toml");
     println!("cargo:rerun-if-changed=../guest-agent/src");
     println!("cargo:rerun-if-changed=../guest-agent/Cargo.toml");
+}
+
+/// The outer build's target directory. Found from `OUT_DIR`, which cargo always gives as an
+/// absolute `<target dir>[/<triple>]/<profile>/build/<package>-<hash>/out`, not from
+/// `CARGO_TARGET_DIR`, which may be relative to the directory cargo was started in, and that
+/// directory is not this script's.
+fn target_dir() -> PathBuf {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
+    let above_profile =
+        out.ancestors().nth(4).expect("OUT_DIR is <target>/<profile>/build/<pkg>/out");
+    let triple = env::var("TARGET").expect("set by cargo");
+    match above_profile.file_name() {
+        // A build with --target puts the profiles under <target dir>/<triple>.
+        Some(name) if name == triple.as_str() => {
+            above_profile.parent().expect("a parent").to_owned()
+        }
+        _ => above_profile.to_owned(),
+    }
 }
 
 fn build_guests(guest_dir: &Path, guest_target_dir: &Path) {

@@ -1,0 +1,264 @@
+//! Writes the seed corpora: `cargo run --release --example make_corpus -- fuzz/corpus`
+//! (`scripts/fuzz.sh corpus`). Deterministic: the same files every time.
+//!
+//! The seeds take each target deep at once: a channel opened and used between the two
+//! partitions, a channel offered over the link and messages sealed with its key, a real rekey,
+//! every route of the API, valid configuration files.
+
+use std::path::Path;
+
+use keyhold_devices::link::wire::kind;
+use keyhold_devices::virtio::mmio::reg;
+use keyhold_fuzz::devices::{Ops, Profile};
+use keyhold_fuzz::link::{self, frame};
+
+const LISTEN: u32 = 1;
+const OPEN: u32 = 2;
+const CLOSE: u32 = 3;
+const LIST: u32 = 4;
+const STATS: u32 = 5;
+
+fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
+    let dir = dir.join(target);
+    std::fs::create_dir_all(&dir).expect("the corpus directory");
+    std::fs::write(dir.join(name), bytes).expect("a seed");
+}
+
+fn mmio(dir: &Path) {
+    let mut all = Ops::new(Profile::Mmio, false, 0);
+    for offset in (0..0x100).step_by(4).chain([0x100, 0x104, 0x110]) {
+        all.reg_read(0, offset, 4);
+    }
+    all.reg_read(2, 0x101, 2);
+    write(dir, "mmio", "read-every-register", &all.finish());
+    for (device, queues, name) in [(0, 3, "channel"), (1, 3, "channel-2"), (2, 1, "rng")] {
+        let mut ops = Ops::new(Profile::Mmio, false, 0);
+        ops.raw_init(device, queues);
+        ops.notify(device, 0).reg_read(device, reg::STATUS as u16, 4);
+        ops.reg_write(device, reg::INTERRUPT_ACK as u16, 3).reg_write(
+            device,
+            reg::STATUS as u16,
+            0,
+        );
+        write(dir, "mmio", &format!("init-{name}"), &ops.finish());
+    }
+    let mut bad = Ops::new(Profile::Mmio, false, 0);
+    bad.reg_write(0, reg::STATUS as u16, 1).reg_write(0, reg::STATUS as u16, 7);
+    bad.reg_write(0, reg::STATUS as u16, 1).reg_write(0, reg::STATUS as u16, 0);
+    write(dir, "mmio", "driver-ok-without-features", &bad.finish());
+}
+
+fn rng(dir: &Path) {
+    let mut one = Ops::new(Profile::Rng, true, 3);
+    one.chain(2, 0, &[(1, 0, 64)]).notify(2, 0);
+    one.chain(2, 0, &[(1, 0x100, 16), (1, 0x200, 4096)]).notify(2, 0);
+    write(dir, "rng_queue", "two-requests", &one.finish());
+    let mut odd = Ops::new(Profile::Rng, false, 2);
+    odd.chain(2, 0, &[(0, 0, 32)]).chain(2, 0, &[(3, 0x40, 48)]).notify(2, 0);
+    odd.avail_idx(2, 0, 200).notify(2, 0).reinit(2).chain(2, 0, &[(1, 0, 8)]).notify(2, 0);
+    write(dir, "rng_queue", "readable-indirect-and-bad-index", &odd.finish());
+}
+
+/// LISTEN in partition 1 and OPEN from partition 2: a channel on one node.
+fn channel_open(ops: &mut Ops, guest_key: bool) {
+    ops.control(0, LISTEN, 7, 0, (1, 2, 9)).notify(0, 0);
+    // Flags (bit 8 up): the guest's own key.
+    ops.control(1, OPEN | if guest_key { 0x100 } else { 0 }, 9, 0, (1, 1, 7)).notify(1, 0);
+}
+
+fn channel(dir: &Path) {
+    let mut chat = Ops::new(Profile::Channel, true, 4);
+    channel_open(&mut chat, false);
+    chat.receive(0, 2, 256).notify_thread(0, 2);
+    chat.send(1, 0, 100, 0x11).notify(1, 1);
+    chat.receive(1, 1, 256).notify_thread(1, 2);
+    chat.send(0, 0, 32, 0x22).notify(0, 1);
+    chat.control(0, LIST, 7, 0, (0, 0, 0)).control(0, STATS, 7, 0, (0, 0, 0)).notify(0, 0);
+    chat.control(1, CLOSE, 9, 0x80, (0, 0, 0)).notify(1, 0);
+    chat.send(0, 0, 8, 0x33).notify(0, 1);
+    write(dir, "channel_queue", "open-send-both-ways-close", &chat.finish());
+
+    let mut held = Ops::new(Profile::Channel, false, 4);
+    channel_open(&mut held, true);
+    for i in 0..4 {
+        held.send(1, 0, 1000 + i, i as u8).notify(1, 1);
+    }
+    held.receive(0, 1, 64).receive(0, 2, 2048).notify(0, 0).notify_thread(0, 2);
+    write(dir, "channel_queue", "held-then-delivered", &held.finish());
+
+    let mut big = Ops::new(Profile::Channel, false, 4);
+    channel_open(&mut big, false);
+    big.receive(0, 1, 65568).send(1, 0, 65535, 0x5a).notify(1, 1);
+    big.send(1, 0, 40000, 0xa5).notify_thread(1, 1);
+    write(dir, "channel_queue", "large-messages", &big.finish());
+
+    let mut refused = Ops::new(Profile::Channel, false, 4);
+    refused.control(0, 9, 1, 0, (0, 0, 0)).control(0, LISTEN, 1, 0, (1, 1, 1));
+    refused.control(0, OPEN, 1, 0, (2, 1, 1)).control(0, CLOSE, 1, 5, (0, 0, 0)).notify(0, 0);
+    refused.send(0, 3, 10, 0).notify(0, 1).notify(0, 3).notify(1, 0xf0);
+    write(dir, "channel_queue", "refusals", &refused.finish());
+
+    let mut stop = Ops::new(Profile::Channel, true, 4);
+    channel_open(&mut stop, false);
+    stop.reinit(0).send(1, 0, 10, 1).notify(1, 1).chain(1, 1, &[(0, 0, 24), (1, 0x10, 4)]);
+    stop.notify(1, 1).avail_idx(1, 1, 9000).notify(1, 1);
+    write(dir, "channel_queue", "reset-and-broken-queue", &stop.finish());
+}
+
+fn link_seeds(dir: &Path) {
+    // The victim (node 2) listens in partition 1 for 1:1:3; the attacker offers that channel
+    // and sends sealed messages, then closes it.
+    let mut offer = link::Ops::new(0);
+    offer.listen(1, 5, (1, 1, 3));
+    offer.frames(&[frame::offer(7, (1, 1, 3), (2, 1, 5), 0x33, 0x44)]).flush(0);
+    offer.frames(&[frame::data(0, 0, 100, 0x61, 0), frame::data(0, 0, 0, 0, 0)]).flush(0);
+    offer.frames(&[frame::data(0, 0, 4000, 0x62, 0), frame::bare(kind::KEEPALIVE)]).flush(0);
+    offer.frames(&[frame::data(0, 1, 10, 0, 0), frame::data(0, 2, 10, 0, 3)]).flush(0);
+    offer.frames(&[frame::close(0, 0)]).flush(0);
+    write(dir, "link", "offer-data-close", &offer.finish());
+
+    // The victim opens a channel to node 1: the attacker reads the offer, accepts it, and
+    // both send.
+    let mut open = link::Ops::new(2);
+    open.open(1, 4, (1, 2, 6), 0).drain();
+    open.frames(&[frame::offer_reply(0x80, 0, 0)]).flush(0);
+    open.send(0, 64, 0x71).send(0, 64, 0x72).send(0, 64, 0x73).drain();
+    open.frames(&[frame::data(0, 0, 64, 0x10, 0)]).flush(0);
+    open.epoch(0).frames(&[frame::data(0, 0, 64, 0x11, 0)]).flush(0);
+    open.close(0, true).drain();
+    write(dir, "link", "open-reply-send", &open.finish());
+
+    // A real rekey in the middle of traffic.
+    let mut rekey = link::Ops::new(0);
+    rekey.listen(2, 1, (1, 2, 1));
+    rekey.frames(&[frame::offer(1, (1, 2, 1), (2, 2, 1), 1, 2)]).flush(0);
+    rekey.frames(&[frame::rekey(true)]).flush(0).drain();
+    rekey.frames(&[frame::data(0, 0, 10, 1, 0), frame::bare(kind::REKEY_DONE)]).flush(0);
+    rekey.frames(&[frame::data(0, 0, 10, 2, 0)]).flush(0).tick();
+    write(dir, "link", "rekey", &rekey.finish());
+
+    // Records split across reads, then broken ones.
+    let mut split = link::Ops::new(1);
+    split.frames(&[frame::bare(kind::KEEPALIVE)]).flush(3).flush(0);
+    split.sealed(&[kind::DATA], 0, 0).sealed(&[99], 10, 0).flush(0);
+    write(dir, "link", "split-and-malformed", &split.finish());
+    let mut raw = link::Ops::new(0);
+    raw.raw(&[0, 40]).raw(&[7; 40]).flush(0);
+    write(dir, "link", "garbage-record", &raw.finish());
+    let mut junk = link::Ops::new(0);
+    junk.frames(&[frame::rekey(false)]).flush(0);
+    junk.frames(&[frame::offer_reply(0, 9, 7), frame::bare(kind::CONFIRM)]).flush(0);
+    write(dir, "link", "junk-frames", &junk.finish());
+}
+
+fn wire(dir: &Path) {
+    // docs/PROTOCOL.md, section 11.
+    let vectors: [(&str, &str); 5] = [
+        ("keepalive", "01"),
+        ("confirm", "03"),
+        ("offer-reply", "050700000001"),
+        ("close", "0701000000020000000300000004000000050000000600000001"),
+        ("data", "06010000000200000003000000040000000500000006000000010000000800000000000000070000009775d28b1da712be3950690499a8a154"),
+    ];
+    for (name, hex) in vectors {
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        write(dir, "wire", name, &bytes);
+    }
+    let mut offer = vec![kind::OFFER];
+    offer.extend_from_slice(&[1; 76]);
+    offer.push(kind::REKEY_DONE);
+    write(dir, "wire", "offer-rekey-done", &offer);
+    let mut rekey = vec![kind::REKEY];
+    rekey.extend_from_slice(&[2; 113]);
+    rekey.push(kind::REKEY_REPLY);
+    rekey.extend_from_slice(&[3; 49]);
+    write(dir, "wire", "rekey-reply", &rekey);
+}
+
+fn abi(dir: &Path) {
+    let mut open = vec![0u8; 64 + 24 + 32 + 16 + 56 + 72];
+    open[0] = 2;
+    open[4] = 1;
+    open[16] = 1;
+    open[20] = 2;
+    open[64 + 16] = 100;
+    let mut seed = open.clone();
+    seed.extend_from_slice(b"1:2:3");
+    write(dir, "abi", "open-and-endpoint", &seed);
+    open[28] = 1;
+    open[64 + 20] = 1;
+    open.extend_from_slice(b"4294967295:0:7");
+    write(dir, "abi", "reserved-set", &open);
+}
+
+fn api(dir: &Path) {
+    let requests = [
+        ("node", "GET /v1/node HTTP/1.1\r\nHost: keyhold\r\n\r\n"),
+        ("partitions", "GET /v1/partitions HTTP/1.1\r\n\r\n"),
+        ("channels", "GET /v1/channels HTTP/1.1\r\n\r\n"),
+        ("stats", "GET /v1/stats HTTP/1.0\r\n\r\n"),
+        ("links", "GET /v1/links HTTP/1.1\r\n\r\n"),
+        ("audit", "GET /v1/audit/ HTTP/1.1\r\n\r\n"),
+        ("revoke", "POST /v1/channels/1/0x10001/revoke HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+        ("revoke-decimal", "POST /v1/channels/2/65537/revoke HTTP/1.1\r\n\r\n"),
+        ("revoke-bad", "POST /v1/channels/x/0xzz/revoke HTTP/1.1\r\n\r\n"),
+        ("method", "DELETE /v1/node HTTP/1.1\r\n\r\n"),
+        ("metrics", "GET /metrics HTTP/1.1\r\nAccept: text/plain\r\n\r\n"),
+        ("query", "GET /v1/links?peer=2&x HTTP/1.1\r\n\r\n"),
+        ("no-route", "GET /v2/%00 HTTP/1.1\r\n\r\n"),
+        ("not-http", "GET /v1/node\r\n\r\n"),
+        ("incomplete", "GET /v1/node HTTP/1.1\r\n"),
+    ];
+    for (name, text) in requests {
+        write(dir, "api", name, text.as_bytes());
+    }
+}
+
+fn configs(dir: &Path) {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for name in ["one-node.toml", "hostile.toml"] {
+        let text = std::fs::read(examples.join(name)).expect("an example config");
+        write(dir, "node_config", name, &text);
+    }
+    let full = "[node]\nid = 1\naudit_log = \"audit.jsonl\"\ncluster = \"cluster.toml\"\n\
+        private_key_file = \"node1.key\"\nlisten = \"0.0.0.0:7000\"\napi_socket = \"n.sock\"\n\n\
+        [links]\nhandshake_timeout_secs = 5\nkeepalive_secs = 1\ndead_after_secs = 3.5\n\
+        rekey_after_secs = 120\nrekey_after_messages = 16\nsend_backlog_mib = 64\n\
+        max_unauthenticated = 256\nmax_unauthenticated_per_address = 8\n\
+        handshakes_per_second = 500\nhandshakes_per_second_per_address = 20\n\n\
+        [channels]\ncapacity = 65536\nper_partition = 64\nkey_lifetime_messages = 1024\n\
+        key_lifetime_secs = 600\n\n[[partition]]\nid = 1\nfirmware = \"echo.elf\"\n\
+        memory_mib = 64\nargs = \"peer=1:2:1\"\n\n[[partition]]\nid = 2\nfirmware = \"ping.elf\"\n";
+    write(dir, "node_config", "cluster-node", full.as_bytes());
+    let bad = "[node]\nid = 1\nlisten = \"nowhere\"\n[[partition]]\nid = 1\nfirmware = \"a\"\n\
+        [[partition]]\nid = 1\nfirmware = \"b\"\n";
+    write(dir, "node_config", "bad", bad.as_bytes());
+    let key_a = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+    let key_b = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
+    let cluster = format!(
+        "[[node]]\nid = 1\naddress = \"127.0.0.1:7001\"\npublic_key = \"{key_a}\"\n\n\
+         [[node]]\nid = 2\naddress = \"[::1]:7002\"\npublic_key = \"{key_b}\"\n"
+    );
+    write(dir, "cluster_config", "two-nodes", cluster.as_bytes());
+    let dup = format!(
+        "[[node]]\nid = 1\naddress = \"10.0.0.1:1\"\npublic_key = \"{key_a}\"\n\
+         [[node]]\nid = 1\naddress = \"localhost:1\"\npublic_key = \"short\"\n"
+    );
+    write(dir, "cluster_config", "duplicates", dup.as_bytes());
+}
+
+fn main() {
+    let dir = std::env::args().nth(1).unwrap_or_else(|| "corpus".into());
+    let dir = Path::new(&dir);
+    mmio(dir);
+    rng(dir);
+    channel(dir);
+    link_seeds(dir);
+    wire(dir);
+    abi(dir);
+    api(dir);
+    configs(dir);
+}
