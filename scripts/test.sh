@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, as CI runs it: formatting, lints, a build of everything (the keyhold binary
-# and the firmware fixtures), then every unit and end-to-end test.
+# and the firmware fixtures), then every unit and end-to-end test, and last each fuzz target
+# over its seed corpus.
 #
 # The end-to-end tests boot real firmware under real KVM: they need read-write /dev/kvm. With
 # CI=true a missing /dev/kvm fails them; elsewhere they say "skipped" and pass.
@@ -15,13 +16,22 @@ if [ "$(id -u)" = 0 ] && ! command -v ip >/dev/null; then
     apt-get install -y -q iproute2 >/dev/null || { apt-get update -q && apt-get install -y -q iproute2; }
 fi
 
+# The metrics test checks the exposition with the Prometheus project's own Python parser.
+if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+    step "installing prometheus_client (the metrics test parses with it)"
+    python3 -m pip install --quiet --disable-pip-version-check prometheus_client ||
+        python3 -m pip install --quiet --disable-pip-version-check --user prometheus_client
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 (cd firmware-fixtures/guest && cargo fmt -- --check)
+(cd fuzz && cargo fmt -- --check)
 
-step "cargo clippy (host workspace, then guest programs)"
+step "cargo clippy (host workspace, guest programs, fuzz targets)"
 cargo clippy --workspace --all-targets -- -D warnings
 (cd firmware-fixtures/guest && cargo clippy --release -- -D warnings)
+(cd fuzz && cargo clippy --all-targets -- -D warnings)
 
 step "cargo build (keyhold and the fixtures)"
 cargo build --workspace
@@ -33,3 +43,8 @@ cargo test --workspace 2>&1 | tee "$log"
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\n%d passed, %d failed\n", p, f }' "$log"
+
+# Each fuzz target once over its seed corpus and saved regressions: the targets still build
+# against today's code, and no seed or past finding crashes it (docs/FUZZING.md).
+step "fuzz targets over their seed corpora"
+bash scripts/fuzz.sh check

@@ -112,6 +112,12 @@ where
     run_with_deadline(keyhold_bin().as_os_str(), args, Duration::from_secs(30))
 }
 
+/// Asks a node to stop, as an operator would (SIGTERM).
+pub fn terminate(child: &Child) {
+    let status = Command::new("kill").arg(child.id().to_string()).status().expect("run kill");
+    assert!(status.success(), "kill {}", child.id());
+}
+
 /// Starts `keyhold` with `args` in the background; collect it with [`finish`].
 pub fn spawn_keyhold<I, S>(args: I) -> Child
 where

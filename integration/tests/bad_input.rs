@@ -161,6 +161,9 @@ fn dev_kvm_without_permission() {
     let hello = patched_hello(dir.path(), "hello.elf", |_| {});
     let out = as_nobody(&dir, &["run", "--firmware", &hello.display().to_string()]);
     out.assert_bad_input("permission denied opening /dev/kvm");
+    // The demo checks first, and says so the same way, before it starts anything.
+    let demo = as_nobody(&dir, &["demo"]);
+    demo.assert_bad_input("permission denied opening /dev/kvm");
 }
 
 /// A scratch directory any user may read, for files that `nobody` must reach (the checkout

@@ -179,7 +179,7 @@ fn rng_fixture_reads_host_entropy_through_virtio_rng() {
 }
 
 #[test]
-fn sigterm_and_sigint_stop_every_partition_in_order() {
+fn sigterm_and_sigint_stop_every_partition_in_order_and_sighup_does_not() {
     require_kvm!();
     for (signal, status, name) in [("-TERM", 143, "SIGTERM"), ("-INT", 130, "SIGINT")] {
         let spin = arg(fixture("spin"));
@@ -200,14 +200,19 @@ fn sigterm_and_sigint_stop_every_partition_in_order() {
             std::fs::read_to_string(&console).is_ok_and(|c| c.matches("spinning").count() == 2)
         });
         assert!(running, "{:?}", std::fs::read_to_string(&console));
-        let killed = std::process::Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
+        // SIGHUP first: it must not stop the node (it would end with 129). Pending signals
+        // are read lowest number first, so it is handled before the stopping one.
+        for signal in ["-HUP", signal] {
+            let sent = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+        }
         let out = keyhold_integration::finish(child, Duration::from_secs(30));
         out.assert_no_panic();
         assert_eq!(out.code(), status, "{out:#?}");
+        assert!(out.stderr.contains("SIGHUP: keyhold cannot reload"), "{out:#?}");
         for id in [1, 2] {
             let line = format!("partition {id} stopped: the node was asked to stop ({name})");
             assert!(out.stderr.contains(&line), "{out:#?}");

@@ -8,7 +8,9 @@ use std::time::Duration;
 use keyhold_integration::nodes::{
     audit, channel_of, cluster, free_port, keygen, node, node_with, pair, run_nodes, wait_until,
 };
-use keyhold_integration::{finish, fixture, keyhold, require_kvm, spawn_keyhold, Outcome};
+use keyhold_integration::{
+    finish, fixture, keyhold, require_kvm, spawn_keyhold, terminate, Outcome,
+};
 
 #[test]
 fn keygen_and_pubkey_make_working_keys() {
@@ -17,6 +19,22 @@ fn keygen_and_pubkey_make_working_keys() {
     assert_eq!(public.len(), 44);
     let bad = keyhold(["pubkey"]);
     bad.assert_bad_input("stdin:");
+    // Written into a file others may read, the key comes with a warning; into a private
+    // file, without.
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        let path = dir.path().join(format!("key-{mode:o}"));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_permissions(std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = std::process::Command::new(keyhold_integration::keyhold_bin())
+            .arg("keygen")
+            .stdout(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.contains("others may read (mode"), warned, "{mode:o}: {stderr}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim().len(), 44);
+    }
 }
 
 #[test]
@@ -399,10 +417,4 @@ impl Drop for ClusterDown {
             let _ = script("cluster-down.sh", &[], &self.0);
         }
     }
-}
-
-/// Asks a node to stop, as an operator would (SIGTERM).
-fn terminate(child: &std::process::Child) {
-    let status = std::process::Command::new("kill").arg(child.id().to_string()).status().unwrap();
-    assert!(status.success());
 }

@@ -9,7 +9,7 @@ use crate::seccomp::{Switch, ThreadKind};
 
 /// keyhold: a minimal KVM VMM whose partitions talk over secure channels.
 #[derive(Debug, Parser)]
-#[command(name = "keyhold", version, about, max_term_width = 100)]
+#[command(name = "keyhold", version = crate::VERSION, about, max_term_width = 100)]
 pub struct Cli {
     /// More log output (-v: info, -vv: debug). RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -36,6 +36,17 @@ pub enum Command {
     Keygen,
     /// Read a private key on stdin and print its public key, as `wg pubkey` does.
     Pubkey,
+    /// Print the completion script for SHELL (for example
+    /// `keyhold completions bash > /etc/bash_completion.d/keyhold`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (keyhold.1 and one per subcommand) into DIR.
+    Man {
+        /// The directory (made if missing), for example /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
 }
 
 const RUN_AFTER_HELP: &str = "\
@@ -111,15 +122,21 @@ pub struct SeccompArgs {
 
 /// Arguments of `keyhold ctl`.
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Prints the node's JSON answer. Exit status: 0 answered, 1 the node refused the \
-request, 2 no node answers on the socket. The same routes answer curl --unix-socket SOCKET \
-http://keyhold/v1/...; docs/API.md lists them."
-)]
+#[command(after_help = "\
+Which node: --socket, else $KEYHOLD_SOCKET, else the one socket in /run/keyhold/ (where the
+systemd unit puts it). Options may come before or after the request.
+
+Every request but `show` and `metrics` prints the node's JSON answer; `show` prints a summary
+(JSON with --json), `metrics` the Prometheus text. Exit status: 0 answered, 1 the node refused
+the request, 2 no node answers on the socket. The same routes answer
+curl --unix-socket SOCKET http://keyhold/v1/...; docs/API.md lists them.")]
 pub struct CtlArgs {
     /// The node's API socket (api_socket in its node.toml).
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    #[arg(long, value_name = "PATH", global = true)]
+    pub socket: Option<PathBuf>,
+    /// JSON output, for every request (the default for all but `show` and `metrics`).
+    #[arg(long, global = true)]
+    pub json: bool,
     /// What to ask.
     #[command(subcommand)]
     pub request: CtlRequest,
@@ -128,16 +145,22 @@ pub struct CtlArgs {
 /// Requests of `keyhold ctl`.
 #[derive(Debug, Subcommand)]
 pub enum CtlRequest {
+    /// One screen: the node, its links, partitions, channels and refusals.
+    Show,
+    /// The node's ID and build.
+    Node,
     /// The node's partitions and whether they still run.
     Partitions,
     /// Every connection-table entry: endpoints, state, counters (never keys).
     Channels,
     /// Each partition's device counters.
     Stats,
-    /// The host links: up or down, frames in and out, bytes queued each way.
+    /// The host links: state, address, last handshake and failure, bytes and frames.
     Links,
     /// The most recent audit records.
     Audit,
+    /// Every counter in the Prometheus text format (GET /metrics).
+    Metrics,
     /// End a channel now; its peer learns it is closed.
     Revoke {
         /// The partition holding the channel.
@@ -148,14 +171,16 @@ pub enum CtlRequest {
 }
 
 impl CtlRequest {
-    /// The HTTP method and path of the request.
+    /// The HTTP method and path of the request (`show` asks several: see `ctl`).
     pub fn route(&self) -> (&'static str, String) {
         match self {
+            Self::Show | Self::Node => ("GET", "/v1/node".into()),
             Self::Partitions => ("GET", "/v1/partitions".into()),
             Self::Channels => ("GET", "/v1/channels".into()),
             Self::Stats => ("GET", "/v1/stats".into()),
             Self::Links => ("GET", "/v1/links".into()),
             Self::Audit => ("GET", "/v1/audit".into()),
+            Self::Metrics => ("GET", "/metrics".into()),
             Self::Revoke { partition, channel } => {
                 ("POST", format!("/v1/channels/{partition}/{channel}/revoke"))
             }

@@ -37,6 +37,20 @@ pub enum DemoError {
     /// Key generation failed.
     #[error("generating node keys: {0}")]
     Keys(#[from] keys::KeyError),
+    /// This host cannot run partitions: checked first, so nothing is started in vain.
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+}
+
+impl DemoError {
+    /// The exit status: 2 when the host cannot run KVM guests (as for `run` and `node`), 1
+    /// when the demo could not be set up.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Self::Host(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// What one node process left.
@@ -49,6 +63,7 @@ struct NodeRun {
 
 /// Runs the demo; returns the exit status (0: everything as expected).
 pub fn run() -> Result<u8, DemoError> {
+    crate::host::open_kvm()?;
     let dir = std::env::temp_dir().join(format!("keyhold-demo-{}", std::process::id()));
     let setup = |source| DemoError::Setup { dir: dir.clone(), source };
     std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(setup)?;

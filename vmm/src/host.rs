@@ -50,8 +50,10 @@ pub fn total_memory() -> u64 {
     info.totalram.saturating_mul(u64::from(info.mem_unit))
 }
 
-/// The signals that ask a node to stop: SIGTERM (service managers, `kill`) and SIGINT (Ctrl-C).
-const SHUTDOWN_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+/// The signals a node handles: SIGTERM (service managers, `kill`) and SIGINT (Ctrl-C) ask it
+/// to stop; SIGHUP, which service managers send to ask for a reload and a closed terminal
+/// sends to its session, must not kill it.
+const SHUTDOWN_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 fn shutdown_sigset() -> libc::sigset_t {
     // SAFETY: sigemptyset initialises the set it is given; sigaddset adds valid signal numbers.
@@ -65,7 +67,7 @@ fn shutdown_sigset() -> libc::sigset_t {
     }
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards, so
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and every thread it starts afterwards, so
 /// that they arrive through [`ShutdownSignals`] instead of killing the process. Call first thing
 /// in `main`, before any thread exists.
 pub fn block_shutdown_signals() -> io::Result<()> {

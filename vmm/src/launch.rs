@@ -13,7 +13,7 @@ use keyhold_devices::bus::lock;
 use keyhold_devices::cmm::query::{self, QueryPort};
 use keyhold_devices::link::{LinkManager, Router};
 
-use crate::api::{ApiServer, ApiState, PartitionState};
+use crate::api::{ApiServer, ApiSocket, ApiState, PartitionState};
 
 use crate::cli::{NodeArgs, RunArgs, SeccompArgs};
 use crate::cluster_config::ClusterLinks;
@@ -220,6 +220,14 @@ pub fn boot(
 ) -> Result<u8, LaunchError> {
     let needs = Needs { dump_ram: launch.partitions.iter().any(|p| p.dump_ram.is_some()) };
     let containment = Containment::prepare(seccomp.switch, needs, seccomp.selftest)?;
+    // First, so that a node refused its socket (another node serves there) touches nothing.
+    let api_socket = match &launch.api_socket {
+        Some(path) => Some(
+            ApiSocket::claim(path)
+                .map_err(|source| LaunchError::ApiSocket { path: path.clone(), source })?,
+        ),
+        None => None,
+    };
     let firmware = launch
         .partitions
         .iter()
@@ -242,15 +250,21 @@ pub fn boot(
     });
     let device_thread =
         start_devices(&mut partitions, launch, audit, router, query_port, &containment)?;
-    let api = match &launch.api_socket {
-        Some(path) => Some(
-            ApiServer::start(path, api_state.clone(), &containment)
-                .map_err(|source| LaunchError::ApiSocket { path: path.clone(), source })?,
-        ),
+    let api = match api_socket {
+        Some(socket) => {
+            Some(ApiServer::start(socket, api_state.clone(), &containment).map_err(|source| {
+                LaunchError::ApiSocket {
+                    path: launch.api_socket.clone().unwrap_or_default(),
+                    source,
+                }
+            })?)
+        }
         None => None,
     };
     let on_stop = move |stopped: &Stopped| report_stop(&api_state, stopped);
-    let stops = supervisor::run(partitions, launch.timeout, process_start, &containment, on_stop)?;
+    let started = || tell_service_manager(launch);
+    let stops =
+        supervisor::run(partitions, launch.timeout, process_start, &containment, started, on_stop)?;
     drop(api);
     // Devices stop before the links, so nothing is sent over a link being torn down.
     drop(device_thread);
@@ -300,6 +314,17 @@ fn start_links(
 
 /// Reports a stopped partition on stderr (unless it exited cleanly) and to the API, and has
 /// its channels closed (their peers learn that the partition stopped).
+/// Under systemd (`Type=notify`, `$NOTIFY_SOCKET` set) the node is ready once its partitions
+/// run, its link listener is bound and its API serves; elsewhere this does nothing.
+fn tell_service_manager(launch: &Launch) {
+    let status = format!("node {}: {} partitions running", launch.node, launch.partitions.len());
+    // `false`: leave the environment alone; other threads may be reading it.
+    let states = [sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)];
+    if let Err(e) = sd_notify::notify(false, &states) {
+        log::warn!("telling the service manager the node is ready: {e}");
+    }
+}
+
 fn report_stop(state: &ApiState, stopped: &Stopped) {
     let partition = stopped.partition;
     match state.queries.ask(query::Query::PartitionStopped { partition }) {

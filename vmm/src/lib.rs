@@ -5,12 +5,18 @@
 //! tables ([`page_tables`]) and a 64-bit CPL-3 entry state ([`cpu`]), laid out as [`layout`]
 //! says, then run by its vCPU thread ([`vcpu`]) under the [`supervisor`].
 
+/// The version and the git revision this build was made from.
+pub const VERSION: &str =
+    concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("KEYHOLD_GIT_REVISION"), ")");
+
 pub mod api;
 pub mod cli;
 pub mod cluster_config;
 pub mod cpu;
+pub mod ctl;
 pub mod demo;
 pub mod device_thread;
+pub mod docs_gen;
 pub mod exit_stats;
 pub mod host;
 pub mod keys;

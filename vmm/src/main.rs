@@ -13,7 +13,10 @@ fn main() -> ExitCode {
     let process_start = Instant::now();
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    if matches!(cli.command, Command::Ctl(_) | Command::Keygen | Command::Pubkey) {
+    if matches!(
+        cli.command,
+        Command::Ctl(_) | Command::Keygen | Command::Pubkey | Command::Completions { .. }
+    ) {
         restore_sigpipe();
     }
     if matches!(cli.command, Command::Run(_) | Command::Node(_)) {
@@ -31,11 +34,25 @@ fn main() -> ExitCode {
         Command::Node(args) => launch::node(args, process_start),
         Command::Demo => demo::run().or_else(|e| {
             eprintln!("keyhold: {e}");
-            Ok(1)
+            Ok(e.exit_status())
         }),
-        Command::Ctl(args) => Ok(ctl(args)),
+        Command::Ctl(args) => Ok(keyhold_vmm::ctl::run(args)),
         Command::Keygen => key_command(keygen()),
         Command::Pubkey => key_command(pubkey()),
+        Command::Completions { shell } => {
+            keyhold_vmm::docs_gen::completions(*shell);
+            Ok(0)
+        }
+        Command::Man { dir } => match keyhold_vmm::docs_gen::man_pages(dir) {
+            Ok(pages) => {
+                println!("wrote {} man pages to {}", pages.len(), dir.display());
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("keyhold: writing man pages to {}: {e}", dir.display());
+                Ok(2)
+            }
+        },
     };
     let status = status.unwrap_or_else(|e| {
         eprintln!("keyhold: {e}");
@@ -67,30 +84,23 @@ fn restore_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
-/// `keyhold ctl`: one request to a node's API, its JSON answer printed.
-fn ctl(args: &keyhold_vmm::cli::CtlArgs) -> u8 {
-    let (method, path) = args.request.route();
-    match keyhold_vmm::api::request(&args.socket, method, &path) {
-        Ok((200, body)) => {
-            let pretty = serde_json::from_str::<serde_json::Value>(&body)
-                .and_then(|v| serde_json::to_string_pretty(&v))
-                .unwrap_or(body);
-            println!("{pretty}");
-            0
-        }
-        Ok((code, body)) => {
-            eprintln!("keyhold: the node answered {code}: {}", body.trim());
-            1
-        }
-        Err(e) => {
-            eprintln!("keyhold: no node answers on {}: {e}", args.socket.display());
-            2
-        }
-    }
+fn keygen() -> Result<String, String> {
+    warn_if_stdout_is_readable_by_others();
+    Ok(keys::generate().map_err(|e| e.to_string())?.private_base64())
 }
 
-fn keygen() -> Result<String, String> {
-    Ok(keys::generate().map_err(|e| e.to_string())?.private_base64())
+/// `keygen > file` with the usual umask makes a key file anyone on the host can read; say so,
+/// as `wg genkey` does (a node refuses such a file later anyway).
+fn warn_if_stdout_is_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/1") else { return };
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.is_file() && mode & 0o077 != 0 {
+        eprintln!(
+            "keyhold: warning: writing a private key to a file others may read (mode {mode:o}); \
+             chmod 600 it, or run `umask 077` first"
+        );
+    }
 }
 
 fn pubkey() -> Result<String, String> {

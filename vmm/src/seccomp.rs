@@ -461,12 +461,19 @@ fn api() -> Rules {
 
 /// The main thread once every other thread has started: the supervisor's epoll loop over the
 /// vCPUs' stop eventfds, the timeout timer and the shutdown signalfd; stop reports on stderr;
-/// kicking vCPUs; joining every thread; removing the API socket at the end.
+/// kicking vCPUs; joining every thread; removing the API socket at the end, once its
+/// metadata shows it is still the socket this node made.
 fn main_thread() -> Rules {
     let mut rules = base();
     event_loop(&mut rules);
     rules
-        .allow(&[libc::SYS_read, libc::SYS_unlink, libc::SYS_unlinkat])
+        .allow(&[
+            libc::SYS_read,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+            libc::SYS_statx,
+            libc::SYS_newfstatat,
+        ])
         .allow_if(libc::SYS_tgkill, &[arg_is(2, crate::kick::kick_signal() as u64)]);
     rules
 }

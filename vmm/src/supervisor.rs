@@ -128,7 +128,12 @@ impl MutEventSubscriber for Supervisor {
             }
             SIGNAL_DATA => {
                 let signal = self.signals.as_ref().and_then(ShutdownSignals::read);
-                if let Some(signal) = signal {
+                if signal == Some(libc::SIGHUP) {
+                    log::warn!(
+                        "SIGHUP: keyhold cannot reload its configuration yet; the node keeps \
+                         running as it started (restart it to apply a changed config)"
+                    );
+                } else if let Some(signal) = signal {
                     log::info!("signal {signal}: stopping every partition");
                     self.stop_all(|stop| stop.signalled(signal));
                 }
@@ -142,13 +147,15 @@ impl MutEventSubscriber for Supervisor {
 /// `on_stop` runs on the calling thread as each one stops.
 ///
 /// Each vCPU thread installs its seccomp filter from `containment` before it enters its
-/// guest; the calling thread installs the main thread's once every vCPU thread has started,
-/// for the rest of its life (the caller then only stops the other threads and returns).
+/// guest; the calling thread runs `on_started` once every vCPU thread has started, then
+/// installs the main thread's filter for the rest of its life (the caller then only stops
+/// the other threads and returns).
 pub fn run(
     partitions: Vec<Partition>,
     timeout: Option<Duration>,
     process_start: Instant,
     containment: &Containment,
+    on_started: impl FnOnce(),
     on_stop: impl FnMut(&Stopped) + Send + 'static,
 ) -> Result<Vec<Stopped>, SupervisorError> {
     kick::install_handler().map_err(setup_error("installing the vCPU kick signal handler"))?;
@@ -174,6 +181,7 @@ pub fn run(
     for partition in partitions {
         running.push(spawn(partition, process_start, containment)?);
     }
+    on_started();
     containment.install(ThreadKind::Main);
     let supervisor = Arc::new(Mutex::new(Supervisor {
         running,

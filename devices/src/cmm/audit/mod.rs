@@ -11,6 +11,7 @@ mod limiter;
 mod recent;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -53,8 +54,23 @@ pub struct Audit {
 struct Shared {
     limiter: Limiter,
     recent: Recent,
-    /// Records dropped because the writer's queue was full.
+    /// Records dropped because the writer's queue was full, since the last report.
     dropped: u64,
+    /// Totals since the start, for metrics.
+    totals: AuditCounts,
+    /// Decisions by event and reason since the start, suppressed ones included.
+    decisions: BTreeMap<(&'static str, &'static str), u64>,
+}
+
+/// How many records the audit log took, held back and lost since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditCounts {
+    /// Records admitted (written, or lost to a full queue).
+    pub recorded: u64,
+    /// Records held back by the per-source rate limits.
+    pub suppressed: u64,
+    /// Records lost because the writer's queue was full.
+    pub dropped: u64,
 }
 
 impl Shared {
@@ -145,6 +161,8 @@ impl Audit {
             limiter: Limiter::new(config.limit, Instant::now()),
             recent: Recent::default(),
             dropped: 0,
+            totals: AuditCounts::default(),
+            decisions: BTreeMap::new(),
         }));
         let writer = Writer::open(node, config.file, shared.clone())?;
         let (queue, receiver) = mpsc::sync_channel(QUEUE);
@@ -164,18 +182,35 @@ impl Audit {
     pub fn record(&self, record: Record<'_>) {
         let entry = {
             let mut shared = crate::bus::lock(&self.shared);
+            *shared.decisions.entry((record.event, record.reason)).or_default() +=
+                record.count.unwrap_or(1);
             if let Some(source) = Source::of(self.node, &record) {
                 if !shared.limiter.admit(source, Instant::now()) {
+                    shared.totals.suppressed += 1;
                     return;
                 }
             }
+            shared.totals.recorded += 1;
             let entry = Entry::now(&record);
             shared.recent.push(entry);
             entry
         };
         if let Err(TrySendError::Full(_)) = self.queue.try_send(Message::Record(entry)) {
-            crate::bus::lock(&self.shared).dropped += 1;
+            let mut shared = crate::bus::lock(&self.shared);
+            shared.dropped += 1;
+            shared.totals.dropped += 1;
         }
+    }
+
+    /// Records taken, held back and lost since the log started.
+    pub fn counts(&self) -> AuditCounts {
+        crate::bus::lock(&self.shared).totals
+    }
+
+    /// How many times each decision (event, reason) was taken since the log started, whether
+    /// or not its record was held back by a rate limit.
+    pub fn decisions(&self) -> Vec<((&'static str, &'static str), u64)> {
+        crate::bus::lock(&self.shared).decisions.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     /// Waits (up to `limit`) until every record made so far is written: before the process
@@ -208,6 +243,10 @@ mod tests {
         })
         .line(3);
         assert!(line.starts_with("{\"time\":"), "{line}");
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let time = value["time"].as_str().unwrap();
+        assert!(time.parse::<jiff::Timestamp>().is_ok() && time.ends_with('Z'), "{time}");
+        assert_eq!(time.len(), "2026-11-27T09:05:20.123456Z".len(), "{time}");
         assert!(line.ends_with(
             "\"node\":3,\"event\":\"offer_rejected\",\"reason\":\"no_listener\",\"source\":{\"node\":3,\"partition\":1,\"process\":2},\"destination\":null,\"peer\":null}"
         ), "{line}");
@@ -246,6 +285,11 @@ mod tests {
             "{text}"
         );
         assert!(audit.recent().iter().any(|r| r.contains("link_down")));
+        // The totals count what the reports said, and the reports themselves are not counted.
+        assert_eq!(audit.counts(), AuditCounts { recorded: 6, suppressed: 995, dropped: 0 });
+        let decisions = audit.decisions();
+        assert!(decisions.contains(&(("request_refused", "no_channel"), 1000)), "{decisions:?}");
+        assert!(decisions.contains(&(("link_down", "keepalive_timeout"), 1)), "{decisions:?}");
     }
 
     #[test]
