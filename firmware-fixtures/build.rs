@@ -8,18 +8,9 @@
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Variables of the outer build that would override the guest's own flags or target dir.
-const OUTER_BUILD_VARS: &[&str] = &[
-    "CARGO_ENCODED_RUSTFLAGS",
-    "RUSTFLAGS",
-    "CARGO_BUILD_RUSTFLAGS",
-    "CARGO_TARGET_DIR",
-    "RUSTC_WORKSPACE_WRAPPER",
-    "RUSTC_WRAPPER",
-    "CARGO_BUILD_TARGET",
-];
+#[path = "src/guest_build.rs"]
+mod guest_build;
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -65,11 +56,8 @@ fn target_dir() -> PathBuf {
 
 fn build_guests(guest_dir: &Path, guest_target_dir: &Path) {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(guest_dir).args(["build", "--release", "--target-dir"]).arg(guest_target_dir);
-    for var in OUTER_BUILD_VARS {
-        cmd.env_remove(var);
-    }
+    let mut cmd = guest_build::release_build(&cargo, guest_dir);
+    cmd.arg("--target-dir").arg(guest_target_dir);
     let status = cmd.status().expect("run cargo for the guest programs");
     assert!(status.success(), "building the guest programs in {guest_dir:?} failed");
 }
@@ -88,9 +76,16 @@ fn program_names(bin_dir: &Path) -> Vec<String> {
 }
 
 /// Copies by write-then-rename, so a concurrent debug and release build never see half a file.
+/// An image that is already there byte for byte is left alone: debug and release builds
+/// share `target/fixtures`, and a fresh modification time would make the other profile
+/// rebuild everything that embeds the images.
 fn install(from: &Path, to: &Path) {
+    let image = fs::read(from).unwrap_or_else(|e| panic!("read {from:?}: {e}"));
+    if fs::read(to).is_ok_and(|installed| installed == image) {
+        return;
+    }
     let tmp = to.with_extension(format!("elf.tmp{}", std::process::id()));
-    fs::copy(from, &tmp).unwrap_or_else(|e| panic!("copy {from:?}: {e}"));
+    fs::write(&tmp, &image).unwrap_or_else(|e| panic!("write {tmp:?}: {e}"));
     fs::rename(&tmp, to).unwrap_or_else(|e| panic!("install {to:?}: {e}"));
 }
 

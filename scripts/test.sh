@@ -27,10 +27,12 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 (cd firmware-fixtures/guest && cargo fmt -- --check)
 (cd fuzz && cargo fmt -- --check)
+(cd examples/guest-template && cargo fmt -- --check)
 
-step "cargo clippy (host workspace, guest programs, fuzz targets)"
+step "cargo clippy (host workspace, guest programs, guest template, fuzz targets)"
 cargo clippy --workspace --all-targets -- -D warnings
 (cd firmware-fixtures/guest && cargo clippy --release -- -D warnings)
+(cd examples/guest-template && cargo clippy --release -- -D warnings)
 (cd fuzz && cargo clippy --all-targets -- -D warnings)
 
 step "cargo build (keyhold and the fixtures)"

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 include!(concat!(env!("OUT_DIR"), "/index.rs"));
 
+pub mod guest_build;
+
 #[path = "../guest/src/snoop_key.rs"]
 pub mod snoop_key;
 

@@ -185,15 +185,61 @@ fn a_node_runs_its_config_with_one_cmm_and_an_audit_log() {
 }
 
 #[test]
-fn a_bad_node_config_is_one_line_naming_file_and_field() {
+fn a_bad_node_config_names_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
+    // TOML syntax and shape: the parser's own rendering, a caret under the fault.
     let config =
         node_config(dir.path(), 1, "[[partition]]\nid = 1\nfirmware = \"x.elf\"\nflavour = 1\n");
     let out = keyhold(["node", "--config", &config.display().to_string()]);
-    out.assert_bad_input("node.toml");
+    assert_eq!(out.code(), 2, "{out:#?}");
+    out.assert_no_panic();
+    let first = out.stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("keyhold: ") && first.contains("node.toml: TOML parse error at line")
+    );
+    assert!(out.stderr.contains("\n  |") && out.stderr.contains('^'), "{out:#?}");
     assert!(out.stderr.contains("unknown field `flavour`"), "{out:#?}");
     let missing = keyhold(["node", "--config", "/nonexistent/node.toml"]);
     missing.assert_bad_input("/nonexistent/node.toml: cannot read it");
+
+    // Values a start would refuse: one line, naming the field.
+    for (body, says) in [
+        ("[[partition]]\nid = 1\nfirmware = \"missing.elf\"\n", "partition[0].firmware: "),
+        (
+            "[[partition]]\nid = 1\nfirmware = \"FIXTURES/hello.elf\"\nmemory_mib = 999999\n",
+            "partition[0].memory_mib: 999999 MiB is out of range",
+        ),
+        ("[[partition]]\nid = 1\nfirmware = \"FIXTURES\"\n", "partition[0].firmware: "),
+    ] {
+        let config = node_config(dir.path(), 1, body);
+        let config = config.display().to_string();
+        keyhold(["node", "--config", &config]).assert_bad_input(says);
+        keyhold(["check", "--config", &config]).assert_bad_input(says);
+    }
+    // `check` also reads the firmware as a start would.
+    let not_elf = dir.path().join("not-elf.bin");
+    std::fs::write(&not_elf, b"MZ not an ELF file").unwrap();
+    let body = format!("[[partition]]\nid = 1\nfirmware = \"{}\"\n", not_elf.display());
+    let config = node_config(dir.path(), 1, &body).display().to_string();
+    keyhold(["check", "--config", &config]).assert_bad_input("not-elf.bin");
+    let config =
+        node_config(dir.path(), 1, "[[partition]]\nid = 1\nfirmware = \"FIXTURES/hello.elf\"\n");
+    let text = std::fs::read_to_string(&config).unwrap();
+    for (field, line) in [
+        ("node.api_socket", "api_socket = \"/nonexistent/dir/api.sock\"\n"),
+        ("node.audit_log", "audit_log = \"/nonexistent/dir/audit.jsonl\"\n"),
+    ] {
+        let text = text.replace("audit_log = \"audit.jsonl\"\n", line);
+        std::fs::write(&config, text).unwrap();
+        let out = keyhold(["node", "--config", &config.display().to_string()]);
+        out.assert_bad_input(&format!("{field}: directory /nonexistent/dir does not exist"));
+    }
+    if keyhold_integration::kvm_available() {
+        std::fs::write(&config, &text).unwrap();
+        let ok = keyhold(["check", "--config", &config.display().to_string()]);
+        assert_eq!(ok.code(), 0, "{ok:#?}");
+        assert!(ok.stdout.ends_with("node 1 with 1 partitions: ok\n"), "{ok:#?}");
+    }
 }
 
 #[test]

@@ -29,6 +29,10 @@ pub enum Command {
     Node(NodeArgs),
     /// Ask a running node, through its control API socket.
     Ctl(CtlArgs),
+    /// Check a node.toml as a start would (the file, the cluster file, the key and its
+    /// permissions, every firmware image, /dev/kvm) without starting anything: exit status 0
+    /// with a summary, or 2 with the first problem.
+    Check(CheckArgs),
     /// Run two linked nodes on this machine and show channels within and across nodes, and a
     /// hostile partition whose forgeries are all refused. Needs nothing prepared.
     Demo,
@@ -186,6 +190,14 @@ impl CtlRequest {
             }
         }
     }
+}
+
+/// Arguments of `keyhold check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The node's configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 /// Arguments of `keyhold node`.

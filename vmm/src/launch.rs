@@ -15,7 +15,7 @@ use keyhold_devices::link::{LinkManager, Router};
 
 use crate::api::{ApiServer, ApiSocket, ApiState, PartitionState};
 
-use crate::cli::{NodeArgs, RunArgs, SeccompArgs};
+use crate::cli::{CheckArgs, NodeArgs, RunArgs, SeccompArgs};
 use crate::cluster_config::ClusterLinks;
 use crate::node_config::{self, ConfigError};
 use std::sync::{Arc, Mutex};
@@ -208,6 +208,30 @@ pub fn node(args: &NodeArgs, process_start: Instant) -> Result<u8, LaunchError> 
     let mut launch = node_config::load(&args.config)?;
     launch.timeout = args.timeout;
     boot(&launch, &args.seccomp, process_start)
+}
+
+/// `keyhold check`: everything a start of the node would refuse, found without starting it;
+/// the summary of what would run.
+pub fn check(args: &CheckArgs) -> Result<String, LaunchError> {
+    let launch = node_config::load(&args.config)?;
+    for partition in &launch.partitions {
+        partition.open_firmware()?;
+    }
+    host::open_kvm()?;
+    let mut summary = format!(
+        "{}: node {} with {} partitions",
+        args.config.display(),
+        launch.node,
+        launch.partitions.len()
+    );
+    if let Some(links) = &launch.links {
+        let peers = links.directory.peers().len().saturating_sub(1);
+        summary += &format!(", listening on {} for {peers} peers", links.listen);
+    }
+    if let Some(socket) = &launch.api_socket {
+        summary += &format!(", API on {}", socket.display());
+    }
+    Ok(summary + ": ok")
 }
 
 /// Boots a node's partitions and returns the process exit status: the first non-zero status

@@ -15,7 +15,11 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     if matches!(
         cli.command,
-        Command::Ctl(_) | Command::Keygen | Command::Pubkey | Command::Completions { .. }
+        Command::Ctl(_)
+            | Command::Check(_)
+            | Command::Keygen
+            | Command::Pubkey
+            | Command::Completions { .. }
     ) {
         restore_sigpipe();
     }
@@ -37,6 +41,10 @@ fn main() -> ExitCode {
             Ok(e.exit_status())
         }),
         Command::Ctl(args) => Ok(keyhold_vmm::ctl::run(args)),
+        Command::Check(args) => launch::check(args).map(|summary| {
+            println!("{summary}");
+            0
+        }),
         Command::Keygen => key_command(keygen()),
         Command::Pubkey => key_command(pubkey()),
         Command::Completions { shell } => {

@@ -49,7 +49,7 @@ use thiserror::Error;
 
 use crate::cluster_config;
 use crate::launch::Launch;
-use crate::partition::PartitionConfig;
+use crate::partition::{PartitionConfig, PartitionError};
 
 /// Default guest RAM of a partition, in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 32;
@@ -65,8 +65,9 @@ pub enum ConfigError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The file is not valid TOML of the expected shape.
-    #[error("{}: {}", path.display(), message.trim_end().replace('\n', " "))]
+    /// The file is not valid TOML of the expected shape. The parser's message keeps its lines:
+    /// the first names line and column, the next show the line with a caret under the fault.
+    #[error("{}: {}", path.display(), message.trim_end())]
     Parse {
         /// The file.
         path: PathBuf,
@@ -166,7 +167,44 @@ struct PartitionSection {
 
 /// Reads and checks `path`.
 pub fn load(path: &Path) -> Result<Launch, ConfigError> {
-    parse(path, &read(path)?)
+    let launch = parse(path, &read(path)?)?;
+    check_files(path, &launch)?;
+    Ok(launch)
+}
+
+/// What a start would refuse in the files a config names, checked here so that the error
+/// names the file and the field: firmware that is not a readable file (its contents are
+/// checked when the partition is built), and sockets and logs in directories that do not
+/// exist.
+fn check_files(path: &Path, launch: &Launch) -> Result<(), ConfigError> {
+    let invalid = |field: String, problem: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        field,
+        problem,
+    };
+    for (i, p) in launch.partitions.iter().enumerate() {
+        let problem = match std::fs::metadata(&p.firmware) {
+            Ok(m) if m.is_file() => continue,
+            Ok(_) => format!("{} is not a file", p.firmware.display()),
+            Err(e) => format!("{}: {e}", p.firmware.display()),
+        };
+        return Err(invalid(format!("partition[{i}].firmware"), problem));
+    }
+    let audit_log = launch.audit.file.as_ref().map(|f| f.path.as_path());
+    for (field, file) in
+        [("node.api_socket", launch.api_socket.as_deref()), ("node.audit_log", audit_log)]
+    {
+        let Some(dir) = file.and_then(Path::parent).filter(|d| !d.as_os_str().is_empty()) else {
+            continue;
+        };
+        if !dir.is_dir() {
+            return Err(invalid(
+                field.into(),
+                format!("directory {} does not exist", dir.display()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The text of config file `path`.
@@ -218,7 +256,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             )?,
             burst: count(path, &field("rng_burst_bytes"), p.rng_burst_bytes, 64, 1 << 30, d.burst)?,
         };
-        partitions.push(PartitionConfig {
+        let partition = PartitionConfig {
             id: p.id,
             firmware: base.join(p.firmware),
             memory_mib: p.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
@@ -226,7 +264,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             args: p.args,
             dump_ram: None,
             rng_limit,
-        });
+        };
+        if let Err(PartitionError::MemorySize { mib, min, max, why, .. }) = partition.ram_bytes() {
+            let problem = format!("{mib} MiB is out of range: {min} to {max} MiB{why}");
+            return Err(invalid(field("memory_mib"), &problem));
+        }
+        partitions.push(partition);
     }
     let settings = link_settings(path, &file.links)?;
     let cmm = cmm_config(path, &file.channels)?;
