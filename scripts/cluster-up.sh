@@ -1,60 +1,91 @@
 #!/usr/bin/env bash
-# cluster-up.sh N [--local]: N keyhold nodes on this machine, linked into one cluster.
+# cluster-up.sh N [--local] [--prefix NAME] [--subnet A.B.C] [--port BASE]:
+# N keyhold nodes on this machine, linked into one cluster.
 #
-# Each node gets its own network namespace (kh1..khN) with a veth pair onto a bridge that lives
-# in a namespace of its own (kh-hub), and an address 10.77.0.I/24: the nodes reach each other and
-# nothing else, and no traffic leaves the machine. With --local (for users who are not root) the
-# nodes listen on 127.0.0.1:17000+I instead. Keys, configs, logs, audit logs and API sockets go
-# to $KEYHOLD_CLUSTER_DIR (default target/cluster). Node I runs an echo partition listening for
-# node I-1's ping (wrapping round) and a ping partition talking to node I+1's echo. The script
-# waits until every link is up. cluster-down.sh undoes all of it.
+# Each node gets its own network namespace (NAME1..NAMEN, default kh1..khN) with a veth pair
+# onto a bridge that lives in a namespace of its own (NAME-hub), and the address A.B.C.I/24
+# (default 10.77.0.I), port 7000: the nodes reach each other and nothing else, and no traffic
+# leaves the machine. That needs root; with --local (for users who are not root) the nodes
+# listen on 127.0.0.1, ports BASE+1.. (default 17001..). Keys, configs, logs, audit logs and
+# API sockets go to $KEYHOLD_CLUSTER_DIR (default target/cluster). Node I runs an echo
+# partition listening for node I-1's ping (wrapping round) and a ping partition talking to
+# node I+1's echo. The script waits until every link is up, and fails at once if a node dies.
+#
+# cluster-restart.sh I restarts node I; cluster-down.sh undoes all of it, removing only the
+# namespaces this script made. keyhold is built first when cargo is on the PATH; under sudo
+# (whose PATH has no cargo) an existing target/release/keyhold is used, or $KEYHOLD_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/cluster-lib.sh
 
+usage() { fail "usage: $0 N [--local] [--prefix NAME] [--subnet A.B.C] [--port BASE]   (N from 2 to 50)" 2; }
 n=${1:-}
-mode=${2:-netns}
-if ! [[ "$n" =~ ^[0-9]+$ ]] || [ "$n" -lt 2 ] || [ "$n" -gt 50 ]; then
-    echo "usage: $0 N [--local]   (N from 2 to 50)" >&2
-    exit 2
+[[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 2 ] && [ "$n" -le 50 ] || usage
+shift
+mode=netns prefix=kh subnet=10.77.0 port=17000
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --local) mode=local ;;
+        --prefix) prefix=${2:-}; shift ;;
+        --subnet) subnet=${2:-}; shift ;;
+        --port) port=${2:-}; shift ;;
+        *) usage ;;
+    esac
+    shift
+done
+# Interface names are at most 15 bytes: NAME, up to two digits and "h".
+[[ "$prefix" =~ ^[a-z][a-z0-9]{0,9}$ ]] || fail "--prefix: 1 to 10 lower-case letters and digits, starting with a letter" 2
+[[ "$subnet" =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || fail "--subnet: three octets, for example 10.77.0" 2
+[[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -ge 1024 ] && [ "$port" -le 65000 ] || fail "--port: 1024 to 65000" 2
+if [ "$mode" = netns ] && [ "$(id -u)" != 0 ]; then
+    fail "network namespaces need root; use --local" 2
 fi
-case "$mode" in
-    netns) [ "$(id -u)" = 0 ] || { echo "cluster-up.sh: network namespaces need root; use --local" >&2; exit 2; } ;;
-    --local) mode=local ;;
-    *) echo "usage: $0 N [--local]" >&2; exit 2 ;;
-esac
 dir=${KEYHOLD_CLUSTER_DIR:-target/cluster}
-if [ -e "$dir/pids" ] || { [ "$mode" = netns ] && ip netns list | grep -qE '^kh-hub( |$)'; }; then
-    echo "cluster-up.sh: a cluster is already up (in $dir, or namespaces kh-hub/kh*); run cluster-down.sh first" >&2
-    exit 2
+[ -e "$dir/pids" ] && fail "a cluster is already up in $dir; run cluster-down.sh first" 2
+if [ "$mode" = netns ]; then
+    for ns in "$prefix-hub" $(seq -f "$prefix%g" "$n"); do
+        ip netns list | grep -qE "^$ns( |$)" && fail "network namespace $ns exists already; pick another --prefix" 2
+    done
 fi
-say() { printf '==> %s\n' "$*"; }
 
 if [ -z "${KEYHOLD_BIN:-}" ]; then
-    say "building keyhold (release)"
-    cargo build --release --workspace -q
+    if command -v cargo >/dev/null; then
+        say "building keyhold (release)"
+        cargo build --release --workspace -q
+    elif [ -x target/release/keyhold ]; then
+        say "cargo is not on the PATH (sudo resets it): using the keyhold already built"
+    else
+        fail "cargo is not on the PATH (sudo resets it) and keyhold is not built: run 'cargo build --release' as yourself first" 2
+    fi
     KEYHOLD_BIN=target/release/keyhold
 fi
 bin=$(realpath "$KEYHOLD_BIN")
-fixtures=$(realpath target/fixtures)
+fixtures=$(realpath -m "$(dirname "$bin")/../fixtures")
+[ -f "$fixtures/echo.elf" ] || fixtures=$(realpath target/fixtures)
 mkdir -p "$dir"
 chmod 700 "$dir"
 dir=$(realpath "$dir")
 echo "$mode" >"$dir/mode"
+echo "$prefix" >"$dir/prefix"
+echo "$n" >"$dir/size"
+echo "$bin" >"$dir/bin"
+: >"$dir/namespaces"
 
-address() { if [ "$mode" = local ]; then echo "127.0.0.1:$((17000 + $1))"; else echo "10.77.0.$1:7000"; fi; }
+address() { if [ "$mode" = local ]; then echo "127.0.0.1:$((port + $1))"; else echo "$subnet.$1:7000"; fi; }
 
 if [ "$mode" = netns ]; then
-    say "network: namespace kh-hub with bridge br0; kh1..kh$n on 10.77.0.0/24"
-    ip netns add kh-hub
-    ip -n kh-hub link add br0 type bridge
-    ip -n kh-hub link set br0 up
+    say "network: namespace $prefix-hub with a bridge; $prefix""1..$prefix$n on $subnet.0/24"
+    # Each namespace is recorded as soon as it exists, so cluster-down.sh removes exactly these.
+    ip netns add "$prefix-hub" && echo "$prefix-hub" >>"$dir/namespaces"
+    ip -n "$prefix-hub" link add br0 type bridge
+    ip -n "$prefix-hub" link set br0 up
     for i in $(seq "$n"); do
-        ip netns add "kh$i"
-        ip link add "kh${i}h" netns kh-hub type veth peer name eth0 netns "kh$i"
-        ip -n kh-hub link set "kh${i}h" master br0 up
-        ip -n "kh$i" addr add "10.77.0.$i/24" dev eth0
-        ip -n "kh$i" link set eth0 up
-        ip -n "kh$i" link set lo up
+        ip netns add "$prefix$i" && echo "$prefix$i" >>"$dir/namespaces"
+        ip link add "$prefix${i}h" netns "$prefix-hub" type veth peer name eth0 netns "$prefix$i"
+        ip -n "$prefix-hub" link set "$prefix${i}h" master br0 up
+        ip -n "$prefix$i" addr add "$subnet.$i/24" dev eth0
+        ip -n "$prefix$i" link set eth0 up
+        ip -n "$prefix$i" link set lo up
     done
 fi
 
@@ -67,7 +98,6 @@ for i in $(seq "$n"); do
 done
 
 say "starting the nodes"
-: >"$dir/pids"
 for i in $(seq "$n"); do
     prev=$(( (i + n - 2) % n + 1 ))
     next=$(( i % n + 1 ))
@@ -89,25 +119,10 @@ id = 2
 firmware = "$fixtures/ping.elf"
 args = "peer=$next:1:1 count=1000000000 batch=1 interval_ms=200"
 TOML
-    run=()
-    [ "$mode" = netns ] && run=(ip netns exec "kh$i")
-    setsid "${run[@]}" "$bin" node --config "$dir/node$i.toml" >"$dir/node$i.log" 2>&1 </dev/null &
-    echo $! >>"$dir/pids"
+    start_node "$i"
     echo "    node $i at $(address "$i"), API $dir/node$i.sock, log $dir/node$i.log"
 done
 
 say "waiting for every link to come up"
-for _ in $(seq 300); do
-    up=0
-    for i in $(seq "$n"); do
-        links=$("$bin" ctl --socket "$dir/node$i.sock" links 2>/dev/null || true)
-        [ "$(grep -c '"up": true' <<<"$links")" = $((n - 1)) ] && up=$((up + 1))
-    done
-    if [ "$up" = "$n" ]; then
-        say "cluster of $n nodes up: every node linked to the $((n - 1)) others"
-        exit 0
-    fi
-    sleep 0.1
-done
-echo "cluster-up.sh: links did not all come up in 30 s; see $dir/node*.log" >&2
-exit 1
+wait_links $(seq "$n")
+say "cluster of $n nodes up: every node linked to the $((n - 1)) others"

@@ -353,11 +353,13 @@ fn script(script: &str, args: &[&str], dir: &Path) -> Outcome {
 #[test]
 fn cluster_scripts_bring_nodes_up_and_take_them_down() {
     require_kvm!();
-    let modes: &[&[&str]] = if keyhold_integration::is_root() {
-        &[&["3"], &["3", "--local"]]
-    } else {
-        &[&["3", "--local"]]
-    };
+    // A prefix and subnet of this test's own, so that a cluster an operator has up on this
+    // machine is neither in the way nor touched.
+    let prefix = format!("kt{}", std::process::id() % 100_000);
+    let port = (20_000 + std::process::id() % 20_000).to_string();
+    let netns: &[&str] = &["3", "--prefix", &prefix, "--subnet", "10.79.3"];
+    let local: &[&str] = &["3", "--local", "--port", &port];
+    let modes: &[&[&str]] = if keyhold_integration::is_root() { &[netns, local] } else { &[local] };
     for args in modes {
         let scratch = tempfile::tempdir().unwrap();
         let dir = scratch.path().join("cluster");
@@ -400,12 +402,39 @@ fn cluster_scripts_bring_nodes_up_and_take_them_down() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(far_end.contains("\"peer_closed\""), "the revocation reached node 3: {far_end}");
+        // A node restarted as an operator would: it comes back linked to both others.
+        let restart = script("cluster-restart.sh", &["2"], &dir);
+        assert_eq!(restart.code(), 0, "{restart:#?}");
+        assert!(restart.stdout.contains("node 2 is back: linked to the 2 others"), "{restart:#?}");
         down_after(&up);
+        if args.contains(&"--prefix") {
+            let left = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+            let left = String::from_utf8_lossy(&left.stdout);
+            assert!(!left.contains(&prefix), "its namespaces are gone: {left}");
+        }
     }
     assert!(
         script("cluster-up.sh", &["1"], Path::new("/nonexistent")).code() == 2,
         "N must be 2 or more"
     );
+}
+
+#[test]
+fn cluster_up_fails_at_once_when_a_node_dies() {
+    require_kvm!();
+    // Node 1's port is taken, so node 1 exits at start: the script says so without waiting
+    // for links that cannot come up.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = (taken.local_addr().unwrap().port() - 1).to_string();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("cluster");
+    let up = script("cluster-up.sh", &["2", "--local", "--port", &base], &dir);
+    let _down = ClusterDown(dir.clone());
+    assert_eq!(up.code(), 1, "{up:#?}");
+    assert!(up.stderr.contains("node 1 exited"), "{up:#?}");
+    // The log's end, not the 30-second wait for links ("did not all come up").
+    assert!(up.stderr.contains("cannot listen for host links"), "{up:#?}");
+    assert!(!up.stderr.contains("did not all come up"), "{up:#?}");
 }
 
 /// Runs cluster-down.sh for a cluster directory when dropped (also when a test fails).
