@@ -219,3 +219,39 @@ fn sigterm_and_sigint_stop_every_partition_in_order_and_sighup_does_not() {
         }
     }
 }
+
+#[test]
+fn log_lines_go_to_a_file_as_json_when_asked() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("keyhold.log");
+    let log_arg = log.display().to_string();
+    let hello = arg(fixture("hello"));
+    let out = keyhold([
+        "run",
+        "--firmware",
+        &hello,
+        "-v",
+        "--log-format",
+        "json",
+        "--log-file",
+        &log_arg,
+    ]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(out.stdout.contains("hello from partition 1"), "the console stays on stdout");
+    assert!(out.stderr.is_empty(), "log lines went to the file: {out:#?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!lines.is_empty(), "{text}");
+    for line in &lines {
+        assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+        assert!(line["level"].is_string() && line["message"].is_string(), "{line}");
+    }
+    assert!(text.contains("entering guest"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let nowhere = keyhold(["run", "--firmware", &hello, "--log-file", "/nonexistent/dir/k.log"]);
+    nowhere.assert_bad_input("--log-file /nonexistent/dir/k.log");
+}

@@ -14,9 +14,27 @@ pub struct Cli {
     /// More log output (-v: info, -vv: debug). RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// How log lines look: `text` for people, `json` (one object per line: time, level,
+    /// message) for log collectors.
+    #[arg(long, value_name = "FORMAT", default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    /// Append log lines to FILE (made with mode 600 if new) instead of writing them to stderr.
+    /// Consoles and one-line errors stay on stdout and stderr.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub log_file: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The formats of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `[time LEVEL] message`.
+    #[default]
+    Text,
+    /// `{"time": ..., "level": ..., "message": ...}`.
+    Json,
 }
 
 /// The subcommands.

@@ -5,14 +5,19 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use keyhold_vmm::cli::{Cli, Command};
+use std::io::Write;
+
+use keyhold_vmm::cli::{Cli, Command, LogFormat};
 use keyhold_vmm::{demo, keys, launch};
 use zeroize::Zeroize;
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("keyhold: {e}");
+        return ExitCode::from(2);
+    }
     if matches!(
         cli.command,
         Command::Ctl(_)
@@ -119,15 +124,47 @@ fn pubkey() -> Result<String, String> {
     Ok(secret?.public_base64())
 }
 
-fn init_logging(verbose: u8) {
+/// A log line in `--log-format json`, fields in this order.
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    time: String,
+    level: &'a str,
+    target: &'a str,
+    message: String,
+}
+
+fn init_logging(cli: &Cli) -> Result<(), String> {
     // virtio-queue logs every malformed ring a guest offers as an error; the device reports
     // the outcome itself (NEEDS_RESET, a status code), so those lines are only wanted at -vv.
-    let level = match verbose {
+    let level = match cli.verbose {
         0 => "warn,virtio_queue=off",
         1 => "info,virtio_queue=off",
         _ => "debug",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_target(false)
-        .init();
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    builder.format_target(false);
+    if cli.log_format == LogFormat::Json {
+        builder.format(|out, record| {
+            let line = JsonLine {
+                time: out.timestamp_micros().to_string(),
+                level: record.level().as_str(),
+                target: record.target(),
+                message: record.args().to_string(),
+            };
+            writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())
+        });
+    }
+    if let Some(path) = &cli.log_file {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    builder.init();
+    Ok(())
 }
