@@ -253,3 +253,56 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
+
+#[test]
+fn ctl_stop_stops_one_partition_and_its_peer_sees_why() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let socket = d.join("api.sock");
+    let config = d.join("node.toml");
+    let text = format!(
+        "[node]\nid = 1\napi_socket = \"{}\"\n\n[[partition]]\nid = 1\nfirmware = \"{}\"\n\
+         args = \"peer=1:2:1\"\n\n[[partition]]\nid = 2\nfirmware = \"{}\"\n\
+         args = \"peer=1:1:1 count=100000000 batch=1 interval_ms=20\"\n\n\
+         [[partition]]\nid = 3\nfirmware = \"{}\"\n",
+        socket.display(),
+        keyhold_integration::fixture("echo").display(),
+        keyhold_integration::fixture("ping").display(),
+        // The node runs on while any partition runs: this one keeps it up whatever ping does.
+        keyhold_integration::fixture("spin").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let node =
+        spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"]);
+    let ctl = |args: &[&str]| ctl_by_env(&socket, args);
+    let both_open = || ctl(&["channels"]).stdout.matches("\"open\"").count() == 2;
+    assert!(wait_until(Duration::from_secs(60), both_open), "{:#?}", ctl(&["channels"]));
+
+    let stop = ctl(&["stop", "1"]);
+    assert_eq!(stop.code(), 0, "{stop:#?}");
+    assert!(stop.stdout.contains("\"stopping\": 1"), "{stop:#?}");
+    let stopped = || {
+        let listed: serde_json::Value =
+            serde_json::from_str(&ctl(&["partitions"]).stdout).unwrap_or_default();
+        listed[0]["running"] == false
+    };
+    assert!(wait_until(Duration::from_secs(60), stopped), "{:#?}", ctl(&["partitions"]));
+    let partitions = ctl(&["partitions"]).stdout;
+    assert!(partitions.contains("stopped by the operator"), "{partitions}");
+    // Ping's end learns why its peer went, unless ping already stopped on the refusal.
+    let channels = ctl(&["channels"]).stdout;
+    assert!(
+        channels.contains("\"partition_stopped\"") || !channels.contains("\"partition\": 2"),
+        "{channels}"
+    );
+    // A stopped partition cannot be stopped again; an unknown one is not found.
+    assert_eq!(ctl(&["stop", "1"]).code(), 1);
+    assert!(ctl(&["stop", "1"]).stderr.contains("409"), "already stopped");
+    assert!(ctl(&["stop", "9"]).stderr.contains("404"), "no such partition");
+
+    terminate(&node);
+    let out = finish(node, Duration::from_secs(60));
+    out.assert_no_panic();
+    assert!(out.stderr.contains("partition 1 stopped: stopped by the operator"), "{out:#?}");
+}

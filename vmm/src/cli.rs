@@ -183,6 +183,11 @@ pub enum CtlRequest {
     Audit,
     /// Every counter in the Prometheus text format (GET /metrics).
     Metrics,
+    /// Stop one partition now: its channels close (their peers see why), the others run on.
+    Stop {
+        /// The partition.
+        partition: u32,
+    },
     /// End a channel now; its peer learns it is closed.
     Revoke {
         /// The partition holding the channel.
@@ -206,6 +211,7 @@ impl CtlRequest {
             Self::Revoke { partition, channel } => {
                 ("POST", format!("/v1/channels/{partition}/{channel}/revoke"))
             }
+            Self::Stop { partition } => ("POST", format!("/v1/partitions/{partition}/stop")),
         }
     }
 }

@@ -60,7 +60,7 @@ enum Failure {
 
 fn ask(socket: &Path, method: &str, path: &str) -> Result<String, Failure> {
     match api::request(socket, method, path) {
-        Ok((200, body)) => Ok(body),
+        Ok((200 | 202, body)) => Ok(body),
         Ok((code, body)) => Err(Failure::Refused(code, body)),
         Err(e) => Err(Failure::Unreachable(e)),
     }

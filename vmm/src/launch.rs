@@ -29,7 +29,7 @@ use crate::host::{self, HostError};
 use crate::partition::{self, Partition, PartitionConfig, PartitionError};
 use crate::seccomp::{Containment, Needs, SeccompError};
 use crate::stop::Stopped;
-use crate::supervisor::{self, SupervisorError};
+use crate::supervisor::{self, PartitionStops, SupervisorError};
 
 /// How long the node waits at exit for the audit writer to catch up.
 const AUDIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
@@ -263,6 +263,7 @@ pub fn boot(
     let mut partitions = create_partitions(&kvm, launch, firmware)?;
     let (links, router) = start_links(launch, &audit, &containment)?;
     let (queries, query_port) = query::channel().map_err(LaunchError::DeviceThread)?;
+    let partition_stops = PartitionStops::new().map_err(LaunchError::DeviceThread)?;
     let api_state = Arc::new(ApiState {
         node: launch.node,
         partitions: Mutex::new(
@@ -271,6 +272,7 @@ pub fn boot(
         queries,
         links: links.as_ref().map(LinkManager::book),
         audit: audit.clone(),
+        partition_stops: Some(partition_stops.clone()),
     });
     let device_thread =
         start_devices(&mut partitions, launch, audit, router, query_port, &containment)?;
@@ -287,8 +289,15 @@ pub fn boot(
     };
     let on_stop = move |stopped: &Stopped| report_stop(&api_state, stopped);
     let started = || tell_service_manager(launch);
-    let stops =
-        supervisor::run(partitions, launch.timeout, process_start, &containment, started, on_stop)?;
+    let stops = supervisor::run(
+        partitions,
+        launch.timeout,
+        process_start,
+        &containment,
+        partition_stops,
+        started,
+        on_stop,
+    )?;
     drop(api);
     // Devices stop before the links, so nothing is sent over a link being torn down.
     drop(device_thread);

@@ -11,7 +11,7 @@
 //! | 123 | the guest touched a port or MMIO address with no device |
 //! | 124 | the partition ran past `--timeout` |
 //! | 125 | the VMM failed while running the partition, or KVM exited unexpectedly |
-//! | 130, 143 | the node was asked to stop (SIGINT, SIGTERM), as shells report it |
+//! | 130, 143 | the node was asked to stop (SIGINT, SIGTERM), as shells report it; 143 also for a partition stopped with `keyhold ctl stop` |
 //! | 2 | bad input: arguments, firmware file, memory size, /dev/kvm access |
 //! | 1 | the host refused a resource before boot |
 
@@ -24,6 +24,8 @@ pub struct StopRequest(AtomicI32);
 
 /// [`StopRequest`]'s value for a timeout (signals use their own numbers).
 const TIMEOUT: i32 = -1;
+/// [`StopRequest`]'s value for an operator's stop through the control API.
+const OPERATOR: i32 = -2;
 
 impl StopRequest {
     /// Asks for a stop at the time limit.
@@ -36,11 +38,17 @@ impl StopRequest {
         let _ = self.0.compare_exchange(0, signal, Ordering::AcqRel, Ordering::Acquire);
     }
 
+    /// Asks for a stop on the operator's word (`keyhold ctl stop`).
+    pub fn by_operator(&self) {
+        let _ = self.0.compare_exchange(0, OPERATOR, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     /// The stop asked for, if any.
     pub fn pending(&self) -> Option<StopReason> {
         match self.0.load(Ordering::Acquire) {
             0 => None,
             TIMEOUT => Some(StopReason::TimedOut),
+            OPERATOR => Some(StopReason::ByOperator),
             signal => Some(StopReason::Signalled(signal)),
         }
     }
@@ -60,6 +68,10 @@ pub const STATUS_UNHANDLED_ACCESS: u8 = 123;
 pub const STATUS_TIMEOUT: u8 = 124;
 /// Exit status for a VMM failure or an unexpected KVM exit.
 pub const STATUS_VMM_FAILURE: u8 = 125;
+/// Exit status of a partition the operator stopped (as SIGTERM would report it: the stop
+/// came from outside, and a node whose partitions were all stopped so did not succeed at its
+/// work).
+pub const STATUS_BY_OPERATOR: u8 = 143;
 
 /// Why a partition stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +107,8 @@ pub enum StopReason {
     TimedOut,
     /// The node was asked to stop by this signal.
     Signalled(i32),
+    /// The operator stopped this partition through the control API.
+    ByOperator,
     /// KVM reported an exit the VMM does not expect from firmware.
     Unexpected(String),
     /// A KVM call failed.
@@ -138,6 +152,7 @@ impl StopReason {
             Self::UnhandledPort { .. } | Self::UnhandledMmio { .. } => STATUS_UNHANDLED_ACCESS,
             Self::TimedOut => STATUS_TIMEOUT,
             Self::Signalled(signal) => u8::try_from(128 + signal).unwrap_or(STATUS_VMM_FAILURE),
+            Self::ByOperator => STATUS_BY_OPERATOR,
             Self::Unexpected(_) | Self::VmmFailure(_) => STATUS_VMM_FAILURE,
         }
     }
@@ -145,7 +160,7 @@ impl StopReason {
     /// Whether the partition crashed (as opposed to exiting through the exit port, or being
     /// stopped on the operator's word).
     pub fn is_crash(&self) -> bool {
-        !matches!(self, Self::Exited(_) | Self::Signalled(_))
+        !matches!(self, Self::Exited(_) | Self::Signalled(_) | Self::ByOperator)
     }
 
     /// Whether CR2 tells the operator something: only after a fault.
@@ -180,6 +195,7 @@ impl fmt::Display for StopReason {
             Self::Signalled(libc::SIGTERM) => f.write_str("the node was asked to stop (SIGTERM)"),
             Self::Signalled(libc::SIGINT) => f.write_str("the node was asked to stop (SIGINT)"),
             Self::Signalled(signal) => write!(f, "the node was asked to stop (signal {signal})"),
+            Self::ByOperator => f.write_str("stopped by the operator (keyhold ctl stop)"),
             Self::Unexpected(exit) => write!(f, "unexpected KVM exit: {exit}"),
             Self::VmmFailure(what) => write!(f, "VMM failure: {what}"),
         }

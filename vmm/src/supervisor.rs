@@ -38,6 +38,32 @@ fn setup_error(what: &'static str) -> impl Fn(std::io::Error) -> SupervisorError
     move |source| SupervisorError::Setup { what, source }
 }
 
+/// Asks the supervisor to stop single partitions (the control API's `stop`); clones share
+/// one queue.
+#[derive(Clone)]
+pub struct PartitionStops {
+    evt: Arc<EventFd>,
+    asked: Arc<Mutex<Vec<u32>>>,
+}
+
+impl PartitionStops {
+    /// A queue for [`run`] to serve.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?), asked: Arc::default() })
+    }
+
+    /// Asks for partition `id` to stop (nothing happens if it is not running).
+    pub fn stop(&self, id: u32) -> std::io::Result<()> {
+        keyhold_devices::bus::lock(&self.asked).push(id);
+        self.evt.write(1)
+    }
+
+    fn take(&self) -> Vec<u32> {
+        let _ = self.evt.read();
+        std::mem::take(&mut *keyhold_devices::bus::lock(&self.asked))
+    }
+}
+
 /// One running partition as the supervisor sees it.
 struct Running {
     id: u32,
@@ -51,12 +77,14 @@ struct Supervisor {
     running: Vec<Running>,
     timer: Option<TimerFd>,
     signals: Option<ShutdownSignals>,
+    asked: PartitionStops,
     stops: Vec<Stopped>,
     on_stop: Box<dyn FnMut(&Stopped) + Send>,
 }
 
 const TIMER_DATA: u32 = u32::MAX;
 const SIGNAL_DATA: u32 = u32::MAX - 1;
+const ASKED_DATA: u32 = u32::MAX - 2;
 
 impl Supervisor {
     fn all_stopped(&self) -> bool {
@@ -86,7 +114,12 @@ impl Supervisor {
 
     /// Asks every running partition to stop (`ask` sets the reason) and kicks its vCPU.
     fn stop_all(&mut self, ask: impl Fn(&StopRequest)) {
-        for running in self.running.iter().filter(|r| r.thread.is_some()) {
+        self.stop_where(|_| true, ask);
+    }
+
+    /// Asks the running partitions `which` selects to stop, and kicks their vCPUs.
+    fn stop_where(&mut self, which: impl Fn(u32) -> bool, ask: impl Fn(&StopRequest)) {
+        for running in self.running.iter().filter(|r| r.thread.is_some() && which(r.id)) {
             ask(&running.stop);
             if let Some(thread) = &running.thread {
                 if let Err(e) = thread.kill(kick::kick_signal()) {
@@ -115,6 +148,9 @@ impl MutEventSubscriber for Supervisor {
                 log::error!("watching for SIGTERM and SIGINT: {e:?}");
             }
         }
+        if let Err(e) = ops.add(Events::with_data(&*self.asked.evt, ASKED_DATA, EventSet::IN)) {
+            log::error!("watching for partition stops from the API: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -138,6 +174,11 @@ impl MutEventSubscriber for Supervisor {
                     self.stop_all(|stop| stop.signalled(signal));
                 }
             }
+            ASKED_DATA => {
+                let asked = self.asked.take();
+                log::info!("stopping partitions {asked:?} on the operator's word");
+                self.stop_where(|id| asked.contains(&id), StopRequest::by_operator);
+            }
             index => self.reap(index as usize, ops),
         }
     }
@@ -155,6 +196,7 @@ pub fn run(
     timeout: Option<Duration>,
     process_start: Instant,
     containment: &Containment,
+    asked: PartitionStops,
     on_started: impl FnOnce(),
     on_stop: impl FnMut(&Stopped) + Send + 'static,
 ) -> Result<Vec<Stopped>, SupervisorError> {
@@ -187,6 +229,7 @@ pub fn run(
         running,
         timer,
         signals,
+        asked,
         stops: Vec::new(),
         on_stop: Box::new(on_stop),
     }));

@@ -59,9 +59,11 @@ impl Response {
     fn reason(&self) -> &'static str {
         match self.code {
             200 => "OK",
+            202 => "Accepted",
             400 => "Bad Request",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            409 => "Conflict",
             431 => "Request Header Fields Too Large",
             _ => "Service Unavailable",
         }

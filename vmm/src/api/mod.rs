@@ -23,6 +23,7 @@ use keyhold_devices::link::LinkBook;
 
 use crate::partition_devices::DeviceView;
 use crate::seccomp::{Containment, ThreadKind};
+use crate::supervisor::PartitionStops;
 
 /// A partition as the API shows it.
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct ApiState {
     pub links: Option<Arc<LinkBook>>,
     /// The audit log's recent records.
     pub audit: Audit,
+    /// Where the operator's partition stops go (`None`: the API cannot stop partitions).
+    pub partition_stops: Option<PartitionStops>,
 }
 
 /// The API's socket, bound and owned by this node; dropping it removes the socket file, but

@@ -22,6 +22,7 @@ enum Route<'a> {
     Audit,
     Metrics,
     Revoke { partition: &'a str, channel: &'a str },
+    Stop { partition: &'a str },
 }
 
 impl<'a> Route<'a> {
@@ -36,13 +37,14 @@ impl<'a> Route<'a> {
             ["v1", "audit"] => Self::Audit,
             ["metrics"] | ["v1", "metrics"] => Self::Metrics,
             ["v1", "channels", partition, channel, "revoke"] => Self::Revoke { partition, channel },
+            ["v1", "partitions", partition, "stop"] => Self::Stop { partition },
             _ => return None,
         })
     }
 
     fn method(&self) -> &'static str {
         match self {
-            Self::Revoke { .. } => "POST",
+            Self::Revoke { .. } | Self::Stop { .. } => "POST",
             _ => "GET",
         }
     }
@@ -67,12 +69,35 @@ pub fn answer(state: &ApiState, request: &Request) -> Response {
         Route::Links => Response::json(200, &links(state)),
         Route::Audit => Response::json(200, &audit(state)),
         Route::Metrics => metrics::answer(state),
+        Route::Stop { partition } => match partition.parse() {
+            Ok(partition) => stop(state, partition),
+            Err(_) => Response::error(400, "expected /v1/partitions/PARTITION/stop with a number"),
+        },
         Route::Revoke { partition, channel } => match (partition.parse(), parse_channel(channel)) {
             (Ok(partition), Some(channel)) => ask(state, Query::Revoke { partition, channel }),
             _ => {
                 Response::error(400, "expected /v1/channels/PARTITION/CHANNEL/revoke with numbers")
             }
         },
+    }
+}
+
+/// Stops a running partition: its channels close (their peers see why), its vCPU thread ends,
+/// and the node runs on with the others.
+fn stop(state: &ApiState, partition: u32) -> Response {
+    let running = match lock(&state.partitions).iter().find(|p| p.id == partition) {
+        None => return Response::error(404, format!("no partition {partition}")),
+        Some(p) => p.stopped.is_none(),
+    };
+    if !running {
+        return Response::error(409, format!("partition {partition} has stopped already"));
+    }
+    let Some(stops) = &state.partition_stops else {
+        return Response::error(503, "this node cannot stop single partitions");
+    };
+    match stops.stop(partition) {
+        Ok(()) => Response::json(202, &json!({ "stopping": partition })),
+        Err(e) => Response::error(503, format!("asking the supervisor: {e}")),
     }
 }
 
