@@ -508,7 +508,12 @@ mod tests {
             let err = parse_str(text).unwrap_err().to_string();
             assert!(err.starts_with("/etc/keyhold/node.toml: "), "{err}");
             assert!(err.contains(want), "{want:?} not in {err:?}");
-            assert!(!err.contains('\n'), "one line: {err:?}");
+            if err.contains("TOML parse error at line") {
+                // The parser's rendering: the faulty line, a caret under the fault.
+                assert!(err.contains("\n  |") && err.contains('^'), "{err:?}");
+            } else {
+                assert!(!err.contains('\n'), "one line: {err:?}");
+            }
         }
     }
 }
