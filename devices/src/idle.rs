@@ -18,28 +18,47 @@ pub const MAX_IDLE: Duration = Duration::from_millis(10);
 /// Wakes a partition's idle vCPU when one of its devices used a buffer.
 #[derive(Debug, Default)]
 pub struct Wake {
-    pending: Mutex<bool>,
+    state: Mutex<WakeState>,
     ready: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct WakeState {
+    /// Something happened since the last wait.
+    pending: bool,
+    /// The vCPU thread sleeps in [`Wake::wait`].
+    sleeping: bool,
+}
+
 impl Wake {
-    /// Something happened the guest may be waiting for.
+    /// Something happened the guest may be waiting for. Every used buffer calls this, on the
+    /// device thread and on vCPU threads: it makes a system call (the condvar's futex wake)
+    /// only when the vCPU actually sleeps, which a spinning guest's does not.
     pub fn wake(&self) {
-        *lock(&self.pending) = true;
-        self.ready.notify_one();
+        let sleeping = {
+            let mut state = lock(&self.state);
+            state.pending = true;
+            state.sleeping
+        };
+        if sleeping {
+            self.ready.notify_one();
+        }
     }
 
     /// Sleeps until [`Wake::wake`] (even one since the last wait: nothing is missed) or for
-    /// `limit`.
+    /// `limit`. `sleeping` is set and read under the same lock as `pending`, so a wake either
+    /// sees the sleeper or is seen by it before it sleeps.
     pub fn wait(&self, limit: Duration) {
-        let mut pending = lock(&self.pending);
-        if !*pending {
-            pending = match self.ready.wait_timeout_while(pending, limit, |p| !*p) {
+        let mut state = lock(&self.state);
+        if !state.pending {
+            state.sleeping = true;
+            state = match self.ready.wait_timeout_while(state, limit, |s| !s.pending) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
             };
+            state.sleeping = false;
         }
-        *pending = false;
+        state.pending = false;
     }
 }
 
