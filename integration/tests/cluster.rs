@@ -447,3 +447,77 @@ impl Drop for ClusterDown {
         }
     }
 }
+
+#[test]
+fn a_reloaded_cluster_file_links_new_nodes_and_unlinks_removed_ones() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ((k1, p1), (k2, p2), (k3, p3)) =
+        (keygen(d, "1.key"), keygen(d, "2.key"), keygen(d, "3.key"));
+    let ports = [free_port(), free_port(), free_port()];
+    let all = [(1, ports[0], p1.as_str()), (2, ports[1], p2.as_str()), (3, ports[2], p3.as_str())];
+    // Nodes 1 and 2 start with a file that lists only them; node 3's lists all three.
+    let shared = cluster(d, "shared", &all[..2]);
+    let full = cluster(d, "full", &all);
+    let spawn = |name: &str, id: u32, cluster: &Path, key: &Path| {
+        let config = node_with(d, name, id, cluster, key, "spin", "", "");
+        spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"])
+    };
+    let links_up = |name: &str| {
+        keyhold_integration::nodes::ctl(d, name, &["links"]).stdout.matches("\"up\": true").count()
+    };
+    let one = spawn("1", 1, &shared, &k1);
+    let two = spawn("2", 2, &shared, &k2);
+    assert!(wait_until(Duration::from_secs(60), || links_up("1") == 1), "1 and 2 linked");
+
+    // Node 3 joins: the shared file grows, node 1 is told by SIGHUP, node 2 by ctl reload.
+    std::fs::copy(&full, &shared).unwrap();
+    let three = spawn("3", 3, &full, &k3);
+    let hup = std::process::Command::new("kill").args(["-HUP", &one.id().to_string()]).status();
+    assert!(hup.unwrap().success());
+    let reload = keyhold_integration::nodes::ctl(d, "2", &["reload"]);
+    assert_eq!(reload.code(), 0, "{reload:#?}");
+    assert!(reload.stdout.contains("added [3]"), "{reload:#?}");
+    assert!(wait_until(Duration::from_secs(60), || links_up("3") == 2), "3 linked to 1 and 2");
+    let established = |name: &str, peer: u32| {
+        let links = keyhold_integration::nodes::ctl(d, name, &["links"]).stdout;
+        let links: serde_json::Value = serde_json::from_str(&links).unwrap();
+        let link = links.as_array().unwrap().iter().find(|l| l["peer"] == peer).cloned();
+        link.map(|l| l["established"].as_u64().unwrap_or(0))
+    };
+    assert_eq!(established("1", 2), Some(1), "the 1-2 link was not touched");
+
+    // Node 2 leaves node 1's cluster: node 1 ends its link, audited, and forgets the peer;
+    // its link to node 3 stays as it was.
+    cluster(d, "shared", &[all[0], all[2]]);
+    let reload = keyhold_integration::nodes::ctl(d, "1", &["reload"]);
+    assert!(reload.stdout.contains("removed [2]"), "{reload:#?}");
+    assert_eq!(
+        established("1", 2),
+        None,
+        "{:?}",
+        keyhold_integration::nodes::ctl(d, "1", &["links"])
+    );
+    assert_eq!(established("1", 3), Some(1));
+    assert!(
+        audit(d, "1").contains("\"event\":\"link_down\",\"reason\":\"removed_from_cluster\""),
+        "{}",
+        audit(d, "1")
+    );
+    // A file without this node cannot be applied: the node says so and runs on unchanged.
+    cluster(d, "shared", &all[1..]);
+    let refused = keyhold_integration::nodes::ctl(d, "1", &["reload"]);
+    assert_eq!(refused.code(), 1, "{refused:#?}");
+    assert!(refused.stderr.contains("node 1 is not in the cluster file"), "{refused:#?}");
+    assert_eq!(links_up("1"), 1);
+
+    for node in [&one, &two, &three] {
+        terminate(node);
+    }
+    for node in [one, two, three] {
+        let out = finish(node, Duration::from_secs(60));
+        assert_eq!(out.code(), 143, "{out:#?}");
+        out.assert_no_panic();
+    }
+}

@@ -188,6 +188,9 @@ pub enum CtlRequest {
         /// The partition.
         partition: u32,
     },
+    /// Read the node's cluster file again and apply it, as SIGHUP does: new nodes are linked,
+    /// removed ones unlinked (their channels close), changed keys re-handshake.
+    Reload,
     /// End a channel now; its peer learns it is closed.
     Revoke {
         /// The partition holding the channel.
@@ -212,6 +215,7 @@ impl CtlRequest {
                 ("POST", format!("/v1/channels/{partition}/{channel}/revoke"))
             }
             Self::Stop { partition } => ("POST", format!("/v1/partitions/{partition}/stop")),
+            Self::Reload => ("POST", "/v1/reload".into()),
         }
     }
 }

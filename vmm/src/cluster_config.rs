@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
@@ -49,6 +49,8 @@ pub struct ClusterLinks {
     pub listen: SocketAddr,
     /// Timing and bounds of the links (node.toml `[links]`).
     pub settings: LinkSettings,
+    /// The cluster file, read again on a reload.
+    pub cluster_file: PathBuf,
 }
 
 fn invalid(path: &Path, field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -141,7 +143,13 @@ pub fn cluster_links(
             .map_err(|_| invalid(node_path, "node.listen", format!("{text:?} is not IP:PORT")))?,
         None => me.address,
     };
-    Ok(ClusterLinks { key: Arc::new(key), directory, listen, settings })
+    Ok(ClusterLinks {
+        key: Arc::new(key),
+        directory,
+        listen,
+        settings,
+        cluster_file: cluster.to_owned(),
+    })
 }
 
 #[cfg(test)]

@@ -27,9 +27,10 @@ use keyhold_devices::virtio::secure_channel::ChannelNode;
 use crate::device_thread::{Backend, DeviceThread};
 use crate::host::{self, HostError};
 use crate::partition::{self, Partition, PartitionConfig, PartitionError};
+use crate::reload::{ReloadFn, ReloadRequests};
 use crate::seccomp::{Containment, Needs, SeccompError};
 use crate::stop::Stopped;
-use crate::supervisor::{self, PartitionStops, SupervisorError};
+use crate::supervisor::{self, Control, PartitionStops, SupervisorError};
 
 /// How long the node waits at exit for the audit writer to catch up.
 const AUDIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
@@ -264,6 +265,7 @@ pub fn boot(
     let (links, router) = start_links(launch, &audit, &containment)?;
     let (queries, query_port) = query::channel().map_err(LaunchError::DeviceThread)?;
     let partition_stops = PartitionStops::new().map_err(LaunchError::DeviceThread)?;
+    let reloads = ReloadRequests::new().map_err(LaunchError::DeviceThread)?;
     let api_state = Arc::new(ApiState {
         node: launch.node,
         partitions: Mutex::new(
@@ -273,6 +275,7 @@ pub fn boot(
         links: links.as_ref().map(LinkManager::book),
         audit: audit.clone(),
         partition_stops: Some(partition_stops.clone()),
+        reloads: Some(reloads.clone()),
     });
     let device_thread =
         start_devices(&mut partitions, launch, audit, router, query_port, &containment)?;
@@ -289,12 +292,14 @@ pub fn boot(
     };
     let on_stop = move |stopped: &Stopped| report_stop(&api_state, stopped);
     let started = || tell_service_manager(launch);
+    let control =
+        Control { stops: partition_stops, reloads, reload: reload_fn(launch, links.as_ref()) };
     let stops = supervisor::run(
         partitions,
         launch.timeout,
         process_start,
         &containment,
-        partition_stops,
+        control,
         started,
         on_stop,
     )?;
@@ -345,8 +350,24 @@ fn start_links(
     Ok((Some(manager), router))
 }
 
-/// Reports a stopped partition on stderr (unless it exited cleanly) and to the API, and has
-/// its channels closed (their peers learn that the partition stopped).
+/// How SIGHUP and `ctl reload` re-read the cluster file and apply it to the links.
+fn reload_fn(launch: &Launch, links: Option<&LinkManager>) -> Option<ReloadFn> {
+    let file = launch.links.as_ref()?.cluster_file.clone();
+    let reloader = links?.reloader();
+    Some(Box::new(move || {
+        let directory = crate::cluster_config::load_cluster(&file).map_err(|e| e.to_string())?;
+        let changes = reloader.reload(directory).map_err(|e| format!("{}: {e}", file.display()))?;
+        let ids = |ids: &[u32]| format!("{ids:?}");
+        Ok(format!(
+            "added {}, removed {}, new keys {}, moved {}",
+            ids(&changes.added),
+            ids(&changes.removed),
+            ids(&changes.rekeyed),
+            ids(&changes.moved)
+        ))
+    }))
+}
+
 /// Under systemd (`Type=notify`, `$NOTIFY_SOCKET` set) the node is ready once its partitions
 /// run, its link listener is bound and its API serves; elsewhere this does nothing.
 fn tell_service_manager(launch: &Launch) {
@@ -358,6 +379,8 @@ fn tell_service_manager(launch: &Launch) {
     }
 }
 
+/// Reports a stopped partition on stderr (unless it exited cleanly) and to the API, and has
+/// its channels closed (their peers learn that the partition stopped).
 fn report_stop(state: &ApiState, stopped: &Stopped) {
     let partition = stopped.partition;
     match state.queries.ask(query::Query::PartitionStopped { partition }) {

@@ -28,6 +28,7 @@ pub mod node_config;
 pub mod page_tables;
 pub mod partition;
 pub mod partition_devices;
+pub mod reload;
 pub mod seccomp;
 pub mod stop;
 pub mod supervisor;

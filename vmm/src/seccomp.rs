@@ -461,11 +461,13 @@ fn api() -> Rules {
 
 /// The main thread once every other thread has started: the supervisor's epoll loop over the
 /// vCPUs' stop eventfds, the timeout timer and the shutdown signalfd; stop reports on stderr;
-/// kicking vCPUs; joining every thread; removing the API socket at the end, once its
-/// metadata shows it is still the socket this node made.
+/// kicking vCPUs; joining every thread; reading the cluster file again on a reload (opened
+/// read-only, as `fs::read_to_string` opens it); removing the API socket at the end, once
+/// its metadata shows it is still the socket this node made.
 fn main_thread() -> Rules {
     let mut rules = base();
     event_loop(&mut rules);
+    let read_only = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
     rules
         .allow(&[
             libc::SYS_read,
@@ -473,7 +475,9 @@ fn main_thread() -> Rules {
             libc::SYS_unlinkat,
             libc::SYS_statx,
             libc::SYS_newfstatat,
+            libc::SYS_fstat,
         ])
+        .allow_if(libc::SYS_openat, &[arg_is(2, read_only)])
         .allow_if(libc::SYS_tgkill, &[arg_is(2, crate::kick::kick_signal() as u64)]);
     rules
 }

@@ -18,6 +18,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::host::ShutdownSignals;
 use crate::kick;
 use crate::partition::Partition;
+use crate::reload::{ReloadFn, ReloadRequests};
 use crate::seccomp::{Containment, ThreadKind};
 use crate::stop::{StopReason, StopRequest, Stopped};
 
@@ -64,6 +65,16 @@ impl PartitionStops {
     }
 }
 
+/// What the operator may ask of the supervisor while the partitions run.
+pub struct Control {
+    /// Single partitions to stop.
+    pub stops: PartitionStops,
+    /// Reloads asked through the API.
+    pub reloads: ReloadRequests,
+    /// How to reload (SIGHUP too); `None` for a node without a cluster file.
+    pub reload: Option<ReloadFn>,
+}
+
 /// One running partition as the supervisor sees it.
 struct Running {
     id: u32,
@@ -78,6 +89,8 @@ struct Supervisor {
     timer: Option<TimerFd>,
     signals: Option<ShutdownSignals>,
     asked: PartitionStops,
+    reloads: ReloadRequests,
+    reload: Option<ReloadFn>,
     stops: Vec<Stopped>,
     on_stop: Box<dyn FnMut(&Stopped) + Send>,
 }
@@ -85,6 +98,7 @@ struct Supervisor {
 const TIMER_DATA: u32 = u32::MAX;
 const SIGNAL_DATA: u32 = u32::MAX - 1;
 const ASKED_DATA: u32 = u32::MAX - 2;
+const RELOAD_DATA: u32 = u32::MAX - 3;
 
 impl Supervisor {
     fn all_stopped(&self) -> bool {
@@ -110,6 +124,14 @@ impl Supervisor {
         }
         (self.on_stop)(&stopped);
         self.stops.push(stopped);
+    }
+
+    /// Re-reads and applies the cluster file, if the node has one.
+    fn reload(&self) -> Result<String, String> {
+        match &self.reload {
+            Some(reload) => reload(),
+            None => Err("this node has no cluster file to reload".into()),
+        }
     }
 
     /// Asks every running partition to stop (`ask` sets the reason) and kicks its vCPU.
@@ -151,6 +173,9 @@ impl MutEventSubscriber for Supervisor {
         if let Err(e) = ops.add(Events::with_data(&*self.asked.evt, ASKED_DATA, EventSet::IN)) {
             log::error!("watching for partition stops from the API: {e:?}");
         }
+        if let Err(e) = ops.add(Events::with_data(self.reloads.fd(), RELOAD_DATA, EventSet::IN)) {
+            log::error!("watching for reloads from the API: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -165,14 +190,18 @@ impl MutEventSubscriber for Supervisor {
             SIGNAL_DATA => {
                 let signal = self.signals.as_ref().and_then(ShutdownSignals::read);
                 if signal == Some(libc::SIGHUP) {
-                    log::warn!(
-                        "SIGHUP: keyhold cannot reload its configuration yet; the node keeps \
-                         running as it started (restart it to apply a changed config)"
-                    );
+                    match self.reload() {
+                        Ok(summary) => log::info!("SIGHUP: reloaded the cluster file: {summary}"),
+                        Err(e) => log::warn!("SIGHUP: the cluster file was not reloaded: {e}"),
+                    }
                 } else if let Some(signal) = signal {
                     log::info!("signal {signal}: stopping every partition");
                     self.stop_all(|stop| stop.signalled(signal));
                 }
+            }
+            RELOAD_DATA => {
+                let reloads = self.reloads.clone();
+                reloads.answer(|| self.reload());
             }
             ASKED_DATA => {
                 let asked = self.asked.take();
@@ -196,7 +225,7 @@ pub fn run(
     timeout: Option<Duration>,
     process_start: Instant,
     containment: &Containment,
-    asked: PartitionStops,
+    control: Control,
     on_started: impl FnOnce(),
     on_stop: impl FnMut(&Stopped) + Send + 'static,
 ) -> Result<Vec<Stopped>, SupervisorError> {
@@ -229,7 +258,9 @@ pub fn run(
         running,
         timer,
         signals,
-        asked,
+        asked: control.stops,
+        reloads: control.reloads,
+        reload: control.reload,
         stops: Vec::new(),
         on_stop: Box::new(on_stop),
     }));

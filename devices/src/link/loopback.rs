@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::directory::{Directory, Peer};
+use super::directory::{Directory, Peer, SharedDirectory};
 use super::handshake;
 use super::router::{Arrivals, Context, FdChange, Router, RouterConfig};
 use super::setup::Established;
@@ -66,16 +66,18 @@ fn end(
     let book = Arc::new(LinkBook::new(directory, id));
     let (to_router, links) = mpsc::channel();
     let (ended, _) = mpsc::channel();
+    let (_, closes) = mpsc::channel();
     let arrivals = Arrivals {
         links,
         wake: EventFd::new(libc::EFD_NONBLOCK)?,
         ended,
         setup_wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        closes,
     };
     let context = Context {
         own_id: id,
         key: Arc::new(key),
-        directory: directory.clone(),
+        directory: Arc::new(SharedDirectory::new(directory.clone())),
         replays: Arc::new(ReplayGuard::default()),
         audit: audit.clone(),
         book: book.clone(),

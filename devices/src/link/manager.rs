@@ -5,18 +5,19 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::admission::Limits;
-use super::directory::Directory;
+use super::directory::{Directory, DirectoryChanges, SharedDirectory};
 use super::router::{Arrivals, Context, Router, RouterConfig};
 use super::setup::{Setup, SetupShared, SetupTimes};
 use super::status::LinkBook;
 use super::timestamp::ReplayGuard;
-use crate::cmm::audit::Audit;
+use crate::cmm::audit::{Audit, Record};
 use crate::crypto::node_key::NodeKey;
 
 /// Everything about links an operator may set (node.toml `[links]`).
@@ -37,6 +38,68 @@ pub struct LinkManager {
     thread: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
     book: Arc<LinkBook>,
+    reloader: Reloader,
+}
+
+/// Applies a reloaded cluster file to the running links (clones share the links).
+#[derive(Clone)]
+pub struct Reloader {
+    own_id: u32,
+    directory: Arc<SharedDirectory>,
+    book: Arc<LinkBook>,
+    audit: Audit,
+    setup: Sender<Arc<Directory>>,
+    setup_wake: Arc<EventFd>,
+    router: Sender<(u32, &'static str)>,
+    router_wake: Arc<EventFd>,
+}
+
+/// Why a cluster file cannot be applied without a restart.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReloadError {
+    /// This node is not in the new file.
+    #[error("node {0} is not in the cluster file any more; stop it instead")]
+    OwnNodeRemoved(u32),
+    /// This node's key or address changed: its listener and key are set at start.
+    #[error("node {0}'s own key or address changed; restart the node to apply that")]
+    OwnNodeChanged(u32),
+}
+
+impl Reloader {
+    /// Makes the links follow `new`: new nodes are linked (dialled or awaited), removed ones
+    /// have their links ended (`removed_from_cluster`) and so their channels closed, nodes
+    /// with a new key have their links ended (`key_changed`) and made again with it, moved
+    /// ones are dialled at their new address; every other link stays as it is.
+    pub fn reload(&self, new: Directory) -> Result<DirectoryChanges, ReloadError> {
+        let old = self.directory.get();
+        match (old.by_id(self.own_id), new.by_id(self.own_id)) {
+            (_, None) => return Err(ReloadError::OwnNodeRemoved(self.own_id)),
+            (Some(o), Some(n)) if o != n => return Err(ReloadError::OwnNodeChanged(self.own_id)),
+            _ => {}
+        }
+        let changes = DirectoryChanges::between(&old, &new, self.own_id);
+        let new = Arc::new(new);
+        self.directory.set(new.clone());
+        self.book.follow(&new, self.own_id);
+        let ends = changes.removed.iter().map(|&p| (p, "removed_from_cluster"));
+        for (peer, reason) in ends.chain(changes.rekeyed.iter().map(|&p| (p, "key_changed"))) {
+            let _ = self.router.send((peer, reason));
+        }
+        let _ = self.router_wake.write(1);
+        if self.setup.send(new).is_ok() {
+            let _ = self.setup_wake.write(1);
+        }
+        let count = [&changes.added, &changes.removed, &changes.rekeyed, &changes.moved]
+            .iter()
+            .map(|ids| ids.len() as u64)
+            .sum();
+        self.audit.record(Record {
+            count: Some(count),
+            by_node: true,
+            ..Record::link("cluster_reloaded", "operator", None)
+        });
+        Ok(changes)
+    }
 }
 
 impl LinkManager {
@@ -58,12 +121,15 @@ impl LinkManager {
         let listener = TcpListener::bind(listen)?;
         let local_addr = listener.local_addr()?;
         let book = Arc::new(LinkBook::new(&directory, own_id));
+        let directory = Arc::new(SharedDirectory::new(directory));
         let replays = Arc::new(ReplayGuard::default());
         let stop = Arc::new(AtomicBool::new(false));
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let router_wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let (to_router, links) = mpsc::channel();
         let (ended, from_router) = mpsc::channel();
+        let (to_setup, reloads) = mpsc::channel();
+        let (to_close, closes) = mpsc::channel();
         let shared = SetupShared {
             own_id,
             key: key.clone(),
@@ -82,17 +148,29 @@ impl LinkManager {
             to_router,
             router_wake.try_clone()?,
             from_router,
+            reloads,
         )?;
         let thread = std::thread::Builder::new().name("link-setup".into()).spawn(move || {
             thread_start();
             setup.run()
         })?;
-        let arrivals = Arrivals { links, wake: router_wake, ended, setup_wake: wake.try_clone()? };
+        let reloader = Reloader {
+            own_id,
+            directory: directory.clone(),
+            book: book.clone(),
+            audit: audit.clone(),
+            setup: to_setup,
+            setup_wake: Arc::new(wake.try_clone()?),
+            router: to_close,
+            router_wake: Arc::new(router_wake.try_clone()?),
+        };
+        let arrivals =
+            Arrivals { links, wake: router_wake, ended, setup_wake: wake.try_clone()?, closes };
         let config = settings.router;
         let context =
             Context { own_id, key, directory, replays, audit, book: book.clone(), config };
         let router = Router::new(context, arrivals);
-        Ok((Self { stop, wake, thread: Some(thread), local_addr, book }, router))
+        Ok((Self { stop, wake, thread: Some(thread), local_addr, book, reloader }, router))
     }
 
     /// The address the node listens on.
@@ -103,6 +181,11 @@ impl LinkManager {
     /// The links as the operator sees them.
     pub fn book(&self) -> Arc<LinkBook> {
         self.book.clone()
+    }
+
+    /// What applies a reloaded cluster file to these links.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 }
 

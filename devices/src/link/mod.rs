@@ -21,7 +21,7 @@ pub mod status;
 pub mod timestamp;
 pub mod wire;
 
-pub use directory::{Directory, Peer};
-pub use manager::{LinkManager, LinkSettings};
+pub use directory::{Directory, DirectoryChanges, Peer, SharedDirectory};
+pub use manager::{LinkManager, LinkSettings, ReloadError, Reloader};
 pub use router::{FdChange, Router, RouterConfig, SendError};
 pub use status::{LinkBook, LinkStatus};

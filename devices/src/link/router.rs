@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::directory::Directory;
+use super::directory::SharedDirectory;
 use super::handshake;
 use super::session::Sessions;
 use super::setup::{Ended, Established};
@@ -131,7 +131,7 @@ pub type Handler<'h> = dyn FnMut(u32, Frame<'_>, &mut [u8]) + 'h;
 pub(super) struct Context {
     pub(super) own_id: u32,
     pub(super) key: Arc<NodeKey>,
-    pub(super) directory: Directory,
+    pub(super) directory: Arc<SharedDirectory>,
     pub(super) replays: Arc<ReplayGuard>,
     pub(super) audit: Audit,
     pub(super) book: Arc<LinkBook>,
@@ -148,6 +148,9 @@ pub struct Arrivals {
     pub ended: Sender<Ended>,
     /// Wakes the setup thread.
     pub setup_wake: EventFd,
+    /// Links to end on the operator's word (a reloaded cluster file), with the reason;
+    /// `wake` is written with each.
+    pub closes: Receiver<(u32, &'static str)>,
 }
 
 /// Every established link of the node.
@@ -257,6 +260,12 @@ impl Router {
         let Some(arrivals) = &self.arrivals else { return };
         let _ = arrivals.wake.read();
         let new: Vec<Established> = arrivals.links.try_iter().collect();
+        let closes: Vec<(u32, &'static str)> = arrivals.closes.try_iter().collect();
+        for (peer, reason) in closes {
+            if let Some(&token) = self.by_node.get(&peer) {
+                self.end(token, reason);
+            }
+        }
         for link in new {
             self.add(link);
         }
@@ -264,6 +273,15 @@ impl Router {
 
     fn add(&mut self, established: Established) {
         let peer = established.peer.id;
+        let Some(context) = &self.context else { return };
+        // A handshake that finished as the cluster file was reloaded: the key it proved must
+        // still be this node's.
+        let current = context.directory.get();
+        if current.by_id(peer).map(|p| p.public_key) != Some(established.peer.public_key) {
+            context.audit.record(Record::link("link_rejected", "not_in_cluster", Some(peer)));
+            let _ = established.socket.shutdown(Shutdown::Both);
+            return self.tell_setup(peer, Duration::ZERO);
+        }
         if let Some(&old) = self.by_node.get(&peer) {
             self.end(old, "replaced");
         }
@@ -506,7 +524,7 @@ impl Router {
                 }
                 let response = handshake::respond(
                     &context.key,
-                    &context.directory,
+                    &context.directory.get(),
                     &context.replays,
                     &msg1,
                     Some(link.peer),
@@ -603,7 +621,8 @@ impl Router {
             return Ok(());
         }
         let mut msg1 = [0u8; MSG1_SIZE];
-        let peer = context.directory.by_id(link.peer).ok_or("peer_unknown")?;
+        let directory = context.directory.get();
+        let peer = directory.by_id(link.peer).ok_or("peer_unknown")?;
         let initiation = handshake::initiate(&context.key, peer, context.own_id, &mut msg1)
             .map_err(|e| e.reason())?;
         link.sessions.rekey = Some((initiation, now));

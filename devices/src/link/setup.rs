@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::admission::{Admission, Admit, Limits};
-use super::directory::{Directory, Peer};
+use super::directory::{Directory, Peer, SharedDirectory};
 use super::handshake::{self, HandshakeError, Initiation, Transport};
 use super::status::{LinkBook, LinkState};
 use super::timestamp::ReplayGuard;
@@ -88,8 +88,8 @@ pub struct SetupShared {
     pub own_id: u32,
     /// Its static key.
     pub key: Arc<NodeKey>,
-    /// The cluster.
-    pub directory: Directory,
+    /// The cluster, as reloaded.
+    pub directory: Arc<SharedDirectory>,
     /// Greatest handshake timestamp per peer (shared with the router's rekeys).
     pub replays: Arc<ReplayGuard>,
     /// The audit log.
@@ -143,6 +143,12 @@ struct Dial {
     backoff: Duration,
 }
 
+impl Dial {
+    fn new(peer: Peer, now: Instant, backoff: Duration) -> Self {
+        Self { peer, state: DialState::Idle(now), backoff }
+    }
+}
+
 /// The loop's state.
 pub struct Setup {
     shared: SetupShared,
@@ -160,6 +166,7 @@ pub struct Setup {
     to_router: Sender<Established>,
     router_wake: EventFd,
     ended: Receiver<Ended>,
+    reloads: Receiver<Arc<Directory>>,
 }
 
 /// Pre-authentication refusals, counted and audited together (at most one record per reason
@@ -203,6 +210,7 @@ impl Setup {
         to_router: Sender<Established>,
         router_wake: EventFd,
         ended: Receiver<Ended>,
+        reloads: Receiver<Arc<Directory>>,
     ) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         listener.set_nonblocking(true)?;
@@ -215,19 +223,11 @@ impl Setup {
         let now = Instant::now();
         let dials = shared
             .directory
+            .get()
             .peers()
             .iter()
             .filter(|p| p.id > shared.own_id)
-            .map(|p| {
-                (
-                    p.id,
-                    Dial {
-                        peer: p.clone(),
-                        state: DialState::Idle(now),
-                        backoff: times.backoff_min,
-                    },
-                )
-            })
+            .map(|p| (p.id, Dial::new(p.clone(), now, times.backoff_min)))
             .collect();
         Ok(Self {
             shared,
@@ -245,6 +245,7 @@ impl Setup {
             to_router,
             router_wake,
             ended,
+            reloads,
         })
     }
 
@@ -283,6 +284,9 @@ impl Setup {
 
     fn woken(&mut self) {
         let _ = self.wake.read();
+        while let Ok(directory) = self.reloads.try_recv() {
+            self.follow(&directory);
+        }
         while let Ok(ended) = self.ended.try_recv() {
             let backoff_max = self.times.backoff_max;
             let backoff_min = self.times.backoff_min;
@@ -293,6 +297,30 @@ impl Setup {
                 }
                 dial.state = DialState::Idle(Instant::now() + dial.backoff);
                 dial.backoff = (dial.backoff * 2).min(backoff_max);
+            }
+        }
+    }
+
+    /// Dials as a reloaded cluster file says: new nodes (with higher IDs) are dialled now,
+    /// removed ones no longer, and an attempt made with a key that changed starts again.
+    /// Established links to removed or rekeyed nodes are the router's to end.
+    fn follow(&mut self, directory: &Directory) {
+        let now = Instant::now();
+        self.dials.retain(|id, _| directory.by_id(*id).is_some());
+        for p in directory.peers().iter().filter(|p| p.id > self.shared.own_id) {
+            match self.dials.get_mut(&p.id) {
+                None => {
+                    self.dials.insert(p.id, Dial::new(p.clone(), now, self.times.backoff_min));
+                }
+                Some(dial) if dial.peer != *p => {
+                    let rekeyed = dial.peer.public_key != p.public_key;
+                    dial.peer = p.clone();
+                    if rekeyed && !matches!(dial.state, DialState::Linked) {
+                        dial.state = DialState::Idle(now);
+                        dial.backoff = self.times.backoff_min;
+                    }
+                }
+                Some(_) => {}
             }
         }
     }
@@ -470,7 +498,7 @@ impl Setup {
             return;
         }
         let s = &self.shared;
-        match handshake::respond(&s.key, &s.directory, &s.replays, msg1, None) {
+        match handshake::respond(&s.key, &s.directory.get(), &s.replays, msg1, None) {
             Ok(response) => {
                 if write_record(&mut pending.socket, &response.msg2).is_err() {
                     return;

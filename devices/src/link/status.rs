@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use super::directory::Directory;
@@ -87,10 +87,25 @@ struct PeerRecord {
     counters: Arc<Counters>,
 }
 
+impl PeerRecord {
+    fn new(address: SocketAddr) -> Self {
+        let state = PeerState {
+            state: LinkState::Waiting,
+            since: SystemTime::now(),
+            last_failure: None,
+            last_handshake: None,
+            established: 0,
+            rekeys: 0,
+            remote: None,
+        };
+        Self { address, state: Mutex::new(state), counters: Arc::default() }
+    }
+}
+
 /// Every peer's link, as the node knows it.
 #[derive(Debug)]
 pub struct LinkBook {
-    peers: BTreeMap<u32, PeerRecord>,
+    peers: RwLock<BTreeMap<u32, PeerRecord>>,
 }
 
 /// One peer's link, as the API shows it.
@@ -129,37 +144,36 @@ pub struct LinkStatus {
 impl LinkBook {
     /// A book for every node of `directory` but `own_id`.
     pub fn new(directory: &Directory, own_id: u32) -> Self {
-        let now = SystemTime::now();
         let peers = directory
             .peers()
             .iter()
             .filter(|p| p.id != own_id)
-            .map(|p| {
-                let state = PeerState {
-                    state: LinkState::Waiting,
-                    since: now,
-                    last_failure: None,
-                    last_handshake: None,
-                    established: 0,
-                    rekeys: 0,
-                    remote: None,
-                };
-                (
-                    p.id,
-                    PeerRecord {
-                        address: p.address,
-                        state: Mutex::new(state),
-                        counters: Arc::default(),
-                    },
-                )
-            })
+            .map(|p| (p.id, PeerRecord::new(p.address)))
             .collect();
-        Self { peers }
+        Self { peers: RwLock::new(peers) }
+    }
+
+    /// Follows a reloaded cluster file: new nodes get a record, removed ones lose theirs,
+    /// moved ones show their new address; the others keep their history.
+    pub fn follow(&self, directory: &Directory, own_id: u32) {
+        let mut peers = self.write();
+        peers.retain(|id, _| directory.by_id(*id).is_some());
+        for p in directory.peers().iter().filter(|p| p.id != own_id) {
+            peers.entry(p.id).or_insert_with(|| PeerRecord::new(p.address)).address = p.address;
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u32, PeerRecord>> {
+        self.peers.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u32, PeerRecord>> {
+        self.peers.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The traffic counters of `peer`'s link (fresh ones for a node not in the book).
     pub fn counters(&self, peer: u32) -> Arc<Counters> {
-        self.peers.get(&peer).map(|p| p.counters.clone()).unwrap_or_default()
+        self.read().get(&peer).map(|p| p.counters.clone()).unwrap_or_default()
     }
 
     /// The attempt to link with `peer` started.
@@ -169,7 +183,7 @@ impl LinkBook {
 
     /// A link to `peer`, from or at `remote`, is up.
     pub fn up(&self, peer: u32, remote: SocketAddr) {
-        if let Some(record) = self.peers.get(&peer) {
+        if let Some(record) = self.read().get(&peer) {
             record.counters.reset();
         }
         self.update(peer, |s| {
@@ -194,7 +208,8 @@ impl LinkBook {
     /// The link or attempt failed for `reason`; `next` is the state it goes to. Logged once
     /// per change of state or reason, not once per retry; returns whether it was logged.
     pub fn failed(&self, peer: u32, reason: &str, next: LinkState) -> bool {
-        let Some(record) = self.peers.get(&peer) else { return false };
+        let peers = self.read();
+        let Some(record) = peers.get(&peer) else { return false };
         let mut s = lock(&record.state);
         let repeated = s.state != LinkState::Up
             && s.last_failure.as_ref().is_some_and(|(last, _)| last == reason);
@@ -217,7 +232,7 @@ impl LinkBook {
     }
 
     fn update(&self, peer: u32, f: impl FnOnce(&mut PeerState)) {
-        if let Some(record) = self.peers.get(&peer) {
+        if let Some(record) = self.read().get(&peer) {
             let mut s = lock(&record.state);
             let before = s.state;
             f(&mut s);
@@ -229,12 +244,12 @@ impl LinkBook {
 
     /// Whether the link to `peer` is up.
     pub fn is_up(&self, peer: u32) -> bool {
-        self.peers.get(&peer).is_some_and(|p| lock(&p.state).state == LinkState::Up)
+        self.read().get(&peer).is_some_and(|p| lock(&p.state).state == LinkState::Up)
     }
 
     /// Every peer's link.
     pub fn status(&self) -> Vec<LinkStatus> {
-        self.peers
+        self.read()
             .iter()
             .map(|(&peer, record)| {
                 let s = lock(&record.state);

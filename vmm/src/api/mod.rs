@@ -22,6 +22,7 @@ use keyhold_devices::cmm::query::QueryHandle;
 use keyhold_devices::link::LinkBook;
 
 use crate::partition_devices::DeviceView;
+use crate::reload::ReloadRequests;
 use crate::seccomp::{Containment, ThreadKind};
 use crate::supervisor::PartitionStops;
 
@@ -54,6 +55,8 @@ pub struct ApiState {
     pub audit: Audit,
     /// Where the operator's partition stops go (`None`: the API cannot stop partitions).
     pub partition_stops: Option<PartitionStops>,
+    /// Where reloads of the cluster file go (`None`: the API cannot reload).
+    pub reloads: Option<ReloadRequests>,
 }
 
 /// The API's socket, bound and owned by this node; dropping it removes the socket file, but

@@ -23,6 +23,7 @@ enum Route<'a> {
     Metrics,
     Revoke { partition: &'a str, channel: &'a str },
     Stop { partition: &'a str },
+    Reload,
 }
 
 impl<'a> Route<'a> {
@@ -38,13 +39,14 @@ impl<'a> Route<'a> {
             ["metrics"] | ["v1", "metrics"] => Self::Metrics,
             ["v1", "channels", partition, channel, "revoke"] => Self::Revoke { partition, channel },
             ["v1", "partitions", partition, "stop"] => Self::Stop { partition },
+            ["v1", "reload"] => Self::Reload,
             _ => return None,
         })
     }
 
     fn method(&self) -> &'static str {
         match self {
-            Self::Revoke { .. } | Self::Stop { .. } => "POST",
+            Self::Revoke { .. } | Self::Stop { .. } | Self::Reload => "POST",
             _ => "GET",
         }
     }
@@ -69,6 +71,13 @@ pub fn answer(state: &ApiState, request: &Request) -> Response {
         Route::Links => Response::json(200, &links(state)),
         Route::Audit => Response::json(200, &audit(state)),
         Route::Metrics => metrics::answer(state),
+        Route::Reload => match &state.reloads {
+            None => Response::error(503, "this node cannot reload"),
+            Some(reloads) => match reloads.ask(std::time::Duration::from_secs(10)) {
+                Ok(summary) => Response::json(200, &json!({ "reloaded": summary })),
+                Err(problem) => Response::error(409, problem),
+            },
+        },
         Route::Stop { partition } => match partition.parse() {
             Ok(partition) => stop(state, partition),
             Err(_) => Response::error(400, "expected /v1/partitions/PARTITION/stop with a number"),
