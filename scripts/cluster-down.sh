@@ -1,23 +1,20 @@
 #!/usr/bin/env bash
 # cluster-down.sh: stops the nodes cluster-up.sh started and removes the network namespaces it
-# made (those it recorded, no others), and its keys, configs and logs ($KEYHOLD_CLUSTER_DIR,
-# default target/cluster).
+# made (those it recorded, no others) and its directory ($KEYHOLD_CLUSTER_DIR, default
+# target/cluster) with the keys, configs and logs in it. A directory cluster-up.sh did not
+# make is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/cluster-lib.sh
 dir=${KEYHOLD_CLUSTER_DIR:-target/cluster}
-say() { printf '==> %s\n' "$*"; }
+[ -e "$dir" ] || { say "nothing to do: $dir does not exist"; exit 0; }
+[ -e "$dir/.keyhold-cluster" ] || fail "$dir was not made by cluster-up.sh; leaving it alone" 2
+dir=$(realpath "$dir")
 
-if [ -f "$dir/pids" ]; then
+if [ -f "$dir/pids" ] && [ -f "$dir/bin" ]; then
     say "stopping the nodes (SIGTERM: partitions stop, links say goodbye)"
-    pids=$(grep -E '^[0-9]+$' "$dir/pids" || true)
-    for pid in $pids; do kill "$pid" 2>/dev/null || true; done
-    for _ in $(seq 50); do
-        alive=0
-        for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
-    for pid in $pids; do kill -9 "$pid" 2>/dev/null || true; done
+    while read -r pid; do stop_node "$pid" & done <"$dir/pids"
+    wait
 fi
 if [ -s "$dir/namespaces" ]; then
     say "removing network namespaces $(tr '\n' ' ' <"$dir/namespaces")"

@@ -3,7 +3,7 @@
 # directory, absolute) and reads what cluster-up.sh recorded there.
 
 say() { printf '==> %s\n' "$*"; }
-fail() { echo "$(basename "$0"): $*" >&2; exit "${2:-1}"; }
+fail() { echo "$(basename "$0"): $1" >&2; exit "${2:-1}"; }
 
 # The setting NAME that cluster-up.sh recorded.
 setting() { cat "$dir/$1"; }
@@ -37,7 +37,7 @@ wait_links() {
             if ! kill -0 "$(pid_of "$i")" 2>/dev/null; then
                 echo "node $i exited; the end of $dir/node$i.log:" >&2
                 tail -n 5 "$dir/node$i.log" >&2
-                exit 1
+                fail "the other nodes still run: cluster-down.sh stops them and cleans up"
             fi
             links=$("$(setting bin)" ctl links --socket "$dir/node$i.sock" 2>/dev/null || true)
             [ "$(grep -c '"up": true' <<<"$links")" = $((n - 1)) ] || pending=1
@@ -45,5 +45,28 @@ wait_links() {
         [ "$pending" = 0 ] && return 0
         sleep 0.1
     done
-    fail "links did not all come up in 30 s; see $dir/node*.log"
+    fail "links did not all come up in 30 s; see $dir/node*.log (cluster-down.sh cleans up)"
+}
+
+# ours PID: whether PID is still a node this cluster started (and not a process that has
+# reused the number since).
+ours() {
+    local exe
+    [ "$1" != - ] || return 1
+    exe=$(readlink "/proc/$1/exe" 2>/dev/null) || return 1
+    # A binary rebuilt while the node runs shows as "PATH (deleted)".
+    [ "${exe% (deleted)}" = "$(setting bin)" ]
+}
+
+# stop_node PID: SIGTERM, up to 10 s for a clean stop, then SIGKILL, and waits for it to go.
+stop_node() {
+    local pid=$1
+    ours "$pid" || return 0
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do
+        ours "$pid" || return 0
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    while ours "$pid"; do sleep 0.1; done
 }

@@ -13,14 +13,8 @@ i=${1:-}
 [[ "$i" =~ ^[0-9]+$ ]] && [ "$i" -ge 1 ] && [ "$i" -le "$(setting size)" ] ||
     fail "usage: $0 I   (a node from 1 to $(setting size))" 2
 
-pid=$(pid_of "$i")
 say "stopping node $i (SIGTERM)"
-kill "$pid" 2>/dev/null || true
-for _ in $(seq 100); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-done
-kill -9 "$pid" 2>/dev/null || true
+stop_node "$(pid_of "$i")"
 say "starting node $i again"
 start_node "$i"
 wait_links "$i"

@@ -41,10 +41,17 @@ if [ "$mode" = netns ] && [ "$(id -u)" != 0 ]; then
     fail "network namespaces need root; use --local" 2
 fi
 dir=${KEYHOLD_CLUSTER_DIR:-target/cluster}
-[ -e "$dir/pids" ] && fail "a cluster is already up in $dir; run cluster-down.sh first" 2
+# The directory is this script's alone (cluster-down.sh deletes it): an existing one must be
+# empty, or a cluster's (then one is up, or half made).
+if [ -e "$dir/.keyhold-cluster" ]; then
+    fail "a cluster is already up (or half made) in $dir; run cluster-down.sh first" 2
+elif [ -e "$dir" ] && { [ ! -d "$dir" ] || [ -n "$(ls -A "$dir")" ]; }; then
+    fail "$dir exists and is not an empty directory; name another with KEYHOLD_CLUSTER_DIR" 2
+fi
 if [ "$mode" = netns ]; then
+    namespaces=$(ip netns list | awk '{print $1}')
     for ns in "$prefix-hub" $(seq -f "$prefix%g" "$n"); do
-        ip netns list | grep -qE "^$ns( |$)" && fail "network namespace $ns exists already; pick another --prefix" 2
+        grep -qxF "$ns" <<<"$namespaces" && fail "network namespace $ns exists already; pick another --prefix" 2
     done
 fi
 
@@ -59,12 +66,14 @@ if [ -z "${KEYHOLD_BIN:-}" ]; then
     fi
     KEYHOLD_BIN=target/release/keyhold
 fi
+[ -x "$KEYHOLD_BIN" ] || fail "$KEYHOLD_BIN is not an executable keyhold" 2
 bin=$(realpath "$KEYHOLD_BIN")
 fixtures=$(realpath -m "$(dirname "$bin")/../fixtures")
 [ -f "$fixtures/echo.elf" ] || fixtures=$(realpath target/fixtures)
 mkdir -p "$dir"
 chmod 700 "$dir"
 dir=$(realpath "$dir")
+: >"$dir/.keyhold-cluster"
 echo "$mode" >"$dir/mode"
 echo "$prefix" >"$dir/prefix"
 echo "$n" >"$dir/size"
@@ -76,11 +85,13 @@ address() { if [ "$mode" = local ]; then echo "127.0.0.1:$((port + $1))"; else e
 if [ "$mode" = netns ]; then
     say "network: namespace $prefix-hub with a bridge; $prefix""1..$prefix$n on $subnet.0/24"
     # Each namespace is recorded as soon as it exists, so cluster-down.sh removes exactly these.
-    ip netns add "$prefix-hub" && echo "$prefix-hub" >>"$dir/namespaces"
+    ip netns add "$prefix-hub" || fail "cannot make namespace $prefix-hub; run cluster-down.sh"
+    echo "$prefix-hub" >>"$dir/namespaces"
     ip -n "$prefix-hub" link add br0 type bridge
     ip -n "$prefix-hub" link set br0 up
     for i in $(seq "$n"); do
-        ip netns add "$prefix$i" && echo "$prefix$i" >>"$dir/namespaces"
+        ip netns add "$prefix$i" || fail "cannot make namespace $prefix$i; run cluster-down.sh"
+        echo "$prefix$i" >>"$dir/namespaces"
         ip link add "$prefix${i}h" netns "$prefix-hub" type veth peer name eth0 netns "$prefix$i"
         ip -n "$prefix-hub" link set "$prefix${i}h" master br0 up
         ip -n "$prefix$i" addr add "$subnet.$i/24" dev eth0

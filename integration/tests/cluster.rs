@@ -437,6 +437,23 @@ fn cluster_up_fails_at_once_when_a_node_dies() {
     assert!(!up.stderr.contains("did not all come up"), "{up:#?}");
 }
 
+#[test]
+fn cluster_scripts_leave_directories_they_did_not_make_alone() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("mine");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("precious"), "keep me").unwrap();
+    let down = script("cluster-down.sh", &[], &dir);
+    assert_eq!(down.code(), 2, "{down:#?}");
+    assert!(down.stderr.contains("was not made by cluster-up.sh; leaving it alone"), "{down:#?}");
+    let up = script("cluster-up.sh", &["2", "--local"], &dir);
+    assert_eq!(up.code(), 2, "{up:#?}");
+    assert!(up.stderr.contains("is not an empty directory"), "{up:#?}");
+    assert_eq!(std::fs::read_to_string(dir.join("precious")).unwrap(), "keep me");
+    let gone = script("cluster-down.sh", &[], &scratch.path().join("never-made"));
+    assert_eq!(gone.code(), 0, "{gone:#?}");
+}
+
 /// Runs cluster-down.sh for a cluster directory when dropped (also when a test fails).
 struct ClusterDown(PathBuf);
 

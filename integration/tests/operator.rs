@@ -158,6 +158,28 @@ fn metrics_show_and_the_api_follow_a_running_pair_of_nodes() {
     assert!(http(&socket, "GET /v2/x HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
     assert!(http(&socket, "GET /v1/node HTTP/9\r\n\r\n").starts_with("HTTP/1.1 400 "));
 
+    // The socket is for the node's user and group only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+
+    // A client that dribbles its request cannot hold the API: the others are answered.
+    let slow_socket = socket.clone();
+    let slow = std::thread::spawn(move || {
+        let mut stream = UnixStream::connect(&slow_socket).unwrap();
+        // Longer than ctl would wait (10 s), were the node to wait for all of it.
+        let request = format!("GET /v1/node?{} HTTP/1.1\r\n\r\n", "x".repeat(40));
+        for byte in request.as_bytes() {
+            if stream.write_all(&[*byte]).is_err() {
+                return; // the node gave up on it
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let answered = keyhold(["ctl", "node", "--socket", &socket.display().to_string()]);
+    assert_eq!(answered.code(), 0, "answered despite the slow client: {answered:#?}");
+    slow.join().unwrap();
+
     for node in &nodes {
         terminate(node);
     }

@@ -15,7 +15,7 @@ pub struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     /// How log lines look: `text` for people, `json` (one object per line: time, level,
-    /// message) for log collectors.
+    /// target, message) for log collectors.
     #[arg(long, value_name = "FORMAT", default_value = "text", global = true)]
     pub log_format: LogFormat,
     /// Append log lines to FILE (made with mode 600 if new) instead of writing them to stderr.
@@ -33,7 +33,7 @@ pub enum LogFormat {
     /// `[time LEVEL] message`.
     #[default]
     Text,
-    /// `{"time": ..., "level": ..., "message": ...}`.
+    /// `{"time": ..., "level": ..., "target": ..., "message": ...}`.
     Json,
 }
 

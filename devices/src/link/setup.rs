@@ -191,6 +191,7 @@ impl Refusals {
         for (reason, count) in self.counts.drain() {
             audit.record(Record {
                 count: Some(count),
+                batched: true,
                 ..Record::link("link_refused", reason, None)
             });
         }

@@ -16,10 +16,17 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The metrics answer.
 pub fn answer(state: &ApiState) -> Response {
+    // A scrape without the device thread's counters would look like counters that reset:
+    // better none at all.
+    let (Some(Reply::Stats(stats)), Some(Reply::Channels(entries))) =
+        (state.queries.ask(Query::Stats), state.queries.ask(Query::Channels))
+    else {
+        return Response::error(503, "the device thread did not answer");
+    };
     let mut out = Exposition::default();
     node(&mut out, state);
-    partitions(&mut out, state);
-    channels(&mut out, state);
+    partitions(&mut out, state, &stats);
+    channels(&mut out, &entries);
     links(&mut out, state);
     audit(&mut out, state);
     Response { code: 200, content_type: CONTENT_TYPE, body: out.text, allow: None }
@@ -61,7 +68,11 @@ fn node(out: &mut Exposition, state: &ApiState) {
     );
 }
 
-fn partitions(out: &mut Exposition, state: &ApiState) {
+fn partitions(
+    out: &mut Exposition,
+    state: &ApiState,
+    stats: &[(u32, guest_agent::channel::abi::Stats)],
+) {
     let partitions = lock(&state.partitions).clone();
     out.family("keyhold_partition_running", "gauge", "1 while the partition runs, 0 once stopped.");
     for p in &partitions {
@@ -92,7 +103,6 @@ fn partitions(out: &mut Exposition, state: &ApiState) {
             }
         }
     }
-    let Some(Reply::Stats(stats)) = state.queries.ask(Query::Stats) else { return };
     type StatsCounter = fn(&guest_agent::channel::abi::Stats) -> u64;
     let channel_counters: [(&str, &str, StatsCounter); 9] = [
         ("messages_sent", "Messages the partition sent.", |s| s.sent),
@@ -108,14 +118,13 @@ fn partitions(out: &mut Exposition, state: &ApiState) {
     for (name, help, counter) in channel_counters {
         let family = format!("keyhold_channel_{name}_total");
         out.family(&family, "counter", help);
-        for (partition, s) in &stats {
+        for (partition, s) in stats {
             out.sample(&family, &[("partition", &partition.to_string())], counter(s));
         }
     }
 }
 
-fn channels(out: &mut Exposition, state: &ApiState) {
-    let Some(Reply::Channels(entries)) = state.queries.ask(Query::Channels) else { return };
+fn channels(out: &mut Exposition, entries: &[keyhold_devices::cmm::ChannelView]) {
     out.family("keyhold_channels", "gauge", "Connection-table entries by state.");
     for (code, name) in [
         (state::LISTENING, "listening"),

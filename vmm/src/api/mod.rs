@@ -9,13 +9,15 @@ mod http;
 mod metrics;
 mod routes;
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keyhold_devices::cmm::audit::Audit;
 use keyhold_devices::cmm::query::QueryHandle;
@@ -66,13 +68,20 @@ pub struct ApiSocket {
     path: PathBuf,
     /// Device and inode of the socket file it bound.
     file: (u64, u64),
+    /// `PATH.lock`, locked for as long as the node runs: two nodes starting on one path at
+    /// once cannot both take it.
+    _lock: std::fs::File,
 }
 
+/// Who may use the socket: the node's user and group (the systemd unit's `Group=`).
+const SOCKET_MODE: u32 = 0o660;
+
 impl ApiSocket {
-    /// Binds `path`. Refuses a path where a node answers, and any file there that is not a
-    /// socket; a socket nobody answers on is left over from a node that died, and is
-    /// replaced.
+    /// Binds `path`. Refuses a path another node holds (its lock is taken, or a node answers
+    /// there) and any file there that is not a socket; a socket that refuses connections is
+    /// left over from a node that died, and is replaced.
     pub fn claim(path: &Path) -> std::io::Result<Self> {
+        let lock = lock_beside(path)?;
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -82,20 +91,46 @@ impl ApiSocket {
                     "a file that is not a socket is there; keyhold leaves it alone",
                 ));
             }
-            Ok(_) => {
-                if UnixStream::connect(path).is_ok() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        "a running node serves its API there; give each node its own api_socket",
-                    ));
+            Ok(_) => match UnixStream::connect(path) {
+                // Only a refused connection proves nobody listens; any other error (no
+                // permission, for one) says nothing about the node that may be there.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)?
                 }
-                std::fs::remove_file(path)?;
-            }
+                Err(e) => return Err(e),
+                Ok(_) => return Err(in_use()),
+            },
         }
         let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
         let file = file_id(path)?;
-        Ok(Self { listener, path: path.to_owned(), file })
+        Ok(Self { listener, path: path.to_owned(), file, _lock: lock })
     }
+}
+
+fn in_use() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "a running node serves its API there; give each node its own api_socket",
+    )
+}
+
+/// Opens and locks `PATH.lock` (flock, released when the process ends however it ends).
+fn lock_beside(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&name)?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == std::io::ErrorKind::WouldBlock { in_use() } else { e });
+    }
+    Ok(file)
 }
 
 impl Drop for ApiSocket {
@@ -157,15 +192,37 @@ impl Drop for ApiServer {
     }
 }
 
+/// How long one client may take to send its request, and to take the answer: the API serves
+/// one connection at a time, so a slow client must not hold it (or the node's shutdown).
+const CLIENT_TIME: Duration = Duration::from_secs(2);
+
 /// One request, one response, then the connection closes.
-fn serve(state: &ApiState, mut stream: UnixStream) {
+fn serve(state: &ApiState, stream: UnixStream) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let response = match http::read_request(&mut stream) {
+    let _ = stream.set_write_timeout(Some(CLIENT_TIME));
+    let mut client = Deadline { stream, at: Instant::now() + CLIENT_TIME };
+    let response = match http::read_request(&mut client) {
         Ok(request) => routes::answer(state, &request),
         Err(refusal) => refusal,
     };
-    let _ = response.write_to(&mut stream);
+    let _ = response.write_to(&mut client.stream);
+}
+
+/// A stream whose reads, together, end at `at`: each read may wait only for what is left.
+struct Deadline {
+    stream: UnixStream,
+    at: Instant,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
 }
 
 /// `keyhold ctl`'s side of the API.

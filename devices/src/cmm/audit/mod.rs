@@ -107,8 +107,11 @@ pub struct Record<'a> {
     pub peer: Option<u32>,
     /// The network address of the other end of a host-link decision.
     pub address: Option<SocketAddr>,
-    /// How many times this decision was taken, when records of it are counted together.
+    /// A number the record reports (how many entries closed, refusals counted together...).
     pub count: Option<u64>,
+    /// The record stands for `count` decisions of its kind taken since the last one (refusals
+    /// before authentication are recorded so): metrics count `count`, not one.
+    pub batched: bool,
     /// The node decided this on its own (an operator's word, a partition that stopped), not
     /// at a guest's or peer's request: never rate limited.
     pub by_node: bool,
@@ -130,6 +133,7 @@ impl<'a> Record<'a> {
             peer: None,
             address: None,
             count: None,
+            batched: false,
             by_node: false,
         }
     }
@@ -144,6 +148,7 @@ impl<'a> Record<'a> {
             peer,
             address: None,
             count: None,
+            batched: false,
             by_node: false,
         }
     }
@@ -182,8 +187,8 @@ impl Audit {
     pub fn record(&self, record: Record<'_>) {
         let entry = {
             let mut shared = crate::bus::lock(&self.shared);
-            *shared.decisions.entry((record.event, record.reason)).or_default() +=
-                record.count.unwrap_or(1);
+            let times = if record.batched { record.count.unwrap_or(1) } else { 1 };
+            *shared.decisions.entry((record.event, record.reason)).or_default() += times;
             if let Some(source) = Source::of(self.node, &record) {
                 if !shared.limiter.admit(source, Instant::now()) {
                     shared.totals.suppressed += 1;
@@ -287,8 +292,24 @@ mod tests {
         assert!(audit.recent().iter().any(|r| r.contains("link_down")));
         // The totals count what the reports said, and the reports themselves are not counted.
         assert_eq!(audit.counts(), AuditCounts { recorded: 6, suppressed: 995, dropped: 0 });
+        // A record with a count is one decision, unless it stands for a batch of them.
+        audit.record(Record {
+            count: Some(0),
+            by_node: true,
+            ..Record::link("channels_closed", "partition_stopped", None)
+        });
+        audit.record(Record {
+            count: Some(7),
+            batched: true,
+            ..Record::link("link_refused", "handshake_timeout", None)
+        });
         let decisions = audit.decisions();
         assert!(decisions.contains(&(("request_refused", "no_channel"), 1000)), "{decisions:?}");
+        assert!(
+            decisions.contains(&(("channels_closed", "partition_stopped"), 1)),
+            "{decisions:?}"
+        );
+        assert!(decisions.contains(&(("link_refused", "handshake_timeout"), 7)), "{decisions:?}");
         assert!(decisions.contains(&(("link_down", "keepalive_timeout"), 1)), "{decisions:?}");
     }
 
