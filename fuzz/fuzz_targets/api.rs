@@ -133,7 +133,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8(response).expect("the response is UTF-8");
     let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
     let code: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status code");
-    assert!(matches!(code, 200 | 202 | 400 | 404 | 405 | 409 | 431 | 503), "status {code} for {data:?}");
+    assert!(
+        matches!(code, 200 | 202 | 400 | 404 | 405 | 409 | 431 | 503),
+        "status {code} for {data:?}"
+    );
     let length: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("Content-Length: "))
