@@ -23,7 +23,7 @@ pub fn shared_output(out: Box<dyn Write + Send>) -> SharedOutput {
     Arc::new(Mutex::new(out))
 }
 
-/// The UART's interrupt line. Firmware runs with interrupts off and polls (MACHINE.md), so
+/// The UART's interrupt line. Firmware runs with interrupts off and polls (docs/HOST.md), so
 /// the console raises none; the line exists because the 16550 model requires one.
 #[derive(Debug, Default)]
 pub struct NoInterrupt;

@@ -1,6 +1,6 @@
 //! The idle port: how a polling guest gives its CPU back.
 //!
-//! Firmware polls its used rings (it takes no interrupts, MACHINE.md), so an idle guest would
+//! Firmware polls its used rings (it takes no interrupts: docs/HOST.md), so an idle guest would
 //! spin its vCPU thread at 100% and starve the device thread that is to fill those rings. After
 //! a short spin it writes the longest it is willing to wait, in microseconds, to [`IDLE_PORT`];
 //! the vCPU thread then sleeps until a device of the partition uses a buffer, or that long.

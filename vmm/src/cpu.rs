@@ -1,6 +1,6 @@
 //! The CPU state a partition starts in: 64-bit mode, paging on, CPL 3 with IOPL 3.
 //!
-//! MACHINE.md says why: on the development machines KVM runs CPL-0 code through its instruction
+//! docs/HOST.md says why: on the development machines KVM runs CPL-0 code through its instruction
 //! emulator (1,000x slower, and no SSE), while CPL-3 code runs natively. The same state is valid
 //! on any x86 KVM host, so firmware needs no variant per host. No 16- or 32-bit code ever runs.
 
@@ -24,7 +24,7 @@ const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IOPL3: u64 = 3 << 12;
 
 /// GDT laid out as Linux's, so the user selectors are Linux's `__USER_DS` (0x2b) and
-/// `__USER_CS` (0x33). The pagetable-based KVM of the development machines (MACHINE.md) runs
+/// `__USER_CS` (0x33). The pagetable-based KVM of the development machines (docs/HOST.md) runs
 /// guest user code on the host's own segments and reads the selector to tell 64-bit from
 /// compatibility mode: with Linux's `__USER32_CS` (0x23) the guest faults on its first fetch.
 /// Firmware never loads a selector; the table gives the hidden segment state a consistent
@@ -51,7 +51,7 @@ pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
 }
 
 /// Special registers for entry, starting from the vCPU's own (whose task register must be kept:
-/// MACHINE.md explains that a TSS of ours would make `out` fault at CPL 3).
+/// docs/HOST.md explains that a TSS of ours would make `out` fault at CPL 3).
 pub fn boot_sregs(mut sregs: kvm_sregs, cr3: u64) -> kvm_sregs {
     let code = kvm_segment {
         base: 0,

@@ -1,7 +1,7 @@
 //! How many VM exits a vCPU really took, from KVM's binary statistics (`KVM_GET_STATS_FD`).
 //!
 //! The vCPU loop sees only the exits KVM hands to the VMM; queue notifications go to
-//! ioeventfds and are handled inside KVM, yet each is an exit just as costly (MACHINE.md).
+//! ioeventfds and are handled inside KVM, yet each is an exit just as costly (docs/HOST.md).
 //! KVM's own `exits` counter includes them, so the figure the benchmarks report is the whole
 //! cost, not the part the VMM happens to see. It also includes the page faults KVM resolves
 //! when the guest first touches a page (on the development machines' shadow-paging KVM, one

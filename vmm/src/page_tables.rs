@@ -1,7 +1,7 @@
 //! Identity page tables for 64-bit entry.
 //!
 //! The low 4 GiB are identity-mapped with user-accessible entries (the U bit), because firmware
-//! runs at CPL 3 (MACHINE.md). The first 2 MiB use 4 KiB pages so that page 0 can be read-only:
+//! runs at CPL 3 (docs/HOST.md). The first 2 MiB use 4 KiB pages so that page 0 can be read-only:
 //! a null-pointer write faults. Page 0 cannot be unmapped: the task register KVM gives a new vCPU
 //! has base 0, and KVM reads that TSS's I/O bitmap through the guest page tables on every port
 //! access, so an unmapped page 0 turns the first `out` into a triple fault (seen on the

@@ -54,7 +54,7 @@ impl Vcpu {
     /// Runs the guest until it stops; `process_start` dates the start-up log lines.
     pub fn run(mut self, process_start: Instant) -> Stopped {
         kick::register_kvm_run(self.fd.get_kvm_run());
-        // Every return from KVM_RUN is a VM exit: the scarce resource (MACHINE.md). KVM counts
+        // Every return from KVM_RUN is a VM exit: the scarce resource (docs/HOST.md). KVM counts
         // the ones it handles itself (queue notifications) too.
         let stats = ExitStats::open(&self.fd);
         log::info!(
