@@ -209,6 +209,8 @@ fn api(dir: &Path) {
         ("metrics", "GET /metrics HTTP/1.1\r\nAccept: text/plain\r\n\r\n"),
         ("query", "GET /v1/links?peer=2&x HTTP/1.1\r\n\r\n"),
         ("stop", "POST /v1/partitions/1/stop HTTP/1.1\r\n\r\n"),
+        ("head", "HEAD /v1/node HTTP/1.1\r\n\r\n"),
+        ("reload", "POST /v1/reload HTTP/1.1\r\n\r\n"),
         ("stop-stopped", "POST /v1/partitions/2/stop HTTP/1.1\r\n\r\n"),
         ("no-route", "GET /v2/%00 HTTP/1.1\r\n\r\n"),
         ("not-http", "GET /v1/node\r\n\r\n"),

@@ -156,6 +156,12 @@ fn metrics_show_and_the_api_follow_a_running_pair_of_nodes() {
     let wrong = http(&socket, "DELETE /metrics HTTP/1.1\r\n\r\n");
     assert!(wrong.starts_with("HTTP/1.1 405 ") && wrong.contains("\r\nAllow: GET\r\n"), "{wrong}");
     assert!(http(&socket, "GET /v2/x HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
+    let head = http(&socket, "HEAD /v1/node HTTP/1.1\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"), "{head}");
+    assert!(
+        !head.contains("Content-Length: 0\r\n"),
+        "the length of the body it leaves out: {head}"
+    );
     assert!(http(&socket, "GET /v1/node HTTP/9\r\n\r\n").starts_with("HTTP/1.1 400 "));
 
     // The socket is for the node's user and group only.

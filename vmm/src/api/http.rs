@@ -71,6 +71,13 @@ impl Response {
 
     /// Writes the response; the connection closes after it.
     pub fn write_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        self.write_head(out)?;
+        out.write_all(self.body.as_bytes())
+    }
+
+    /// Writes the status line and headers only: the answer to a HEAD request, which carries
+    /// the Content-Length of the body it leaves out.
+    pub fn write_head(&self, out: &mut impl Write) -> std::io::Result<()> {
         let allow = self.allow.map(|a| format!("Allow: {a}\r\n")).unwrap_or_default();
         write!(
             out,
@@ -79,8 +86,7 @@ impl Response {
             self.reason(),
             self.content_type,
             self.body.len()
-        )?;
-        out.write_all(self.body.as_bytes())
+        )
     }
 }
 
@@ -110,6 +116,9 @@ fn parse(head: &[u8]) -> Result<Option<Request>, Response> {
     match request.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Response::error(431, format!("more than {MAX_HEADERS} headers")))
+        }
         Err(e) => return Err(Response::error(400, format!("malformed request: {e}"))),
     }
     let (Some(method), Some(target)) = (request.method, request.path) else {
@@ -168,6 +177,8 @@ mod tests {
         assert_eq!(read("GET / HTTP/1.1\r\n").unwrap_err().code, 400, "cut short");
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
         assert_eq!(read(&long).unwrap_err().code, 431);
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: 1\r\n".repeat(MAX_HEADERS + 1));
+        assert_eq!(read(&many).unwrap_err().code, 431);
     }
 
     #[test]

@@ -201,11 +201,15 @@ fn serve(state: &ApiState, stream: UnixStream) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(CLIENT_TIME));
     let mut client = Deadline { stream, at: Instant::now() + CLIENT_TIME };
-    let response = match http::read_request(&mut client) {
-        Ok(request) => routes::answer(state, &request),
-        Err(refusal) => refusal,
+    let (response, head_only) = match http::read_request(&mut client) {
+        Ok(request) => (routes::answer(state, &request), request.method == "HEAD"),
+        Err(refusal) => (refusal, false),
     };
-    let _ = response.write_to(&mut client.stream);
+    let _ = if head_only {
+        response.write_head(&mut client.stream)
+    } else {
+        response.write_to(&mut client.stream)
+    };
 }
 
 /// A stream whose reads, together, end at `at`: each read may wait only for what is left.

@@ -58,7 +58,9 @@ pub fn answer(state: &ApiState, request: &Request) -> Response {
     let Some(route) = Route::of(path) else {
         return Response::error(404, format!("no route {path} (docs/API.md lists them)"));
     };
-    if request.method != route.method() {
+    // HEAD is GET without the body (the server leaves it out).
+    let method = if request.method == "HEAD" { "GET" } else { request.method.as_str() };
+    if method != route.method() {
         return Response::method_not_allowed(&request.method, path, route.method());
     }
     match route {
