@@ -224,6 +224,15 @@ fn threads_and_rss(pid: u32) -> (u64, u64) {
     (field("Threads:"), field("VmRSS:"))
 }
 
+/// The names of process `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
+
 /// Open descriptors of process `pid`.
 fn descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -262,6 +271,13 @@ fn a_peer_links_within_a_second_while_two_thousand_hostile_connections_are_held(
     assert!(
         wait_until(Duration::from_secs(20), || api(d, "2", "links").is_array()),
         "node 2 never served its API"
+    );
+    // The API serves before the supervisor starts the vCPU thread: count threads only once
+    // that one runs too.
+    assert!(
+        wait_until(Duration::from_secs(20), || thread_names(pid).iter().any(|n| n == "p1-vcpu")),
+        "node 2's vCPU thread never started: {:?}",
+        thread_names(pid)
     );
     let (threads_before, rss_before) = threads_and_rss(pid);
     let to = SocketAddr::from(([127, 0, 0, 1], p.port2));
