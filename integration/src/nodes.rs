@@ -38,6 +38,24 @@ pub fn public_key(private: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// Writes `node.toml` in `dir` for a node without a cluster (node 1) whose control API listens
+/// on `api.sock` there, with partitions 1, 2, ... running `(fixture, args)`; returns the config
+/// and the socket.
+pub fn api_node(dir: &Path, partitions: &[(&str, &str)]) -> (PathBuf, PathBuf) {
+    let socket = dir.join("api.sock");
+    let mut text = format!("[node]\nid = 1\napi_socket = \"{}\"\n", socket.display());
+    for (i, (firmware, args)) in partitions.iter().enumerate() {
+        text += &format!(
+            "\n[[partition]]\nid = {}\nfirmware = \"{}\"\nargs = \"{args}\"\n",
+            i + 1,
+            fixture(firmware).display()
+        );
+    }
+    let config = dir.join("node.toml");
+    std::fs::write(&config, text).unwrap();
+    (config, socket)
+}
+
 /// Writes `cluster-<name>.toml` listing `(id, port, public key)` on 127.0.0.1.
 pub fn cluster(dir: &Path, name: &str, nodes: &[(u32, u16, &str)]) -> PathBuf {
     let text: String = nodes

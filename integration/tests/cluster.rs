@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyhold_integration::nodes::{
-    audit, channel_of, cluster, free_port, keygen, node, node_with, pair, run_nodes, wait_until,
+    api_node, audit, channel_of, cluster, free_port, keygen, node, node_with, pair, run_nodes,
+    wait_until,
 };
-use keyhold_integration::{
-    finish, fixture, keyhold, require_kvm, spawn_keyhold, terminate, Outcome,
-};
+use keyhold_integration::{finish, keyhold, require_kvm, spawn_keyhold, terminate, Outcome};
 
 #[test]
 fn keygen_and_pubkey_make_working_keys() {
@@ -271,16 +270,8 @@ fn the_control_api_lists_without_keys_and_revokes_on_both_sides() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let socket = d.join("api.sock");
-    let config = d.join("node.toml");
-    let text = format!(
-        "[node]\nid = 1\napi_socket = \"{}\"\n\n[[partition]]\nid = 1\nfirmware = \"{}\"\nargs = \"peer=1:2:1\"\n\n\
-         [[partition]]\nid = 2\nfirmware = \"{}\"\nargs = \"peer=1:1:1 count=1000000 batch=1\"\n",
-        socket.display(),
-        fixture("echo").display(),
-        fixture("ping").display()
-    );
-    std::fs::write(&config, text).unwrap();
+    let (config, socket) =
+        api_node(d, &[("echo", "peer=1:2:1"), ("ping", "peer=1:1:1 count=1000000 batch=1")]);
     let node = spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "8"]);
     let ctl = |args: &[&str]| {
         let mut all = vec!["ctl", "--socket"];

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use keyhold_integration::nodes::{pair, wait_until};
+use keyhold_integration::nodes::{api_node, pair, wait_until};
 use keyhold_integration::{
     finish, keyhold, keyhold_bin, require_kvm, spawn_keyhold, terminate, Outcome,
 };
@@ -287,20 +287,15 @@ fn ctl_stop_stops_one_partition_and_its_peer_sees_why() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let socket = d.join("api.sock");
-    let config = d.join("node.toml");
-    let text = format!(
-        "[node]\nid = 1\napi_socket = \"{}\"\n\n[[partition]]\nid = 1\nfirmware = \"{}\"\n\
-         args = \"peer=1:2:1\"\n\n[[partition]]\nid = 2\nfirmware = \"{}\"\n\
-         args = \"peer=1:1:1 count=100000000 batch=1 interval_ms=20\"\n\n\
-         [[partition]]\nid = 3\nfirmware = \"{}\"\n",
-        socket.display(),
-        keyhold_integration::fixture("echo").display(),
-        keyhold_integration::fixture("ping").display(),
-        // The node runs on while any partition runs: this one keeps it up whatever ping does.
-        keyhold_integration::fixture("spin").display()
+    // Partition 3 keeps the node up whatever ping does: a node runs while any partition runs.
+    let (config, socket) = api_node(
+        d,
+        &[
+            ("echo", "peer=1:2:1"),
+            ("ping", "peer=1:1:1 count=100000000 batch=1 interval_ms=20"),
+            ("spin", ""),
+        ],
     );
-    std::fs::write(&config, text).unwrap();
     let node =
         spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"]);
     let ctl = |args: &[&str]| ctl_by_env(&socket, args);
