@@ -324,6 +324,38 @@ fn ctl_stop_stops_one_partition_and_its_peer_sees_why() {
     assert!(ctl(&["stop", "1"]).stderr.contains("409"), "already stopped");
     assert!(ctl(&["stop", "9"]).stderr.contains("404"), "no such partition");
 
+    // Ping ends when its channel does. Both start again, each a fresh VM, under the seccomp
+    // filters (the starter's, then each new vCPU thread's own), and find each other.
+    let running = |index: usize| {
+        let listed: serde_json::Value =
+            serde_json::from_str(&ctl(&["partitions"]).stdout).unwrap_or_default();
+        listed[index]["running"] == true
+    };
+    assert!(wait_until(Duration::from_secs(60), || !running(1)), "{:#?}", ctl(&["partitions"]));
+    for partition in ["1", "2"] {
+        let start = ctl(&["start", partition]);
+        assert_eq!(start.code(), 0, "{start:#?}");
+        assert!(start.stdout.contains("\"started\""), "{start:#?}");
+    }
+    assert!(ctl(&["start", "1"]).stderr.contains("409"), "already running");
+    assert!(ctl(&["start", "9"]).stderr.contains("404"), "no such partition");
+    let reopened = || {
+        let channels = ctl(&["channels"]).stdout;
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&channels).unwrap_or_default();
+        entries.iter().filter(|e| e["state"] == "open").count() == 2
+    };
+    assert!(wait_until(Duration::from_secs(60), reopened), "{:#?}", ctl(&["channels"]));
+    assert!(running(0) && running(1), "{:#?}", ctl(&["partitions"]));
+
+    // With every partition stopped by the operator the node stays up, waiting for a start.
+    for partition in ["1", "2", "3"] {
+        assert_eq!(ctl(&["stop", partition]).code(), 0);
+    }
+    let all_stopped = || (0..3).all(|i| !running(i));
+    assert!(wait_until(Duration::from_secs(60), all_stopped), "{:#?}", ctl(&["partitions"]));
+    assert_eq!(ctl(&["start", "3"]).code(), 0, "the node still serves");
+    assert!(running(2), "{:#?}", ctl(&["partitions"]));
+
     terminate(&node);
     let out = finish(node, Duration::from_secs(60));
     out.assert_no_panic();

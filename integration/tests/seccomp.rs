@@ -59,15 +59,16 @@ fn a_forbidden_call_on_any_thread_of_a_run_stops_it_naming_thread_and_call() {
     }
 }
 
-/// The threads only a node has: the API and the link set-up thread.
+/// The threads only a node has: the API, the link set-up thread and the starter (whose
+/// filter lets it open a firmware file read-only, but nothing else).
 #[test]
-fn a_forbidden_call_on_a_nodes_api_or_link_setup_thread_stops_it_too() {
+fn a_forbidden_call_on_a_nodes_own_threads_stops_it_too() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let (d, p) = (dir.path(), pair(dir.path()));
     // Node 2 never runs: node 1 keeps dialling it, which does not matter here.
     let config = node(d, "1", 1, &p.cluster, &p.k1).display().to_string();
-    for kind in ["api", "link-setup"] {
+    for kind in ["api", "link-setup", "starter"] {
         let out =
             keyhold(["node", "--config", &config, "--timeout", "20", "--seccomp-selftest", kind]);
         assert_stopped_by_filter(&out, kind);

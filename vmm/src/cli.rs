@@ -183,8 +183,15 @@ pub enum CtlRequest {
     Audit,
     /// Every counter in the Prometheus text format (GET /metrics).
     Metrics,
-    /// Stop one partition now: its channels close (their peers see why), the others run on.
+    /// Stop one partition now: its channels close (their peers see why), the others run on,
+    /// and the node waits for it to be started again.
     Stop {
+        /// The partition.
+        partition: u32,
+    },
+    /// Start a stopped partition again: a fresh VM from its configuration (firmware read
+    /// anew, empty RAM, new devices), whatever stopped it.
+    Start {
         /// The partition.
         partition: u32,
     },
@@ -215,6 +222,7 @@ impl CtlRequest {
                 ("POST", format!("/v1/channels/{partition}/{channel}/revoke"))
             }
             Self::Stop { partition } => ("POST", format!("/v1/partitions/{partition}/stop")),
+            Self::Start { partition } => ("POST", format!("/v1/partitions/{partition}/start")),
             Self::Reload => ("POST", "/v1/reload".into()),
         }
     }
@@ -231,8 +239,10 @@ pub struct CheckArgs {
 /// Arguments of `keyhold node`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "The node runs until all its partitions have stopped; its exit status is that of \
-keyhold run. See docs/OPERATOR.md for node.toml and examples/ for working configs."
+    after_help = "The node runs until all its partitions have stopped, except that a partition \
+stopped with keyhold ctl stop keeps it up, waiting for keyhold ctl start; SIGTERM or SIGINT ends \
+it whatever runs. Its exit status is that of keyhold run. See docs/OPERATOR.md for node.toml and \
+examples/ for working configs."
 )]
 pub struct NodeArgs {
     /// The node's configuration file.

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use keyhold_devices::console::{shared_output, LineSink, SharedOutput};
+use keyhold_devices::console::{shared_output, SharedOutput};
 use thiserror::Error;
 
 use keyhold_devices::bus::lock;
@@ -24,13 +24,14 @@ use keyhold_devices::cmm::audit::{Audit, AuditConfig};
 use keyhold_devices::cmm::{Cmm, CmmConfig};
 use keyhold_devices::virtio::secure_channel::ChannelNode;
 
-use crate::device_thread::{Backend, DeviceThread};
+use crate::device_thread::DeviceThread;
 use crate::host::{self, HostError};
 use crate::partition::{self, Partition, PartitionConfig, PartitionError};
-use crate::reload::{ReloadFn, ReloadRequests};
+use crate::requests::{ReloadFn, Requests};
 use crate::seccomp::{Containment, Needs, SeccompError};
+use crate::starter::{Consoles, StartKit, Starter};
 use crate::stop::Stopped;
-use crate::supervisor::{self, Control, PartitionStops, SupervisorError};
+use crate::supervisor::{self, Control, SupervisorError};
 
 /// How long the node waits at exit for the audit writer to catch up.
 const AUDIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
@@ -261,11 +262,11 @@ pub fn boot(
     let audit = open_audit(launch, &containment)?;
     let flusher = audit.clone();
     let kvm = host::open_kvm()?;
-    let mut partitions = create_partitions(&kvm, launch, firmware)?;
+    let consoles = consoles(launch)?;
+    let mut partitions = create_partitions(&kvm, launch, firmware, &consoles)?;
     let (links, router) = start_links(launch, &audit, &containment)?;
     let (queries, query_port) = query::channel().map_err(LaunchError::DeviceThread)?;
-    let partition_stops = PartitionStops::new().map_err(LaunchError::DeviceThread)?;
-    let reloads = ReloadRequests::new().map_err(LaunchError::DeviceThread)?;
+    let requests = Requests::new().map_err(LaunchError::DeviceThread)?;
     let api_state = Arc::new(ApiState {
         node: launch.node,
         partitions: Mutex::new(
@@ -274,10 +275,9 @@ pub fn boot(
         queries,
         links: links.as_ref().map(LinkManager::book),
         audit: audit.clone(),
-        partition_stops: Some(partition_stops.clone()),
-        reloads: Some(reloads.clone()),
+        requests: Some(requests.clone()),
     });
-    let device_thread =
+    let (device_thread, node) =
         start_devices(&mut partitions, launch, audit, router, query_port, &containment)?;
     let api = match api_socket {
         Some(socket) => {
@@ -290,10 +290,23 @@ pub fn boot(
         }
         None => None,
     };
+    // Only an operator starts a partition again, and only through the API.
+    let kit = StartKit {
+        kvm,
+        configs: launch.partitions.clone(),
+        consoles,
+        limits: launch.cmm.limits,
+        devices: device_thread.handle(),
+        node,
+        api: api_state.clone(),
+        process_start,
+        containment: containment.clone(),
+    };
+    let starter = api.is_some().then(|| Starter::spawn(kit)).transpose();
+    let starter = starter.map_err(LaunchError::DeviceThread)?;
     let on_stop = move |stopped: &Stopped| report_stop(&api_state, stopped);
     let started = || tell_service_manager(launch);
-    let control =
-        Control { stops: partition_stops, reloads, reload: reload_fn(launch, links.as_ref()) };
+    let control = Control { requests, reload: reload_fn(launch, links.as_ref()), starter };
     let stops = supervisor::run(
         partitions,
         launch.timeout,
@@ -312,18 +325,22 @@ pub fn boot(
     Ok(stops.iter().map(|s| s.exit_status()).find(|&s| s != 0).unwrap_or(0))
 }
 
-/// Builds every partition, each console prefixed with its ID when there are several.
+/// Where the consoles go: each line prefixed with its partition's ID when there are several.
+fn consoles(launch: &Launch) -> Result<Consoles, LaunchError> {
+    let output = console_output(launch.console.as_deref())?;
+    Ok(Consoles { output, prefixed: launch.partitions.len() > 1 })
+}
+
+/// Builds every partition.
 fn create_partitions(
     kvm: &kvm_ioctls::Kvm,
     launch: &Launch,
     firmware: Vec<crate::loader::Firmware>,
+    consoles: &Consoles,
 ) -> Result<Vec<Partition>, LaunchError> {
-    let output = console_output(launch.console.as_deref())?;
-    let prefixed = launch.partitions.len() > 1;
     let mut partitions = Vec::with_capacity(launch.partitions.len());
     for (config, firmware) in launch.partitions.iter().zip(firmware) {
-        let prefix = if prefixed { format!("[p{}] ", config.id) } else { String::new() };
-        let console = LineSink::new(prefix, output.clone());
+        let console = consoles.sink(config.id);
         partitions.push(partition::create(kvm, config, firmware, console, launch.cmm.limits)?);
     }
     Ok(partitions)
@@ -401,7 +418,8 @@ fn report_stop(state: &ApiState, stopped: &Stopped) {
 }
 
 /// Starts the device thread with every partition's backends and one CMM for the node in
-/// front of all their secure-channel devices, with the router to the other nodes.
+/// front of all their secure-channel devices, with the router to the other nodes; returns
+/// the thread and the node (the CMM and the devices).
 fn start_devices(
     partitions: &mut [Partition],
     launch: &Launch,
@@ -409,16 +427,16 @@ fn start_devices(
     router: Router,
     queries: QueryPort,
     containment: &Containment,
-) -> Result<DeviceThread, LaunchError> {
-    let mut backends: Vec<Backend> =
-        partitions.iter_mut().flat_map(Partition::take_backends).collect();
+) -> Result<(DeviceThread, Arc<Mutex<ChannelNode>>), LaunchError> {
+    let backends = partitions.iter_mut().map(|p| (p.id(), p.take_backends())).collect();
     let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
     let cmm = Cmm::new(launch.node, launch.cmm, audit, router).map_err(LaunchError::Cmm)?;
     let node = ChannelNode::new(cmm, channels).map_err(LaunchError::DeviceThread)?;
     let node = Arc::new(Mutex::new(node.with_queries(queries)));
     ChannelNode::serve_inline(&node);
-    backends.push(node);
-    DeviceThread::start(backends, containment).map_err(LaunchError::DeviceThread)
+    let thread = DeviceThread::start(backends, node.clone(), containment)
+        .map_err(LaunchError::DeviceThread)?;
+    Ok((thread, node))
 }
 
 fn api_partition((partition, config): (&Partition, &PartitionConfig)) -> PartitionState {

@@ -18,7 +18,12 @@
 //! - `main` (`supervisor::run`): epoll, reading its eventfds, timer and signalfd, kicking vCPU
 //!   threads (`tgkill` with the kick signal only), removing the API socket;
 //! - `audit` (`Audit::start`, through a closure from here): rotating its log (renaming and
-//!   removing files, creating the new one for appending, and nothing else).
+//!   removing files, creating the new one for appending, and nothing else);
+//! - `starter` (`Starter::spawn`, only on a node with a control API): everything a vCPU
+//!   thread may do (the vCPU threads it starts inherit its filter under their own), and
+//!   building a partition: the KVM ioctls that create a VM, its memory slot, irqchip, vCPU,
+//!   irqfds and ioeventfds and set the vCPU's registers; opening the firmware read-only;
+//!   eventfds and timerfds for its devices; starting a thread.
 //!
 //! The lists were found by running the real workloads under `strace -f` (every end-to-end test,
 //! debug and release builds: boots, crashes, timeouts, `--dump-ram`, nodes, links, rekeys, link
@@ -72,6 +77,9 @@ pub enum ThreadKind {
     Main,
     /// The audit writer: appends records, rotates its file.
     Audit,
+    /// The starter: builds a stopped partition again (`keyhold ctl start`) and starts its
+    /// vCPU thread.
+    Starter,
 }
 
 /// Whether the threads run under their filters (`--seccomp`).
@@ -109,6 +117,7 @@ struct Filters {
     api: BpfProgram,
     main: BpfProgram,
     audit: BpfProgram,
+    starter: BpfProgram,
 }
 
 /// The containment of one process: the filters each thread installs (none with
@@ -163,6 +172,7 @@ impl Containment {
             api: compile(api())?,
             main: compile(main_thread())?,
             audit: compile(audit())?,
+            starter: compile(starter(needs))?,
         };
         install_sigsys_handler().map_err(SeccompError::Handler)?;
         Ok(Self { filters: Some(Arc::new(filters)), selftest })
@@ -182,6 +192,7 @@ impl Containment {
                 ThreadKind::Api => &filters.api,
                 ThreadKind::Main => &filters.main,
                 ThreadKind::Audit => &filters.audit,
+                ThreadKind::Starter => &filters.starter,
             };
             if let Err(e) = seccompiler::apply_filter(program) {
                 let name = std::thread::current().name().unwrap_or("?").to_owned();
@@ -383,14 +394,30 @@ fn event_loop(rules: &mut Rules) {
 
 /// The KVM ioctls a vCPU thread makes.
 mod kvm {
-    use kvm_bindings::{kvm_regs, kvm_sregs};
-    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+    use kvm_bindings::{
+        kvm_fpu, kvm_ioeventfd, kvm_irqfd, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    };
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
     const KVMIO: u32 = 0xAE;
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
     ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+
+    // Building a VM (the starter).
+    ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
+    ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+    ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
+    ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+    ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
+    ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
+    ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+    ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+    ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+    ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
+    ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 }
 
 /// A vCPU thread: the guest runs through `KVM_RUN`; its exits are port and MMIO accesses
@@ -482,6 +509,64 @@ fn main_thread() -> Rules {
     rules
 }
 
+/// The starter: what a vCPU thread may do (the vCPU threads it starts inherit this filter,
+/// and the kernel runs both), and building a partition as the boot does: the KVM ioctls of a
+/// new VM, guest RAM (anonymous memory, as any allocation), the firmware opened read-only and
+/// read, the host's memory size (`sysinfo`), eventfds and a timerfd for the devices; then a
+/// thread start (`clone3`, the new thread's robust futex list, restartable sequences and
+/// name) and that thread's own filter (`prctl` for no-new-privileges, `seccomp`).
+fn starter(needs: Needs) -> Rules {
+    let mut rules = vcpu(needs);
+    rules.allow_if_arg_in(
+        libc::SYS_ioctl,
+        1,
+        &[
+            kvm::KVM_CREATE_VM(),
+            kvm::KVM_CHECK_EXTENSION(),
+            kvm::KVM_GET_VCPU_MMAP_SIZE(),
+            kvm::KVM_CREATE_VCPU(),
+            kvm::KVM_SET_USER_MEMORY_REGION(),
+            kvm::KVM_CREATE_IRQCHIP(),
+            kvm::KVM_IRQFD(),
+            kvm::KVM_IOEVENTFD(),
+            kvm::KVM_SET_REGS(),
+            kvm::KVM_SET_SREGS(),
+            kvm::KVM_SET_FPU(),
+            kvm::KVM_GET_TSC_KHZ(),
+        ],
+    );
+    let read_only = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    rules
+        .allow_if(libc::SYS_openat, &[arg_is(2, read_only)])
+        .allow(&[
+            libc::SYS_statx,
+            libc::SYS_newfstatat,
+            libc::SYS_fstat,
+            libc::SYS_lseek,
+            libc::SYS_sysinfo,
+            libc::SYS_eventfd2,
+            libc::SYS_timerfd_create,
+            libc::SYS_timerfd_settime,
+            libc::SYS_clone3,
+            libc::SYS_set_robust_list,
+            libc::SYS_rseq,
+            libc::SYS_seccomp,
+        ])
+        // The new vCPU thread's stop eventfd is cloned (dup) for the supervisor; the devices'
+        // timerfds are made non-blocking.
+        .allow_if_arg_in(
+            libc::SYS_fcntl,
+            1,
+            &[libc::F_DUPFD_CLOEXEC as u64, libc::F_GETFL as u64, libc::F_SETFL as u64],
+        )
+        .allow_if_arg_in(
+            libc::SYS_prctl,
+            0,
+            &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64],
+        );
+    rules
+}
+
 /// The audit writer: writes records to its file (or stderr) and, past the file's size limit,
 /// renames the old files, removes the oldest and creates the new one, which it opens only
 /// for appending (as `OpenOptions::new().create(true).append(true)` does).
@@ -542,6 +627,7 @@ fn remember_thread_name(kind: ThreadKind) {
         ThreadKind::Api => "api",
         ThreadKind::Main => "main",
         ThreadKind::Audit => "audit",
+        ThreadKind::Starter => "starter",
     };
     let name = current.name().unwrap_or(fallback).as_bytes();
     let mut padded = [0u8; 16];
@@ -769,7 +855,7 @@ mod tests {
         for needs in [Needs::default(), Needs { dump_ram: true }] {
             compile(vcpu(needs)).unwrap();
         }
-        for rules in [devices(), link_setup(), api(), main_thread()] {
+        for rules in [devices(), link_setup(), api(), main_thread(), starter(Needs::default())] {
             compile(rules).unwrap();
         }
     }
@@ -780,6 +866,13 @@ mod tests {
         assert_eq!(kvm::KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(kvm::KVM_GET_SREGS(), 0x8138_ae83);
         assert_eq!(kvm::KVM_GET_STATS_FD(), 0xaece);
+        assert_eq!(kvm::KVM_CREATE_VM(), 0xae01);
+        assert_eq!(kvm::KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+        assert_eq!(kvm::KVM_IRQFD(), 0x4020_ae76);
+        assert_eq!(kvm::KVM_IOEVENTFD(), 0x4040_ae79);
+        assert_eq!(kvm::KVM_SET_REGS(), 0x4090_ae82);
+        assert_eq!(kvm::KVM_SET_SREGS(), 0x4138_ae84);
+        assert_eq!(kvm::KVM_SET_FPU(), 0x41a0_ae8d);
     }
 
     #[test]

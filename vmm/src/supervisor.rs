@@ -18,8 +18,9 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::host::ShutdownSignals;
 use crate::kick;
 use crate::partition::Partition;
-use crate::reload::{ReloadFn, ReloadRequests};
+use crate::requests::{Answer, Refusal, ReloadFn, Request, Requests};
 use crate::seccomp::{Containment, ThreadKind};
+use crate::starter::Starter;
 use crate::stop::{StopReason, StopRequest, Stopped};
 
 /// Why the supervisor could not run the partitions.
@@ -39,48 +40,24 @@ fn setup_error(what: &'static str) -> impl Fn(std::io::Error) -> SupervisorError
     move |source| SupervisorError::Setup { what, source }
 }
 
-/// Asks the supervisor to stop single partitions (the control API's `stop`); clones share
-/// one queue.
-#[derive(Clone)]
-pub struct PartitionStops {
-    evt: Arc<EventFd>,
-    asked: Arc<Mutex<Vec<u32>>>,
-}
-
-impl PartitionStops {
-    /// A queue for [`run`] to serve.
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Self { evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?), asked: Arc::default() })
-    }
-
-    /// Asks for partition `id` to stop (nothing happens if it is not running).
-    pub fn stop(&self, id: u32) -> std::io::Result<()> {
-        keyhold_devices::bus::lock(&self.asked).push(id);
-        self.evt.write(1)
-    }
-
-    fn take(&self) -> Vec<u32> {
-        let _ = self.evt.read();
-        std::mem::take(&mut *keyhold_devices::bus::lock(&self.asked))
-    }
-}
-
 /// What the operator may ask of the supervisor while the partitions run.
 pub struct Control {
-    /// Single partitions to stop.
-    pub stops: PartitionStops,
-    /// Reloads asked through the API.
-    pub reloads: ReloadRequests,
+    /// The operator's stops, starts and reloads, through the control API.
+    pub requests: Requests,
     /// How to reload (SIGHUP too); `None` for a node without a cluster file.
     pub reload: Option<ReloadFn>,
+    /// What starts a stopped partition again; `None` where nothing can.
+    pub starter: Option<Starter>,
 }
 
-/// One running partition as the supervisor sees it.
-struct Running {
+/// One partition as the supervisor sees it, running or stopped.
+pub struct Running {
     id: u32,
     stopped_evt: EventFd,
     thread: Option<JoinHandle<Stopped>>,
     stop: Arc<StopRequest>,
+    /// Stopped by the operator, who may start it again: the node waits for that.
+    held: bool,
 }
 
 /// The event-loop subscriber: collects stops in the order they happen.
@@ -88,21 +65,23 @@ struct Supervisor {
     running: Vec<Running>,
     timer: Option<TimerFd>,
     signals: Option<ShutdownSignals>,
-    asked: PartitionStops,
-    reloads: ReloadRequests,
-    reload: Option<ReloadFn>,
+    control: Control,
+    /// A signal or the timeout stopped every partition: the node ends.
+    ending: bool,
     stops: Vec<Stopped>,
     on_stop: Box<dyn FnMut(&Stopped) + Send>,
 }
 
 const TIMER_DATA: u32 = u32::MAX;
 const SIGNAL_DATA: u32 = u32::MAX - 1;
-const ASKED_DATA: u32 = u32::MAX - 2;
-const RELOAD_DATA: u32 = u32::MAX - 3;
+const REQUEST_DATA: u32 = u32::MAX - 2;
 
 impl Supervisor {
-    fn all_stopped(&self) -> bool {
+    /// Whether the node is done: no partition runs, and none that the operator stopped waits
+    /// to be started again (unless a signal or the timeout ends the node).
+    fn done(&self) -> bool {
         self.running.iter().all(|r| r.thread.is_none())
+            && (self.ending || !self.running.iter().any(|r| r.held))
     }
 
     fn reap(&mut self, index: usize, ops: &mut EventOps) {
@@ -122,21 +101,60 @@ impl Supervisor {
         if let Err(e) = ops.remove(Events::empty(&running.stopped_evt)) {
             log::warn!("partition {}: removing its stop event: {e:?}", running.id);
         }
+        running.held = stopped.reason == StopReason::ByOperator;
         (self.on_stop)(&stopped);
         self.stops.push(stopped);
     }
 
     /// Re-reads and applies the cluster file, if the node has one.
     fn reload(&self) -> Result<String, String> {
-        match &self.reload {
+        match &self.control.reload {
             Some(reload) => reload(),
             None => Err("this node has no cluster file to reload".into()),
         }
     }
 
-    /// Asks every running partition to stop (`ask` sets the reason) and kicks its vCPU.
+    /// Asks every running partition to stop (`ask` sets the reason) and kicks its vCPU; the
+    /// node ends once they have.
     fn stop_all(&mut self, ask: impl Fn(&StopRequest)) {
+        self.ending = true;
         self.stop_where(|_| true, ask);
+    }
+
+    fn index_of(&self, id: u32) -> Result<usize, Refusal> {
+        self.running.iter().position(|r| r.id == id).ok_or(Refusal::Unknown(id))
+    }
+
+    /// Carries out one of the operator's requests.
+    fn carry_out(&mut self, request: Request, ops: &mut EventOps) -> Answer {
+        match request {
+            Request::Reload => self.reload().map_err(Refusal::Conflict),
+            Request::Stop(id) => {
+                if self.running[self.index_of(id)?].thread.is_none() {
+                    return Err(Refusal::Conflict(format!("partition {id} has stopped already")));
+                }
+                log::info!("stopping partition {id} on the operator's word");
+                self.stop_where(|p| p == id, StopRequest::by_operator);
+                Ok(format!("stopping partition {id}"))
+            }
+            Request::Start(id) => {
+                let index = self.index_of(id)?;
+                if self.running[index].thread.is_some() {
+                    return Err(Refusal::Conflict(format!("partition {id} is running")));
+                }
+                if self.ending {
+                    return Err(Refusal::Conflict("the node is stopping".into()));
+                }
+                let Some(starter) = &self.control.starter else {
+                    return Err(Refusal::Conflict("this node cannot start partitions".into()));
+                };
+                let running = starter.start(id).map_err(Refusal::Failed)?;
+                watch(ops, index, &running);
+                self.running[index] = running;
+                log::info!("partition {id} started again on the operator's word");
+                Ok(format!("started partition {id}"))
+            }
+        }
     }
 
     /// Asks the running partitions `which` selects to stop, and kicks their vCPUs.
@@ -155,10 +173,7 @@ impl Supervisor {
 impl MutEventSubscriber for Supervisor {
     fn init(&mut self, ops: &mut EventOps) {
         for (index, running) in self.running.iter().enumerate() {
-            let events = Events::with_data(&running.stopped_evt, index as u32, EventSet::IN);
-            if let Err(e) = ops.add(events) {
-                log::error!("partition {}: watching its stop event: {e:?}", running.id);
-            }
+            watch(ops, index, running);
         }
         if let Some(timer) = &self.timer {
             if let Err(e) = ops.add(Events::with_data(timer, TIMER_DATA, EventSet::IN)) {
@@ -170,11 +185,9 @@ impl MutEventSubscriber for Supervisor {
                 log::error!("watching for SIGTERM and SIGINT: {e:?}");
             }
         }
-        if let Err(e) = ops.add(Events::with_data(&*self.asked.evt, ASKED_DATA, EventSet::IN)) {
-            log::error!("watching for partition stops from the API: {e:?}");
-        }
-        if let Err(e) = ops.add(Events::with_data(self.reloads.fd(), RELOAD_DATA, EventSet::IN)) {
-            log::error!("watching for reloads from the API: {e:?}");
+        let requests = Events::with_data(self.control.requests.fd(), REQUEST_DATA, EventSet::IN);
+        if let Err(e) = ops.add(requests) {
+            log::error!("watching for the operator's requests: {e:?}");
         }
     }
 
@@ -199,14 +212,9 @@ impl MutEventSubscriber for Supervisor {
                     self.stop_all(|stop| stop.signalled(signal));
                 }
             }
-            RELOAD_DATA => {
-                let reloads = self.reloads.clone();
-                reloads.answer(|| self.reload());
-            }
-            ASKED_DATA => {
-                let asked = self.asked.take();
-                log::info!("stopping partitions {asked:?} on the operator's word");
-                self.stop_where(|id| asked.contains(&id), StopRequest::by_operator);
+            REQUEST_DATA => {
+                let requests = self.control.requests.clone();
+                requests.answer(|request| self.carry_out(request, ops));
             }
             index => self.reap(index as usize, ops),
         }
@@ -258,29 +266,38 @@ pub fn run(
         running,
         timer,
         signals,
-        asked: control.stops,
-        reloads: control.reloads,
-        reload: control.reload,
+        control,
+        ending: false,
         stops: Vec::new(),
         on_stop: Box::new(on_stop),
     }));
     event_manager.add_subscriber(supervisor.clone());
-    while !lock(&supervisor).all_stopped() {
+    while !lock(&supervisor).done() {
         event_manager.run().map_err(|e| SupervisorError::Setup {
             what: "waiting for partitions",
             source: std::io::Error::other(format!("{e:?}")),
         })?;
     }
-    let stops = std::mem::take(&mut lock(&supervisor).stops);
-    Ok(stops)
+    let mut supervisor = lock(&supervisor);
+    // The starter goes before the device thread it holds a handle to.
+    drop(supervisor.control.starter.take());
+    Ok(std::mem::take(&mut supervisor.stops))
 }
 
 fn lock(supervisor: &Mutex<Supervisor>) -> std::sync::MutexGuard<'_, Supervisor> {
     supervisor.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Watches the stop eventfd of the partition at `index`.
+fn watch(ops: &mut EventOps, index: usize, running: &Running) {
+    let events = Events::with_data(&running.stopped_evt, index as u32, EventSet::IN);
+    if let Err(e) = ops.add(events) {
+        log::error!("partition {}: watching its stop event: {e:?}", running.id);
+    }
+}
+
 /// Starts the vCPU thread of one partition; it installs its seccomp filter first.
-fn spawn(
+pub(crate) fn spawn(
     partition: Partition,
     process_start: Instant,
     containment: &Containment,
@@ -302,5 +319,5 @@ fn spawn(
             stopped
         })
         .map_err(setup_error("starting a vCPU thread"))?;
-    Ok(Running { id, stopped_evt, thread: Some(thread), stop })
+    Ok(Running { id, stopped_evt, thread: Some(thread), stop, held: false })
 }

@@ -24,9 +24,8 @@ use keyhold_devices::cmm::query::QueryHandle;
 use keyhold_devices::link::LinkBook;
 
 use crate::partition_devices::DeviceView;
-use crate::reload::ReloadRequests;
+use crate::requests::Requests;
 use crate::seccomp::{Containment, ThreadKind};
-use crate::supervisor::PartitionStops;
 
 /// A partition as the API shows it.
 #[derive(Debug, Clone)]
@@ -55,10 +54,8 @@ pub struct ApiState {
     pub links: Option<Arc<LinkBook>>,
     /// The audit log's recent records.
     pub audit: Audit,
-    /// Where the operator's partition stops go (`None`: the API cannot stop partitions).
-    pub partition_stops: Option<PartitionStops>,
-    /// Where reloads of the cluster file go (`None`: the API cannot reload).
-    pub reloads: Option<ReloadRequests>,
+    /// Where the operator's stops, starts and reloads go (`None`: the API only reads).
+    pub requests: Option<Requests>,
 }
 
 /// The API's socket, bound and owned by this node; dropping it removes the socket file, but

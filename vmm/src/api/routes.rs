@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::http::{Request, Response};
 use super::{metrics, ApiState};
 use crate::partition_devices::DeviceView;
+use crate::requests::{self, Refusal};
 
 /// What a path names, and the one method it takes.
 enum Route<'a> {
@@ -23,6 +24,7 @@ enum Route<'a> {
     Metrics,
     Revoke { partition: &'a str, channel: &'a str },
     Stop { partition: &'a str },
+    Start { partition: &'a str },
     Reload,
 }
 
@@ -39,6 +41,7 @@ impl<'a> Route<'a> {
             ["metrics"] | ["v1", "metrics"] => Self::Metrics,
             ["v1", "channels", partition, channel, "revoke"] => Self::Revoke { partition, channel },
             ["v1", "partitions", partition, "stop"] => Self::Stop { partition },
+            ["v1", "partitions", partition, "start"] => Self::Start { partition },
             ["v1", "reload"] => Self::Reload,
             _ => return None,
         })
@@ -46,7 +49,7 @@ impl<'a> Route<'a> {
 
     fn method(&self) -> &'static str {
         match self {
-            Self::Revoke { .. } | Self::Stop { .. } | Self::Reload => "POST",
+            Self::Revoke { .. } | Self::Stop { .. } | Self::Start { .. } | Self::Reload => "POST",
             _ => "GET",
         }
     }
@@ -73,16 +76,23 @@ pub fn answer(state: &ApiState, request: &Request) -> Response {
         Route::Links => Response::json(200, &links(state)),
         Route::Audit => Response::json(200, &audit(state)),
         Route::Metrics => metrics::answer(state),
-        Route::Reload => match &state.reloads {
-            None => Response::error(503, "this node cannot reload"),
-            Some(reloads) => match reloads.ask(std::time::Duration::from_secs(10)) {
-                Ok(summary) => Response::json(200, &json!({ "reloaded": summary })),
-                Err(problem) => Response::error(409, problem),
-            },
+        Route::Reload => match operator(state, requests::Request::Reload) {
+            Ok(summary) => Response::json(200, &json!({ "reloaded": summary })),
+            Err(refused) => refused,
         },
         Route::Stop { partition } => match partition.parse() {
-            Ok(partition) => stop(state, partition),
+            Ok(id) => match operator(state, requests::Request::Stop(id)) {
+                Ok(_) => Response::json(202, &json!({ "stopping": id })),
+                Err(refused) => refused,
+            },
             Err(_) => Response::error(400, "expected /v1/partitions/PARTITION/stop with a number"),
+        },
+        Route::Start { partition } => match partition.parse() {
+            Ok(id) => match operator(state, requests::Request::Start(id)) {
+                Ok(_) => Response::json(200, &json!({ "started": id })),
+                Err(refused) => refused,
+            },
+            Err(_) => Response::error(400, "expected /v1/partitions/PARTITION/start with a number"),
         },
         Route::Revoke { partition, channel } => match (partition.parse(), parse_channel(channel)) {
             (Ok(partition), Some(channel)) => ask(state, Query::Revoke { partition, channel }),
@@ -93,23 +103,21 @@ pub fn answer(state: &ApiState, request: &Request) -> Response {
     }
 }
 
-/// Stops a running partition: its channels close (their peers see why), its vCPU thread ends,
-/// and the node runs on with the others.
-fn stop(state: &ApiState, partition: u32) -> Response {
-    let running = match lock(&state.partitions).iter().find(|p| p.id == partition) {
-        None => return Response::error(404, format!("no partition {partition}")),
-        Some(p) => p.stopped.is_none(),
+/// Has the main thread carry out `what`: its summary, or the answer that refuses it. A stop
+/// is under way when it answers (`GET /v1/partitions` shows when it is done); a start and a
+/// reload are done.
+fn operator(state: &ApiState, what: requests::Request) -> Result<String, Response> {
+    let Some(requests) = &state.requests else {
+        return Err(Response::error(503, "this node does not take requests"));
     };
-    if !running {
-        return Response::error(409, format!("partition {partition} has stopped already"));
-    }
-    let Some(stops) = &state.partition_stops else {
-        return Response::error(503, "this node cannot stop single partitions");
-    };
-    match stops.stop(partition) {
-        Ok(()) => Response::json(202, &json!({ "stopping": partition })),
-        Err(e) => Response::error(503, format!("asking the supervisor: {e}")),
-    }
+    requests.ask(what, std::time::Duration::from_secs(10)).map_err(|refusal| {
+        let status = match refusal {
+            Refusal::Unknown(_) => 404,
+            Refusal::Conflict(_) => 409,
+            Refusal::Failed(_) => 500,
+        };
+        Response::error(status, refusal.to_string())
+    })
 }
 
 /// A channel ID in decimal or `0x` hexadecimal (as LIST and the consoles print them).

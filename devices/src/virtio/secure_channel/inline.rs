@@ -13,6 +13,13 @@ use std::sync::Mutex;
 use super::*;
 use crate::virtio::shared::InlineNotify;
 
+/// A device [`ChannelNode::attach`] put in place, for the device thread to watch.
+pub struct Attachment {
+    index: usize,
+    /// The queue eventfds of the device it replaced.
+    retired: Vec<EventFd>,
+}
+
 impl ChannelNode {
     /// Serves each partition's control and transmit queues on the thread of the vCPU that
     /// notifies them, when the node is free: a message then goes out (or into the other guest)
@@ -20,30 +27,68 @@ impl ChannelNode {
     /// notification goes to it as usual; a vCPU never waits for the node.
     pub fn serve_inline(node: &Arc<Mutex<ChannelNode>>) {
         let guard = lock(node);
-        for (index, device) in guard.devices.iter().enumerate() {
-            let fallbacks: Vec<EventFd> = [CONTROL_QUEUE, TX_QUEUE]
-                .iter()
-                .filter_map(|&q| device.queue_evts.get(q as usize)?.try_clone().ok())
-                .collect();
-            let Ok([control, tx]) = <[EventFd; 2]>::try_from(fallbacks) else { continue };
-            let weak = Arc::downgrade(node);
-            let handler = move |queue: u32| {
-                let fallback = match queue {
-                    CONTROL_QUEUE => &control,
-                    TX_QUEUE => &tx,
-                    _ => return false,
-                };
-                match weak.upgrade().as_deref().map(Mutex::try_lock) {
-                    Some(Ok(mut node)) => node.notified_inline(index, queue as usize),
-                    Some(Err(_)) => {
-                        let _ = fallback.write(1);
-                    }
-                    None => return false,
-                }
-                true
-            };
-            device.shared.set_inline_notify(InlineNotify(Box::new(handler)));
+        for index in 0..guard.devices.len() {
+            guard.serve_inline_at(node, index);
         }
+    }
+
+    /// Serves device `index`'s control and transmit notifications inline (as
+    /// [`ChannelNode::serve_inline`]); `node` is the node this is.
+    fn serve_inline_at(&self, node: &Arc<Mutex<ChannelNode>>, index: usize) {
+        let Some(device) = self.devices.get(index) else { return };
+        let fallbacks: Vec<EventFd> = [CONTROL_QUEUE, TX_QUEUE]
+            .iter()
+            .filter_map(|&q| device.queue_evts.get(q as usize)?.try_clone().ok())
+            .collect();
+        let Ok([control, tx]) = <[EventFd; 2]>::try_from(fallbacks) else { return };
+        let weak = Arc::downgrade(node);
+        let handler = move |queue: u32| {
+            let fallback = match queue {
+                CONTROL_QUEUE => &control,
+                TX_QUEUE => &tx,
+                _ => return false,
+            };
+            match weak.upgrade().as_deref().map(Mutex::try_lock) {
+                Some(Ok(mut node)) => node.notified_inline(index, queue as usize),
+                Some(Err(_)) => {
+                    let _ = fallback.write(1);
+                }
+                None => return false,
+            }
+            true
+        };
+        device.shared.set_inline_notify(InlineNotify(Box::new(handler)));
+    }
+
+    /// Puts the device of a partition started again in place of its last run's (whose
+    /// channels closed when it stopped) and serves its notifications inline. The device
+    /// thread must then [`ChannelNode::watch`] what this returns.
+    pub fn attach(node: &Arc<Mutex<ChannelNode>>, device: ChannelDevice) -> Attachment {
+        let mut guard = lock(node);
+        let partition = device.partition;
+        let (index, retired) = match guard.device_of(partition) {
+            Some(index) => {
+                let old = std::mem::replace(&mut guard.devices[index], device);
+                (index, old.queue_evts)
+            }
+            None => {
+                guard.devices.push(device);
+                (guard.devices.len() - 1, Vec::new())
+            }
+        };
+        guard.cmm.add_partition(partition);
+        guard.serve_inline_at(node, index);
+        Attachment { index, retired }
+    }
+
+    /// On the device thread: watches the queues of a device just attached, and forgets those
+    /// of the device it replaced.
+    pub fn watch(&mut self, attachment: Attachment, ops: &mut EventOps) {
+        for evt in &attachment.retired {
+            // Not watched if it never was: nothing to undo.
+            let _ = ops.remove(Events::new(evt, EventSet::IN));
+        }
+        self.watch_queues(attachment.index, ops);
     }
 
     /// A notification of `queue` of device `index`, on the notifying vCPU's thread.

@@ -16,6 +16,8 @@ mod receive;
 mod remote;
 mod transmit;
 
+pub use inline::Attachment;
+
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -383,6 +385,20 @@ impl ChannelNode {
         self.timer_running = wanted;
     }
 
+    /// Watches the queue eventfds of device `index`.
+    fn watch_queues(&self, index: usize, ops: &mut EventOps) {
+        let Some(device) = self.devices.get(index) else { return };
+        for (queue, evt) in device.queue_evts.iter().enumerate() {
+            let data = (index * QUEUES + queue) as u32;
+            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
+                log::error!(
+                    "secure channel: watching partition {}'s queue {queue}: {e:?}",
+                    device.partition
+                );
+            }
+        }
+    }
+
     /// Signals every device that used receive buffers in this pass, once.
     fn signal_touched(&mut self) {
         for index in std::mem::take(&mut self.touched) {
@@ -420,16 +436,8 @@ impl MutEventSubscriber for ChannelNode {
         if let Err(e) = ops.add(Events::with_data(&self.poke, POKE, EventSet::IN)) {
             log::error!("secure channel: watching the vCPU threads' pokes: {e:?}");
         }
-        for (index, device) in self.devices.iter().enumerate() {
-            for (queue, evt) in device.queue_evts.iter().enumerate() {
-                let data = (index * QUEUES + queue) as u32;
-                if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
-                    log::error!(
-                        "secure channel: watching partition {}'s queue {queue}: {e:?}",
-                        device.partition
-                    );
-                }
-            }
+        for index in 0..self.devices.len() {
+            self.watch_queues(index, ops);
         }
     }
 
