@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use keyhold_integration::nodes::{api_node, pair, wait_until};
+use keyhold_integration::nodes::{api_node, free_port, pair, wait_until, NodeSpec};
 use keyhold_integration::{
     finish, keyhold, keyhold_bin, require_kvm, spawn_keyhold, terminate, Outcome,
 };
@@ -88,7 +88,10 @@ fn metrics_show_and_the_api_follow_a_running_pair_of_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let p = pair(d);
-    let one = p.spec(1, "echo", "peer=2:1:1", "").write(d);
+    let metrics_port = free_port();
+    let metrics_listen = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"");
+    let one =
+        NodeSpec { node_extra: &metrics_listen, ..p.spec(1, "echo", "peer=2:1:1", "") }.write(d);
     let two = p.spec(2, "ping", "peer=1:1:1 count=100000000 batch=1", "").write(d);
     let nodes = [&one, &two]
         .map(|c| spawn_keyhold(["node", "--config", &c.display().to_string(), "--timeout", "120"]));
@@ -127,6 +130,23 @@ fn metrics_show_and_the_api_follow_a_running_pair_of_nodes() {
         wait_until(Duration::from_secs(30), || sent(&metrics().stdout) > before),
         "the message counter moves"
     );
+
+    // A scraper reads the same exposition over TCP, and nothing else: no route there acts.
+    let scrape = |request: &str| {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let scraped = scrape("GET /metrics HTTP/1.1\r\nHost: k\r\n\r\n");
+    assert!(scraped.starts_with("HTTP/1.1 200 OK\r\n"), "{scraped}");
+    assert!(sent(scraped.split("\r\n\r\n").nth(1).unwrap_or("")) > before, "{scraped}");
+    for request in ["GET /v1/node HTTP/1.1\r\n\r\n", "POST /v1/partitions/1/stop HTTP/1.1\r\n\r\n"]
+    {
+        let refused = scrape(request);
+        assert!(refused.starts_with("HTTP/1.1 404 "), "{request}: {refused}");
+    }
 
     // ctl finds the node through KEYHOLD_SOCKET, takes options after the request, and sums
     // the node up on one screen (or in JSON).
@@ -324,13 +344,15 @@ fn ctl_stop_stops_one_partition_and_its_peer_sees_why() {
     assert!(ctl(&["stop", "1"]).stderr.contains("409"), "already stopped");
     assert!(ctl(&["stop", "9"]).stderr.contains("404"), "no such partition");
 
-    // Ping ends when its channel does. Both start again, each a fresh VM, under the seccomp
-    // filters (the starter's, then each new vCPU thread's own), and find each other.
+    // Ping ends when its channel does, or waits for an echo that never comes: stopped either
+    // way, both start again, each a fresh VM, under the seccomp filters (the starter's, then
+    // each new vCPU thread's own), and find each other.
     let running = |index: usize| {
         let listed: serde_json::Value =
             serde_json::from_str(&ctl(&["partitions"]).stdout).unwrap_or_default();
         listed[index]["running"] == true
     };
+    let _ = ctl(&["stop", "2"]);
     assert!(wait_until(Duration::from_secs(60), || !running(1)), "{:#?}", ctl(&["partitions"]));
     for partition in ["1", "2"] {
         let start = ctl(&["start", partition]);

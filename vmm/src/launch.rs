@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{self, Write};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -64,6 +65,14 @@ pub enum LaunchError {
     ApiSocket {
         /// The path.
         path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The metrics address cannot be bound.
+    #[error("cannot listen for metrics scrapes on {addr}: {source}")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
         /// The OS error.
         source: io::Error,
     },
@@ -188,6 +197,8 @@ pub struct Launch {
     pub cmm: CmmConfig,
     /// Where the control API listens, if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// Where `GET /metrics` is also served over TCP, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `keyhold run`: boots the partitions named on the command line.
@@ -201,6 +212,7 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         links: None,
         cmm: CmmConfig::default(),
         api_socket: None,
+        metrics_listen: None,
     };
     boot(&launch, &args.seccomp, process_start)
 }
@@ -233,6 +245,9 @@ pub fn check(args: &CheckArgs) -> Result<String, LaunchError> {
     if let Some(socket) = &launch.api_socket {
         summary += &format!(", API on {}", socket.display());
     }
+    if let Some(addr) = &launch.metrics_listen {
+        summary += &format!(", metrics on {addr}");
+    }
     Ok(summary + ": ok")
 }
 
@@ -251,6 +266,13 @@ pub fn boot(
         Some(path) => Some(
             ApiSocket::claim(path)
                 .map_err(|source| LaunchError::ApiSocket { path: path.clone(), source })?,
+        ),
+        None => None,
+    };
+    let metrics_listener = match launch.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|source| LaunchError::MetricsListen { addr, source })?,
         ),
         None => None,
     };
@@ -279,17 +301,11 @@ pub fn boot(
     });
     let (device_thread, node) =
         start_devices(&mut partitions, launch, audit, router, query_port, &containment)?;
-    let api = match api_socket {
-        Some(socket) => {
-            Some(ApiServer::start(socket, api_state.clone(), &containment).map_err(|source| {
-                LaunchError::ApiSocket {
-                    path: launch.api_socket.clone().unwrap_or_default(),
-                    source,
-                }
-            })?)
-        }
-        None => None,
-    };
+    let api = ApiServer::start(api_socket, metrics_listener, api_state.clone(), &containment)
+        .map_err(|source| LaunchError::ApiSocket {
+            path: launch.api_socket.clone().unwrap_or_default(),
+            source,
+        })?;
     // Only an operator starts a partition again, and only through the API.
     let kit = StartKit {
         kvm,
@@ -302,7 +318,7 @@ pub fn boot(
         process_start,
         containment: containment.clone(),
     };
-    let starter = api.is_some().then(|| Starter::spawn(kit)).transpose();
+    let starter = launch.api_socket.is_some().then(|| Starter::spawn(kit)).transpose();
     let starter = starter.map_err(LaunchError::DeviceThread)?;
     let on_stop = move |stopped: &Stopped| report_stop(&api_state, stopped);
     let started = || tell_service_manager(launch);

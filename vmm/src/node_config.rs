@@ -8,6 +8,7 @@
 //! private_key_file = "node1.key"   # with cluster: this node's key, mode 600
 //! listen = "0.0.0.0:7000"          # optional: default, this node's address in the cluster
 //! api_socket = "node1.sock"        # optional: the control API (docs/API.md)
+//! metrics_listen = "127.0.0.1:9464" # optional: GET /metrics over TCP, for a scraper
 //!
 //! [links]                         # optional: timing and bounds of the host links
 //! rekey_after_secs = 120           # (docs/OPERATOR.md lists every field and its default)
@@ -151,6 +152,7 @@ struct NodeSection {
     private_key_file: Option<PathBuf>,
     listen: Option<String>,
     api_socket: Option<PathBuf>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -305,6 +307,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
         links,
         cmm,
         api_socket: file.node.api_socket.map(|p| base.join(p)),
+        metrics_listen: file
+            .node
+            .metrics_listen
+            .map(|text| {
+                text.parse().map_err(|_| {
+                    invalid("node.metrics_listen".into(), &format!("{text:?} is not IP:PORT"))
+                })
+            })
+            .transpose()?,
     })
 }
 

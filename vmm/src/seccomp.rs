@@ -14,7 +14,7 @@
 //!   options, shutdown); secret memory;
 //! - `link-setup` (`LinkManager::start`, through a closure from here): `accept4`, `socket`
 //!   (IPv4 and IPv6 only), `connect`, socket options, epoll; secret memory;
-//! - `api` (`ApiServer::start`): `accept4`, reading and writing its connections;
+//! - `api` (`ApiServer::start`): `poll`, `accept4`, reading and writing its connections;
 //! - `main` (`supervisor::run`): epoll, reading its eventfds, timer and signalfd, kicking vCPU
 //!   threads (`tgkill` with the kick signal only), removing the API socket;
 //! - `audit` (`Audit::start`, through a closure from here): rotating its log (renaming and
@@ -482,7 +482,8 @@ fn link_setup() -> Rules {
 fn api() -> Rules {
     let mut rules = base();
     sockets(&mut rules);
-    rules.allow(&[libc::SYS_accept4]);
+    // Waiting for a client (or the stop eventfd) on the Unix socket and the metrics address.
+    rules.allow(&[libc::SYS_accept4, libc::SYS_poll, libc::SYS_ppoll]);
     rules
 }
 

@@ -9,7 +9,7 @@ use keyhold_devices::cmm::ChannelView;
 use serde_json::{json, Value};
 
 use super::http::{Request, Response};
-use super::{metrics, ApiState};
+use super::{metrics, ApiState, Scope};
 use crate::partition_devices::DeviceView;
 use crate::requests::{self, Refusal};
 
@@ -55,10 +55,14 @@ impl<'a> Route<'a> {
     }
 }
 
-/// The answer to `request`.
-pub fn answer(state: &ApiState, request: &Request) -> Response {
+/// The answer to `request`, from a client allowed `scope`.
+pub fn answer(state: &ApiState, request: &Request, scope: Scope) -> Response {
     let path = request.path.as_str();
-    let Some(route) = Route::of(path) else {
+    let route = Route::of(path).filter(|r| scope == Scope::Control || matches!(r, Route::Metrics));
+    let Some(route) = route else {
+        if scope == Scope::MetricsOnly {
+            return Response::error(404, format!("no route {path}: this address serves /metrics"));
+        }
         return Response::error(404, format!("no route {path} (docs/API.md lists them)"));
     };
     // HEAD is GET without the body (the server leaves it out).
