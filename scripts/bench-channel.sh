@@ -13,6 +13,9 @@
 # nodes; scripts/bench-cmm.sh measures batched set-ups at scale.
 #
 #   scripts/bench-channel.sh [COUNT] [BATCH]        (defaults: 5000, 32)
+#
+# KEYHOLD_BENCH_PREBUILT=1 skips the release build and uses what target/release and
+# target/fixtures hold (for a machine with no cargo or no registry, given a copy of them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count=${1:-5000}
@@ -21,7 +24,7 @@ batch=${2:-32}
 if ! command -v perf >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get install -y -q linux-perf >/dev/null 2>&1 || true
 fi
-cargo build --release --workspace -q
+[ "${KEYHOLD_BENCH_PREBUILT:-0}" = 1 ] || cargo build --release --workspace -q
 bin=$(realpath target/release/keyhold)
 tcp=$(realpath target/release/tcp-pingpong)
 fx=$(realpath target/fixtures)
