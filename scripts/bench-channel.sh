@@ -126,8 +126,18 @@ local_setups=$("$bin" run --partition "1=$fx/echo.elf" --partition "2=$fx/ping.e
     --arg 1="peer=0:2:1 setups=60" --arg 2="peer=0:1:1 count=10 setups=60" --timeout 60 2>&1 |
     grep -oE '[0-9]+ per second' || echo failed)
 cross_setups=$(cross_node "setups=60" "count=10 setups=60" | grep -oE '[0-9]+ per second' || echo failed)
+# virtio-vsock on one node: the third-party virtio-drivers crate's driver (one packet of 1 to 4000
+# bytes per transmit, which it waits for; 4 KiB receive buffers) echoes 10 MiB, every byte checked.
+printf '[node]\nid = 1\n\n[[vsock.allow]]\nfrom = "4:*"\nto = "3:5000"\n' >"$work/vsock.toml"
+for p in "1 3 role=echo port=5000" "2 4 role=send cid=3 port=5000 bytes=10485760"; do
+    read -r id cid args <<<"$p"
+    printf '\n[[partition]]\nid = %s\nfirmware = "%s/vsock.elf"\nmemory_mib = 64\nvsock_cid = %s\nargs = "%s"\n' \
+        "$id" "$fx" "$cid" "$args" >>"$work/vsock.toml"
+done
+vsock=$("$bin" node --config "$work/vsock.toml" --timeout 300 2>&1 | grep -oE '[0-9]+ bytes echoed .*' || echo failed)
 rm -f "$work"/*.perf
 echo "channel set-ups one after another (OPEN to an answer, 60 of them): one node $local_setups; two nodes $cross_setups"
+echo "virtio-vsock, one node, virtio-drivers' driver: $vsock"
 echo "VM exits include device set-up and console output (about 100 per partition); page faults"
 echo "are the one-time cost of first touching each 4 KiB page of guest memory. System calls and"
 echo "context switches count every thread of every process on the path (for a node: vCPUs,"

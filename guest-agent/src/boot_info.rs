@@ -22,6 +22,8 @@ pub enum DeviceKind {
     VirtioRng = 1,
     /// The keyhold secure-channel device behind a virtio-mmio transport.
     SecureChannel = 2,
+    /// virtio-vsock (virtio 1.2 section 5.10) behind a virtio-mmio transport.
+    VirtioVsock = 3,
 }
 
 impl DeviceKind {
@@ -30,6 +32,7 @@ impl DeviceKind {
         match raw {
             1 => Some(Self::VirtioRng),
             2 => Some(Self::SecureChannel),
+            3 => Some(Self::VirtioVsock),
             _ => None,
         }
     }

@@ -146,7 +146,8 @@ fn every_fixture_boots_and_stops_as_designed() {
         ("stray-mmio", 123),
         ("spin", 124),
     ];
-    // These need a peer and arguments; tests/channel.rs and tests/memory.rs boot them.
+    // These need a peer and arguments; tests/channel.rs, tests/memory.rs and tests/vsock.rs
+    // boot them.
     let paired = [
         "echo",
         "ping",
@@ -158,6 +159,7 @@ fn every_fixture_boots_and_stops_as_designed() {
         "queues",
         "lifecycle",
         "hog",
+        "vsock",
     ];
     let names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     for name in firmware_fixtures::NAMES {

@@ -131,3 +131,22 @@ pub fn forbid_core_dumps() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Keeps glibc's malloc from ever shrinking a thread's heap in place. The first time it would,
+/// it opens `/proc/sys/vm/overcommit_memory` to decide how, and that open, on a device or vCPU
+/// thread whose seccomp filter allows no file, stops the process (it happened at the end of a
+/// long vsock exchange, when the device thread freed its buffers). With the trim threshold at
+/// its maximum no heap is trimmed: memory freed at the top of a heap stays with the process
+/// for reuse, which the node's pooled buffers do anyway. musl (Firecracker's libc) has no such
+/// call, hence nothing to do there.
+pub fn keep_malloc_from_opening_files() -> io::Result<()> {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets one of malloc's parameters; called before any other thread
+        // exists, so no allocation races it.
+        if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
+            return Err(io::Error::other("mallopt(M_TRIM_THRESHOLD) refused"));
+        }
+    }
+    Ok(())
+}

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use keyhold_devices::cmm::audit::{Audit, AuditConfig};
 use keyhold_devices::cmm::{Cmm, CmmConfig};
 use keyhold_devices::virtio::secure_channel::ChannelNode;
+use keyhold_devices::virtio::vsock::policy::Policy;
 
 use crate::device_thread::DeviceThread;
 use crate::host::{self, HostError};
@@ -175,6 +176,7 @@ fn config(id: u32, firmware: PathBuf, memory_mib: u64) -> PartitionConfig {
         args: String::new(),
         dump_ram: None,
         rng_limit: Default::default(),
+        vsock_cid: None,
     }
 }
 
@@ -195,6 +197,8 @@ pub struct Launch {
     pub links: Option<ClusterLinks>,
     /// The CMM's size, per-partition limits and key lifetimes.
     pub cmm: CmmConfig,
+    /// The vsock flows allowed between the partitions' CIDs.
+    pub vsock_policy: Policy,
     /// Where the control API listens, if anywhere.
     pub api_socket: Option<PathBuf>,
     /// Where `GET /metrics` is also served over TCP, if anywhere.
@@ -211,6 +215,7 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         audit: AuditConfig::default(),
         links: None,
         cmm: CmmConfig::default(),
+        vsock_policy: Policy::default(),
         api_socket: None,
         metrics_listen: None,
     };
@@ -446,9 +451,11 @@ fn start_devices(
 ) -> Result<(DeviceThread, Arc<Mutex<ChannelNode>>), LaunchError> {
     let backends = partitions.iter_mut().map(|p| (p.id(), p.take_backends())).collect();
     let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
+    let vsock = partitions.iter_mut().filter_map(Partition::take_vsock).collect();
     let cmm = Cmm::new(launch.node, launch.cmm, audit, router).map_err(LaunchError::Cmm)?;
     let node = ChannelNode::new(cmm, channels).map_err(LaunchError::DeviceThread)?;
-    let node = Arc::new(Mutex::new(node.with_queries(queries)));
+    let node = node.with_vsock(vsock, launch.vsock_policy.clone()).with_queries(queries);
+    let node = Arc::new(Mutex::new(node));
     ChannelNode::serve_inline(&node);
     let thread = DeviceThread::start(backends, node.clone(), containment)
         .map_err(LaunchError::DeviceThread)?;

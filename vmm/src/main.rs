@@ -37,6 +37,9 @@ fn main() -> ExitCode {
         if let Err(e) = keyhold_vmm::host::forbid_core_dumps() {
             eprintln!("keyhold: making the process non-dumpable: {e}");
         }
+        if let Err(e) = keyhold_vmm::host::keep_malloc_from_opening_files() {
+            eprintln!("keyhold: setting malloc's trim threshold: {e}");
+        }
     }
     let status = match &cli.command {
         Command::Run(args) => launch::run(args, process_start),

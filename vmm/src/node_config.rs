@@ -31,10 +31,20 @@
 //! args = "peer=1:2:1"              # optional
 //! rng_bytes_per_sec = 1048576      # optional: virtio-rng's rate for this partition
 //! rng_burst_bytes = 262144         # optional: what it may draw at once
+//! vsock_cid = 3                    # optional: a virtio-vsock device with this CID
+//!
+//! [[vsock.allow]]                  # optional, repeated: the vsock flows allowed
+//! from = "3:*"                     # CID:PORT, each a number or *, or "*"
+//! to = "4:5000"
 //! ```
 //! Unknown fields are errors, so a typo is reported rather than ignored.
 
 use std::collections::BTreeSet;
+
+use keyhold_devices::virtio::vsock::{
+    self,
+    policy::{Policy, Rule},
+};
 use std::path::{Path, PathBuf};
 
 use std::time::Duration;
@@ -98,6 +108,8 @@ struct File {
     #[serde(default)]
     audit: AuditSection,
     #[serde(default)]
+    vsock: VsockSection,
+    #[serde(default)]
     partition: Vec<PartitionSection>,
 }
 
@@ -109,6 +121,22 @@ struct AuditSection {
     keep_files: Option<u32>,
     records_per_second: Option<f64>,
     burst: Option<f64>,
+}
+
+/// `[vsock]`: the flows the operator allows between vsock CIDs and ports.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsockSection {
+    #[serde(default)]
+    allow: Vec<AllowSection>,
+}
+
+/// One `[[vsock.allow]]` rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowSection {
+    from: String,
+    to: String,
 }
 
 /// `[links]`: every field optional; the defaults are WireGuard's where it has one.
@@ -165,6 +193,7 @@ struct PartitionSection {
     args: String,
     rng_bytes_per_sec: Option<u64>,
     rng_burst_bytes: Option<u64>,
+    vsock_cid: Option<u32>,
 }
 
 /// Reads and checks `path`.
@@ -237,6 +266,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
         return Err(invalid("partition".into(), "a node needs at least one [[partition]]"));
     }
     let mut seen = BTreeSet::new();
+    let mut cids = BTreeSet::new();
     let mut partitions = Vec::with_capacity(file.partition.len());
     for (i, p) in file.partition.into_iter().enumerate() {
         if !seen.insert(p.id) {
@@ -258,6 +288,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             )?,
             burst: count(path, &field("rng_burst_bytes"), p.rng_burst_bytes, 64, 1 << 30, d.burst)?,
         };
+        if let Some(cid) = p.vsock_cid {
+            if !(vsock::MIN_GUEST_CID..u32::MAX).contains(&cid) {
+                let problem =
+                    format!("{cid} is reserved: a partition's CID is 3 to {}", u32::MAX - 1);
+                return Err(invalid(field("vsock_cid"), &problem));
+            }
+            if !cids.insert(cid) {
+                return Err(invalid(field("vsock_cid"), &format!("CID {cid} is used twice")));
+            }
+        }
         let partition = PartitionConfig {
             id: p.id,
             firmware: base.join(p.firmware),
@@ -266,6 +306,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             args: p.args,
             dump_ram: None,
             rng_limit,
+            vsock_cid: p.vsock_cid,
         };
         if let Err(PartitionError::MemorySize { mib, min, max, why, .. }) = partition.ram_bytes() {
             let problem = format!("{mib} MiB is out of range: {min} to {max} MiB{why}");
@@ -306,6 +347,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
         audit: audit_config(path, file.node.audit_log.map(|p| base.join(p)), &file.audit)?,
         links,
         cmm,
+        vsock_policy: vsock_policy(path, &file.vsock)?,
         api_socket: file.node.api_socket.map(|p| base.join(p)),
         metrics_listen: file
             .node
@@ -317,6 +359,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             })
             .transpose()?,
     })
+}
+
+/// `[[vsock.allow]]`: each rule's patterns, checked.
+fn vsock_policy(path: &Path, section: &VsockSection) -> Result<Policy, ConfigError> {
+    let mut rules = Vec::with_capacity(section.allow.len());
+    for (i, rule) in section.allow.iter().enumerate() {
+        let pattern = |name: &str, text: &str| {
+            text.parse().map_err(|e: vsock::policy::BadPattern| ConfigError::Invalid {
+                path: path.to_owned(),
+                field: format!("vsock.allow[{i}].{name}"),
+                problem: e.to_string(),
+            })
+        };
+        rules.push(Rule { from: pattern("from", &rule.from)?, to: pattern("to", &rule.to)? });
+    }
+    Ok(Policy { rules })
 }
 
 /// A duration field in seconds: positive, finite, at most a day.

@@ -23,6 +23,7 @@ use vm_memory::{
 use keyhold_devices::cmm::Limits;
 use keyhold_devices::virtio::rng::RngLimit;
 use keyhold_devices::virtio::secure_channel::ChannelDevice;
+use keyhold_devices::virtio::vsock::VsockDevice;
 
 use crate::device_thread::Backend;
 use crate::layout::{BOOT_ARGS, BOOT_INFO, MAX_RAM, MIN_RAM};
@@ -49,6 +50,8 @@ pub struct PartitionConfig {
     pub dump_ram: Option<PathBuf>,
     /// How much entropy its virtio-rng serves.
     pub rng_limit: RngLimit,
+    /// Its CID, if it has a virtio-vsock device.
+    pub vsock_cid: Option<u32>,
 }
 
 /// Why a partition could not be created.
@@ -139,6 +142,8 @@ pub struct Partition {
     backends: Vec<Backend>,
     /// The secure-channel device, for the node's CMM; taken by [`Partition::take_channel`].
     channel: Option<ChannelDevice>,
+    /// The virtio-vsock device, if it has one; taken by [`Partition::take_vsock`].
+    vsock: Option<VsockDevice>,
     /// Where to dump guest RAM at the stop.
     dump_ram: Option<PathBuf>,
     /// Its devices, for the control API.
@@ -163,6 +168,11 @@ impl Partition {
         self.channel.take()
     }
 
+    /// The virtio-vsock device, for the node's CMM.
+    pub fn take_vsock(&mut self) -> Option<VsockDevice> {
+        self.vsock.take()
+    }
+
     /// The partition's ID.
     pub fn id(&self) -> u32 {
         self.vcpu.partition
@@ -176,8 +186,8 @@ impl Partition {
     /// Runs the guest until it stops. Takes the whole partition so that the VM and its RAM
     /// live exactly as long as the vCPU runs.
     pub fn run(self, process_start: Instant) -> Stopped {
-        let Self { vcpu, backends, channel, dump_ram, devices, _vm: vm, memory } = self;
-        drop((backends, channel, devices));
+        let Self { vcpu, backends, channel, vsock, dump_ram, devices, _vm: vm, memory } = self;
+        drop((backends, channel, vsock, devices));
         let id = vcpu.partition;
         let stopped = vcpu.run(process_start);
         if let Some(dir) = dump_ram {
@@ -257,6 +267,11 @@ pub fn create(
     let backends = vec![devices.attach_rng(config.rng_limit).map_err(device_error)?];
     let channel =
         devices.attach_secure_channel(config.node_id, id, limits).map_err(device_error)?;
+    let vsock = config
+        .vsock_cid
+        .map(|cid| devices.attach_vsock(id, cid))
+        .transpose()
+        .map_err(device_error)?;
     let views = devices.views();
     let cr3 = write_boot_state(&memory, &mut info, &config.args)
         .map_err(|e| PartitionError::GuestMemory { id, reason: e.to_string() })?;
@@ -276,6 +291,7 @@ pub fn create(
         vcpu,
         backends,
         channel: Some(channel),
+        vsock,
         dump_ram,
         devices: views,
         _vm: vm,

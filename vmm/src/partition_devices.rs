@@ -15,6 +15,7 @@ use keyhold_devices::virtio::mmio::{reg, DeviceDescription, MmioTransport, WINDO
 use keyhold_devices::virtio::rng::{self, Rng, RngLimit};
 use keyhold_devices::virtio::secure_channel::{self, ChannelDevice};
 use keyhold_devices::virtio::shared::DeviceShared;
+use keyhold_devices::virtio::vsock::{self, VsockDevice};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
@@ -134,6 +135,7 @@ impl<'a> DeviceSet<'a> {
         let name = match kind {
             DeviceKind::VirtioRng => "virtio-rng",
             DeviceKind::SecureChannel => "secure-channel",
+            DeviceKind::VirtioVsock => "virtio-vsock",
         };
         self.attached.push(DeviceView { kind: name, shared: shared.clone() });
         Ok(Attached { shared, queue_evts })
@@ -156,6 +158,12 @@ impl<'a> DeviceSet<'a> {
         let attached =
             self.attach(DeviceKind::SecureChannel, secure_channel::description(config))?;
         Ok(ChannelDevice::new(partition, attached.shared, self.mem.clone(), attached.queue_evts))
+    }
+
+    /// Attaches the virtio-vsock device of partition `partition`, with CID `cid`.
+    pub fn attach_vsock(&mut self, partition: u32, cid: u32) -> Result<VsockDevice, AttachError> {
+        let attached = self.attach(DeviceKind::VirtioVsock, vsock::description(cid))?;
+        Ok(VsockDevice::new(partition, cid, attached.shared, self.mem.clone(), attached.queue_evts))
     }
 
     /// Attaches a virtio-rng serving at most `limit`, and returns its backend.

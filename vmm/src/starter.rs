@@ -119,8 +119,9 @@ impl StartKit {
                 .map_err(|e| e.to_string())?;
         let device_error = |e: std::io::Error| format!("partition {id}: devices: {e}");
         self.devices.replace(id, partition.take_backends()).map_err(device_error)?;
-        if let Some(channel) = partition.take_channel() {
-            let attachment = ChannelNode::attach(&self.node, channel);
+        let channel = partition.take_channel().map(|c| ChannelNode::attach(&self.node, c));
+        let vsock = partition.take_vsock().map(|v| ChannelNode::attach_vsock(&self.node, v));
+        for attachment in channel.into_iter().chain(vsock) {
             let node = self.node.clone();
             self.devices
                 .change_node(move |ops| lock(&node).watch(attachment, ops))

@@ -276,6 +276,24 @@ impl Cmm {
         self.core.refuse(partition, code)
     }
 
+    /// Counts and audits a vsock packet of `partition` refused before it reached the CMM's
+    /// own checks: `vsock_refused` with `reason`; `forged` counts it as a forgery too.
+    pub fn refuse_vsock(
+        &mut self,
+        partition: u32,
+        reason: &'static str,
+        forged: bool,
+        source: &Endpoint,
+        destination: &Endpoint,
+    ) {
+        let stats = self.core.stats(partition);
+        stats.refused += 1;
+        if forged {
+            stats.forged += 1;
+        }
+        self.core.audit("vsock_refused", reason, source, destination);
+    }
+
     /// LIST: the partition's entries, without keys.
     pub fn list(&self, partition: u32) -> Vec<ChannelInfo> {
         self.core.table.of_partition(partition).map(|(id, e)| e.info(id)).collect()

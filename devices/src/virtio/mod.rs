@@ -10,6 +10,7 @@ pub mod queue_config;
 pub mod rng;
 pub mod secure_channel;
 pub mod shared;
+pub mod vsock;
 
 // Device IDs and feature bits are defined once, in the guest agent's ABI.
 pub use guest_agent::channel::abi::DEVICE_ID as DEVICE_ID_SECURE_CHANNEL;

@@ -131,8 +131,8 @@ impl ChannelNode {
             shared.fail("control response not writable");
             return;
         }
-        match self.return_chains(
-            pending.device,
+        match return_chains(
+            &shared,
             0,
             &mem,
             pending.epoch,

@@ -12,12 +12,15 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::virtio::shared::InlineNotify;
+use crate::virtio::vsock::{self, VsockDevice};
 
 /// A device [`ChannelNode::attach`] put in place, for the device thread to watch.
 pub struct Attachment {
     index: usize,
     /// The queue eventfds of the device it replaced.
     retired: Vec<EventFd>,
+    /// A vsock device (else a secure-channel device).
+    vsock: bool,
 }
 
 impl ChannelNode {
@@ -30,6 +33,41 @@ impl ChannelNode {
         for index in 0..guard.devices.len() {
             guard.serve_inline_at(node, index);
         }
+        for index in 0..guard.vsock.devices.len() {
+            guard.serve_vsock_inline_at(node, index);
+        }
+    }
+
+    /// Serves vsock device `index`'s transmit and receive notifications inline: the driver
+    /// waits for each transmitted packet's buffer to come back, so a pass of the device
+    /// thread per packet would cost a wake-up each.
+    fn serve_vsock_inline_at(&self, node: &Arc<Mutex<ChannelNode>>, index: usize) {
+        let Some(device) = self.vsock.devices.get(index) else { return };
+        let fallbacks: Vec<EventFd> = [vsock::RX_QUEUE, vsock::TX_QUEUE]
+            .iter()
+            .filter_map(|&q| device.queue_evts.get(q)?.try_clone().ok())
+            .collect();
+        let Ok([rx, tx]) = <[EventFd; 2]>::try_from(fallbacks) else { return };
+        let weak = Arc::downgrade(node);
+        let handler = move |queue: u32| {
+            let fallback = match queue as usize {
+                vsock::RX_QUEUE => &rx,
+                vsock::TX_QUEUE => &tx,
+                _ => return false,
+            };
+            match weak.upgrade().as_deref().map(Mutex::try_lock) {
+                Some(Ok(mut node)) => {
+                    node.vsock_notified(index, queue as usize);
+                    node.after_inline();
+                }
+                Some(Err(_)) => {
+                    let _ = fallback.write(1);
+                }
+                None => return false,
+            }
+            true
+        };
+        device.shared.set_inline_notify(InlineNotify(Box::new(handler)));
     }
 
     /// Serves device `index`'s control and transmit notifications inline (as
@@ -78,7 +116,25 @@ impl ChannelNode {
         };
         guard.cmm.add_partition(partition);
         guard.serve_inline_at(node, index);
-        Attachment { index, retired }
+        Attachment { index, retired, vsock: false }
+    }
+
+    /// As [`ChannelNode::attach`], for the vsock device of a partition started again (whose
+    /// connections were reset when it stopped).
+    pub fn attach_vsock(node: &Arc<Mutex<ChannelNode>>, device: VsockDevice) -> Attachment {
+        let mut guard = lock(node);
+        let partition = device.partition;
+        let devices = &mut guard.vsock.devices;
+        let (index, retired) = match devices.iter().position(|d| d.partition == partition) {
+            Some(index) => (index, std::mem::replace(&mut devices[index], device).queue_evts),
+            None => {
+                devices.push(device);
+                (devices.len() - 1, Vec::new())
+            }
+        };
+        guard.cmm.add_partition(partition);
+        guard.serve_vsock_inline_at(node, index);
+        Attachment { index, retired, vsock: true }
     }
 
     /// On the device thread: watches the queues of a device just attached, and forgets those
@@ -88,12 +144,21 @@ impl ChannelNode {
             // Not watched if it never was: nothing to undo.
             let _ = ops.remove(Events::new(evt, EventSet::IN));
         }
-        self.watch_queues(attachment.index, ops);
+        if attachment.vsock {
+            self.watch_vsock_queues(attachment.index, ops);
+        } else {
+            self.watch_queues(attachment.index, ops);
+        }
     }
 
     /// A notification of `queue` of device `index`, on the notifying vCPU's thread.
     fn notified_inline(&mut self, index: usize, queue: usize) {
         self.notified(index, queue);
+        self.after_inline();
+    }
+
+    /// What a pass on a vCPU's thread ends with, as the device thread's passes do.
+    fn after_inline(&mut self) {
         self.complete_answers();
         self.signal_touched();
         if self.cmm.has_fd_changes() {

@@ -15,6 +15,7 @@ mod pool;
 mod receive;
 mod remote;
 mod transmit;
+mod vsock;
 
 pub use inline::Attachment;
 
@@ -125,6 +126,65 @@ fn ready_queue(activation: &mut Activation, q: usize) -> Option<&mut ActiveQueue
     }
 }
 
+/// Takes up to `limit` chains from queue `q` of the device `shared` describes, with
+/// notifications suppressed while it is being worked on; returns the epoch of the queue's
+/// rings. The queue's lock is not held while they are handled (a message may go to another
+/// queue of the same partition).
+fn take_chains<'m>(
+    shared: &DeviceShared,
+    q: usize,
+    mem: &'m GuestMemoryMmap,
+    limit: usize,
+    chains: &mut Vec<DescriptorChain<&'m GuestMemoryMmap>>,
+) -> Result<u64, Malformed> {
+    let mut activation = lock(&shared.activation);
+    let Some(queue) = ready_queue(&mut activation, q) else {
+        // Not in use: before DRIVER_OK, after a reset or a stop (a notify may race them).
+        shared.spurious_notification();
+        return Ok(0);
+    };
+    queue.disable_notification(mem).map_err(|_| Malformed("queue rings not in guest RAM"))?;
+    while chains.len() < limit {
+        match queue.iter(mem).map_err(|_| Malformed("avail index ran ahead of the queue"))?.next() {
+            Some(chain) => chains.push(chain),
+            None => break,
+        }
+    }
+    Ok(queue.epoch)
+}
+
+/// Returns used chains `(head, written)` to queue `q` of the device `shared` describes, taken
+/// from its rings of `epoch`; with `rearm` re-enables notifications and says whether more
+/// chains are waiting. Chains taken before a reset or a stop of the queue are not returned
+/// (the rings they came from are gone).
+fn return_chains(
+    shared: &DeviceShared,
+    q: usize,
+    mem: &GuestMemoryMmap,
+    epoch: u64,
+    used: &[(u16, u32)],
+    rearm: bool,
+) -> Result<bool, Malformed> {
+    let mut activation = lock(&shared.activation);
+    let Some(queue) = ready_queue(&mut activation, q).filter(|queue| queue.epoch == epoch) else {
+        return Ok(false);
+    };
+    for &(head, written) in used {
+        queue.add_used(mem, head, written).map_err(|_| Malformed("used ring not writable"))?;
+    }
+    let more = rearm
+        && queue.enable_notification(mem).map_err(|_| Malformed("queue rings not in guest RAM"))?;
+    let interrupt = !used.is_empty() && queue.needs_notification(mem).unwrap_or(true);
+    drop(activation);
+    if !used.is_empty() {
+        shared.used();
+    }
+    if interrupt {
+        shared.signal(INT_USED_BUFFER);
+    }
+    Ok(more)
+}
+
 /// The CMM and every partition's device, on the device thread.
 pub struct ChannelNode {
     cmm: Cmm,
@@ -138,6 +198,8 @@ pub struct ChannelNode {
     touched: Vec<usize>,
     /// Written by a vCPU thread that changed what the device thread must watch.
     poke: EventFd,
+    /// The vsock devices and their connections.
+    vsock: vsock::Vsock,
 }
 
 /// Event data of the link arrivals.
@@ -150,6 +212,8 @@ const TIMER: u32 = u32::MAX - 2;
 const POKE: u32 = u32::MAX - 3;
 /// Event data of link sockets: this bit, and the link's token.
 const LINK: u32 = 1 << 30;
+/// Event data of vsock queues: this bit, and the device's index times three plus the queue's.
+const VSOCK: u32 = 1 << 29;
 
 impl ChannelNode {
     /// The node's devices in front of `cmm`.
@@ -174,6 +238,7 @@ impl ChannelNode {
             timer_running: false,
             touched: Vec::new(),
             poke: EventFd::new(libc::EFD_NONBLOCK)?,
+            vsock: vsock::Vsock::default(),
         })
     }
 
@@ -200,6 +265,7 @@ impl ChannelNode {
             }
             *lock(&device.shared.activation) = Activation::Inactive;
         }
+        self.vsock_partition_stopped(partition);
         closed
     }
 
@@ -245,7 +311,7 @@ impl ChannelNode {
     {
         let mem = self.devices[index].mem.clone();
         let mut chains = Vec::with_capacity(BUDGET);
-        let epoch = self.take_chains(index, q, &mem, BUDGET, &mut chains)?;
+        let epoch = take_chains(&self.devices[index].shared, q, &mem, BUDGET, &mut chains)?;
         let mut used = Vec::with_capacity(chains.len());
         for chain in chains {
             let head = chain.head_index();
@@ -255,7 +321,7 @@ impl ChannelNode {
         }
         self.cmm.flush();
         self.signal_touched();
-        if self.return_chains(index, q, &mem, epoch, &used, true)? {
+        if return_chains(&self.devices[index].shared, q, &mem, epoch, &used, true)? {
             let device = &self.devices[index];
             device.shared.counters.deferred.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Some(evt) = device.queue_evts.get(q) {
@@ -263,76 +329,6 @@ impl ChannelNode {
             }
         }
         Ok(())
-    }
-
-    /// Takes up to `limit` chains from queue `q` of device `index`, with notifications
-    /// suppressed while it is being worked on; returns the epoch of the queue's rings. The
-    /// queue's lock is not held while they are handled (a message may go to another queue of
-    /// the same partition).
-    fn take_chains<'m>(
-        &self,
-        index: usize,
-        q: usize,
-        mem: &'m GuestMemoryMmap,
-        limit: usize,
-        chains: &mut Vec<DescriptorChain<&'m GuestMemoryMmap>>,
-    ) -> Result<u64, Malformed> {
-        let shared = &self.devices[index].shared;
-        let mut activation = lock(&shared.activation);
-        let Some(queue) = ready_queue(&mut activation, q) else {
-            // Not in use: before DRIVER_OK, after a reset or a stop (a notify may race them).
-            shared.spurious_notification();
-            return Ok(0);
-        };
-        queue.disable_notification(mem).map_err(|_| Malformed("queue rings not in guest RAM"))?;
-        while chains.len() < limit {
-            match queue
-                .iter(mem)
-                .map_err(|_| Malformed("avail index ran ahead of the queue"))?
-                .next()
-            {
-                Some(chain) => chains.push(chain),
-                None => break,
-            }
-        }
-        Ok(queue.epoch)
-    }
-
-    /// Returns used chains `(head, written)` to queue `q` of device `index`, taken from its
-    /// rings of `epoch`; with `rearm` re-enables notifications and says whether more chains
-    /// are waiting. Chains taken before a reset or a stop of the queue are not returned (the
-    /// rings they came from are gone).
-    fn return_chains(
-        &self,
-        index: usize,
-        q: usize,
-        mem: &GuestMemoryMmap,
-        epoch: u64,
-        used: &[(u16, u32)],
-        rearm: bool,
-    ) -> Result<bool, Malformed> {
-        let shared = &self.devices[index].shared;
-        let mut activation = lock(&shared.activation);
-        let Some(queue) = ready_queue(&mut activation, q).filter(|queue| queue.epoch == epoch)
-        else {
-            return Ok(false);
-        };
-        for &(head, written) in used {
-            queue.add_used(mem, head, written).map_err(|_| Malformed("used ring not writable"))?;
-        }
-        let more = rearm
-            && queue
-                .enable_notification(mem)
-                .map_err(|_| Malformed("queue rings not in guest RAM"))?;
-        let interrupt = !used.is_empty() && queue.needs_notification(mem).unwrap_or(true);
-        drop(activation);
-        if !used.is_empty() {
-            shared.used();
-        }
-        if interrupt {
-            shared.signal(INT_USED_BUFFER);
-        }
-        Ok(more)
     }
 
     /// The epoch of the rings of queue `q` of device `index`, if it is in use.
@@ -399,6 +395,20 @@ impl ChannelNode {
         }
     }
 
+    /// Watches the queue eventfds of vsock device `index`.
+    fn watch_vsock_queues(&self, index: usize, ops: &mut EventOps) {
+        let Some(device) = self.vsock.devices.get(index) else { return };
+        for (queue, evt) in device.queue_evts.iter().enumerate() {
+            let data = VSOCK | (index * QUEUES + queue) as u32;
+            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
+                log::error!(
+                    "vsock: watching partition {}'s queue {queue}: {e:?}",
+                    device.partition
+                );
+            }
+        }
+    }
+
     /// Signals every device that used receive buffers in this pass, once.
     fn signal_touched(&mut self) {
         for index in std::mem::take(&mut self.touched) {
@@ -439,6 +449,9 @@ impl MutEventSubscriber for ChannelNode {
         for index in 0..self.devices.len() {
             self.watch_queues(index, ops);
         }
+        for index in 0..self.vsock.devices.len() {
+            self.watch_vsock_queues(index, ops);
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -453,6 +466,16 @@ impl MutEventSubscriber for ChannelNode {
                     let _ = timer.wait();
                 }
                 self.cmm.tick();
+            }
+            data if data & VSOCK != 0 && data & LINK == 0 => {
+                let data = (data & !VSOCK) as usize;
+                let (index, queue) = (data / QUEUES, data % QUEUES);
+                if let Some(evt) =
+                    self.vsock.devices.get(index).and_then(|d| d.queue_evts.get(queue))
+                {
+                    let _ = evt.read();
+                    self.vsock_notified(index, queue);
+                }
             }
             data if data & LINK != 0 => {
                 let token = (data & !LINK) as usize;

@@ -11,7 +11,7 @@ use crate::cmm::{Deliver, Delivered};
 
 /// The next posted receive buffer of a device whose lock is held; when there is none,
 /// notifications are re-enabled so that the guest's next post wakes the device.
-fn next_buffer<'m>(
+pub(super) fn next_buffer<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
 ) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, &'static str> {
