@@ -236,7 +236,7 @@ fn a_node_never_takes_or_deletes_a_socket_it_does_not_own() {
 
     // A second node naming the same socket is refused, and the first keeps serving.
     let second = keyhold(["node", "--config", &config_arg, "--timeout", "5"]);
-    second.assert_bad_input("a running node serves its API there");
+    second.assert_bad_input("a running node serves there");
     assert!(asks(), "the first node still answers");
     terminate(&first);
     assert_eq!(finish(first, Duration::from_secs(60)).code(), 143);

@@ -5,12 +5,17 @@
 //! a forbidden flow are refused with an RST and audited; credit keeps a slow reader's sender
 //! waiting, and nothing is lost.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use keyhold_integration::{fixture, keyhold, require_kvm, Outcome};
+use keyhold_integration::nodes::wait_until;
+use keyhold_integration::{finish, fixture, keyhold, require_kvm, spawn_keyhold, Outcome};
 
 /// A node config in `dir`: an audit log, the policy `allow` (`(from, to)` pairs) and
-/// partitions `(id, cid, args)` each running the `vsock` fixture.
+/// partitions `(id, cid, args)` each running the `vsock` fixture, each with its socket for
+/// programs on the node at `DIR/p<ID>.vsock`.
 fn config(dir: &Path, allow: &[(&str, &str)], partitions: &[(u32, u32, &str)]) -> PathBuf {
     let mut text = "[node]\nid = 1\naudit_log = \"audit.jsonl\"\n".to_owned();
     for (from, to) in allow {
@@ -18,7 +23,8 @@ fn config(dir: &Path, allow: &[(&str, &str)], partitions: &[(u32, u32, &str)]) -
     }
     for (id, cid, args) in partitions {
         text += &format!(
-            "\n[[partition]]\nid = {id}\nfirmware = \"{}\"\nmemory_mib = 64\nvsock_cid = {cid}\nargs = \"{args}\"\n",
+            "\n[[partition]]\nid = {id}\nfirmware = \"{}\"\nmemory_mib = 64\nvsock_cid = {cid}\n\
+             vsock_uds = \"p{id}.vsock\"\nargs = \"{args}\"\n",
             fixture("vsock").display()
         );
     }
@@ -130,4 +136,71 @@ fn vsock_config_errors_name_the_field() {
     let bad_rule = config(dir.path(), &[("3:x", "*")], &[(1, 3, "role=echo port=1")]);
     let out = keyhold(["check", "--config", &bad_rule.display().to_string()]);
     out.assert_bad_input("vsock.allow[0].from");
+}
+
+#[test]
+fn a_host_program_reaches_a_guest_through_its_socket() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &[("2:*", "3:5000")], &[(1, 3, "role=echo port=5000")]);
+    let node =
+        spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"]);
+    let socket = dir.path().join("p1.vsock");
+    let mut stream = None;
+    assert!(wait_until(Duration::from_secs(60), || {
+        stream = UnixStream::connect(&socket).ok();
+        stream.is_some()
+    }));
+    let mut stream = stream.unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // Firecracker's hybrid vsock handshake: CONNECT PORT, then OK HOSTPORT once it accepts.
+    stream.write_all(b"CONNECT 5000\n").unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "{ok:?}");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let writer = {
+        let (mut stream, data) = (stream.try_clone().unwrap(), data.clone());
+        std::thread::spawn(move || stream.write_all(&data).unwrap())
+    };
+    let mut echoed = vec![0u8; data.len()];
+    reader.read_exact(&mut echoed).unwrap();
+    writer.join().unwrap();
+    assert!(echoed == data, "the echo differs");
+    drop((reader, stream));
+    let out = finish(node, Duration::from_secs(60));
+    assert_eq!(out.code(), 0, "the echo saw its one connection end: {out:#?}");
+    assert!(out.stdout.contains("vsock: closed 2:"), "{out:#?}");
+}
+
+#[test]
+fn a_guest_reaches_a_host_program_listening_beside_its_socket() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    // The program listens at PATH_PORT before the guest asks for (2, PORT).
+    let listener = UnixListener::bind(dir.path().join("p1.vsock_6000")).unwrap();
+    let program = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 8192];
+        let mut total = 0;
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => {
+                    stream.write_all(&buf[..n]).unwrap();
+                    total += n;
+                }
+            }
+        }
+    });
+    let config = config(
+        dir.path(),
+        &[("3:*", "2:6000")],
+        &[(1, 3, "role=send cid=2 port=6000 bytes=1048576")],
+    );
+    let out = run(&config);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(out.stdout.contains("vsock: 1048576 bytes echoed and checked"), "{out:#?}");
+    assert_eq!(program.join().unwrap(), 1_048_576);
 }

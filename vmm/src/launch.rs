@@ -14,7 +14,8 @@ use keyhold_devices::bus::lock;
 use keyhold_devices::cmm::query::{self, QueryPort};
 use keyhold_devices::link::{LinkManager, Router};
 
-use crate::api::{ApiServer, ApiSocket, ApiState, PartitionState};
+use crate::api::{ApiServer, ApiState, PartitionState};
+use crate::claimed_socket::ClaimedSocket;
 
 use crate::cli::{CheckArgs, NodeArgs, RunArgs, SeccompArgs};
 use crate::cluster_config::ClusterLinks;
@@ -61,8 +62,8 @@ pub enum LaunchError {
     /// The node config is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The control API socket cannot be made.
-    #[error("cannot listen on API socket {}: {source}", path.display())]
+    /// The control API socket (or a `vsock_uds`) cannot be made.
+    #[error("cannot listen on socket {}: {source}", path.display())]
     ApiSocket {
         /// The path.
         path: PathBuf,
@@ -177,6 +178,7 @@ fn config(id: u32, firmware: PathBuf, memory_mib: u64) -> PartitionConfig {
         dump_ram: None,
         rng_limit: Default::default(),
         vsock_cid: None,
+        vsock_uds: None,
     }
 }
 
@@ -264,16 +266,20 @@ pub fn boot(
     seccomp: &SeccompArgs,
     process_start: Instant,
 ) -> Result<u8, LaunchError> {
-    let needs = Needs { dump_ram: launch.partitions.iter().any(|p| p.dump_ram.is_some()) };
+    let needs = Needs {
+        dump_ram: launch.partitions.iter().any(|p| p.dump_ram.is_some()),
+        host_vsock: launch.partitions.iter().any(|p| p.vsock_uds.is_some()),
+    };
     let containment = Containment::prepare(seccomp.switch, needs, seccomp.selftest)?;
     // First, so that a node refused its socket (another node serves there) touches nothing.
     let api_socket = match &launch.api_socket {
         Some(path) => Some(
-            ApiSocket::claim(path)
+            ClaimedSocket::claim(path)
                 .map_err(|source| LaunchError::ApiSocket { path: path.clone(), source })?,
         ),
         None => None,
     };
+    let vsock_sockets = claim_vsock_sockets(launch)?;
     let metrics_listener = match launch.metrics_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -304,8 +310,14 @@ pub fn boot(
         audit: audit.clone(),
         requests: Some(requests.clone()),
     });
+    let host_places = vsock_sockets
+        .iter()
+        .map(|(id, s)| Ok((*id, s.listener().try_clone()?, s.path().to_owned())))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(LaunchError::DeviceThread)?;
+    let devices = Devices { router, queries: query_port, host_places };
     let (device_thread, node) =
-        start_devices(&mut partitions, launch, audit, router, query_port, &containment)?;
+        start_devices(&mut partitions, launch, audit, devices, &containment)?;
     let api = ApiServer::start(api_socket, metrics_listener, api_state.clone(), &containment)
         .map_err(|source| LaunchError::ApiSocket {
             path: launch.api_socket.clone().unwrap_or_default(),
@@ -438,6 +450,30 @@ fn report_stop(state: &ApiState, stopped: &Stopped) {
     }
 }
 
+/// What the device thread serves beside the partitions' devices.
+struct Devices {
+    /// The links to the other nodes.
+    router: Router,
+    /// The control API's questions.
+    queries: QueryPort,
+    /// Each partition's `vsock_uds` listening socket, and its path.
+    host_places: Vec<(u32, std::os::unix::net::UnixListener, PathBuf)>,
+}
+
+/// Binds each partition's `vsock_uds` (as the API socket: never one a live node serves).
+fn claim_vsock_sockets(launch: &Launch) -> Result<Vec<(u32, ClaimedSocket)>, LaunchError> {
+    let mut claimed = Vec::new();
+    for partition in &launch.partitions {
+        if let Some(path) = &partition.vsock_uds {
+            let socket = ClaimedSocket::claim(path)
+                .map_err(|source| LaunchError::ApiSocket { path: path.clone(), source })?;
+            socket.listener().set_nonblocking(true).map_err(LaunchError::DeviceThread)?;
+            claimed.push((partition.id, socket));
+        }
+    }
+    Ok(claimed)
+}
+
 /// Starts the device thread with every partition's backends and one CMM for the node in
 /// front of all their secure-channel devices, with the router to the other nodes; returns
 /// the thread and the node (the CMM and the devices).
@@ -445,16 +481,17 @@ fn start_devices(
     partitions: &mut [Partition],
     launch: &Launch,
     audit: Audit,
-    router: Router,
-    queries: QueryPort,
+    devices: Devices,
     containment: &Containment,
 ) -> Result<(DeviceThread, Arc<Mutex<ChannelNode>>), LaunchError> {
+    let Devices { router, queries, host_places } = devices;
     let backends = partitions.iter_mut().map(|p| (p.id(), p.take_backends())).collect();
     let channels = partitions.iter_mut().filter_map(Partition::take_channel).collect();
     let vsock = partitions.iter_mut().filter_map(Partition::take_vsock).collect();
     let cmm = Cmm::new(launch.node, launch.cmm, audit, router).map_err(LaunchError::Cmm)?;
     let node = ChannelNode::new(cmm, channels).map_err(LaunchError::DeviceThread)?;
-    let node = node.with_vsock(vsock, launch.vsock_policy.clone()).with_queries(queries);
+    let node = node.with_vsock(vsock, launch.vsock_policy.clone(), host_places);
+    let node = node.with_queries(queries);
     let node = Arc::new(Mutex::new(node));
     ChannelNode::serve_inline(&node);
     let thread = DeviceThread::start(backends, node.clone(), containment)

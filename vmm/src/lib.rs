@@ -10,6 +10,7 @@ pub const VERSION: &str =
     concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("KEYHOLD_GIT_REVISION"), ")");
 
 pub mod api;
+pub mod claimed_socket;
 pub mod cli;
 pub mod cluster_config;
 pub mod cpu;

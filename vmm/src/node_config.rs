@@ -32,6 +32,7 @@
 //! rng_bytes_per_sec = 1048576      # optional: virtio-rng's rate for this partition
 //! rng_burst_bytes = 262144         # optional: what it may draw at once
 //! vsock_cid = 3                    # optional: a virtio-vsock device with this CID
+//! vsock_uds = "p1.vsock"           # optional: programs on the node reach it here (CID 2)
 //!
 //! [[vsock.allow]]                  # optional, repeated: the vsock flows allowed
 //! from = "3:*"                     # CID:PORT, each a number or *, or "*"
@@ -194,6 +195,7 @@ struct PartitionSection {
     rng_bytes_per_sec: Option<u64>,
     rng_burst_bytes: Option<u64>,
     vsock_cid: Option<u32>,
+    vsock_uds: Option<PathBuf>,
 }
 
 /// Reads and checks `path`.
@@ -222,17 +224,19 @@ fn check_files(path: &Path, launch: &Launch) -> Result<(), ConfigError> {
         return Err(invalid(format!("partition[{i}].firmware"), problem));
     }
     let audit_log = launch.audit.file.as_ref().map(|f| f.path.as_path());
-    for (field, file) in
-        [("node.api_socket", launch.api_socket.as_deref()), ("node.audit_log", audit_log)]
-    {
+    let mut files = vec![
+        ("node.api_socket".to_owned(), launch.api_socket.as_deref()),
+        ("node.audit_log".into(), audit_log),
+    ];
+    for (i, p) in launch.partitions.iter().enumerate() {
+        files.push((format!("partition[{i}].vsock_uds"), p.vsock_uds.as_deref()));
+    }
+    for (field, file) in files {
         let Some(dir) = file.and_then(Path::parent).filter(|d| !d.as_os_str().is_empty()) else {
             continue;
         };
         if !dir.is_dir() {
-            return Err(invalid(
-                field.into(),
-                format!("directory {} does not exist", dir.display()),
-            ));
+            return Err(invalid(field, format!("directory {} does not exist", dir.display())));
         }
     }
     Ok(())
@@ -307,7 +311,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
             dump_ram: None,
             rng_limit,
             vsock_cid: p.vsock_cid,
+            vsock_uds: p.vsock_uds.map(|path| base.join(path)),
         };
+        if partition.vsock_uds.is_some() && partition.vsock_cid.is_none() {
+            return Err(invalid(
+                field("vsock_uds"),
+                "needs vsock_cid: the partition has no vsock device",
+            ));
+        }
         if let Err(PartitionError::MemorySize { mib, min, max, why, .. }) = partition.ram_bytes() {
             let problem = format!("{mib} MiB is out of range: {min} to {max} MiB{why}");
             return Err(invalid(field("memory_mib"), &problem));

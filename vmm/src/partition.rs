@@ -52,6 +52,8 @@ pub struct PartitionConfig {
     pub rng_limit: RngLimit,
     /// Its CID, if it has a virtio-vsock device.
     pub vsock_cid: Option<u32>,
+    /// Where programs on the node reach its vsock ports (CID 2), if anywhere.
+    pub vsock_uds: Option<PathBuf>,
 }
 
 /// Why a partition could not be created.

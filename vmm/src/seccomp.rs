@@ -9,9 +9,10 @@
 //! - `p<ID>-vcpu` (`supervisor::spawn`): `KVM_RUN`, `KVM_GET_REGS`, `KVM_GET_SREGS` and
 //!   `KVM_GET_STATS_FD` and no other ioctl; reading the stats file; sending on link sockets and
 //!   shutting one down (a channel's queues served inline); secret memory; with `--dump-ram`,
-//!   creating the dump file;
+//!   creating the dump file; with a `vsock_uds`, `recvfrom` (a program's socket read inline);
 //! - `devices` (`DeviceThread::start`): epoll, eventfds, timerfds; link sockets (read, write,
-//!   options, shutdown); secret memory;
+//!   options, shutdown); secret memory; with a partition's `vsock_uds`, accepting and
+//!   connecting Unix sockets (and making them: `AF_UNIX` only);
 //! - `link-setup` (`LinkManager::start`, through a closure from here): `accept4`, `socket`
 //!   (IPv4 and IPv6 only), `connect`, socket options, epoll; secret memory;
 //! - `api` (`ApiServer::start`): `poll`, `accept4`, reading and writing its connections;
@@ -142,6 +143,9 @@ impl std::fmt::Debug for Containment {
 pub struct Needs {
     /// `--dump-ram`: vCPU threads create their dump file when the partition stops.
     pub dump_ram: bool,
+    /// A partition has `vsock_uds`: the device thread accepts programs' connections on it and
+    /// connects to the programs' sockets (Unix sockets only).
+    pub host_vsock: bool,
 }
 
 impl Containment {
@@ -167,7 +171,7 @@ impl Containment {
         filters_available().map_err(SeccompError::Unsupported)?;
         let filters = Filters {
             vcpu: compile(vcpu(needs))?,
-            devices: compile(devices())?,
+            devices: compile(devices(needs))?,
             link_setup: compile(link_setup())?,
             api: compile(api())?,
             main: compile(main_thread())?,
@@ -437,6 +441,10 @@ fn vcpu(needs: Needs) -> Rules {
     // device thread closes it); the link's sealing may rekey (snow, in secret memory).
     rules.allow(&[libc::SYS_sendto, libc::SYS_sendmsg, libc::SYS_shutdown]);
     secret_memory(&mut rules);
+    if needs.host_vsock {
+        // A vsock packet for a program on the node, served inline, may read from its socket.
+        rules.allow(&[libc::SYS_recvfrom]);
+    }
     if needs.dump_ram {
         // `--dump-ram`: the RAM file is created as the partition stops (File::create).
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC;
@@ -448,8 +456,14 @@ fn vcpu(needs: Needs) -> Rules {
 /// The device thread: one epoll loop over queue eventfds, the link timer, link sockets and
 /// the set-up thread's hand-overs; links are adopted (socket options), read, written, shut
 /// down and closed here; the key table and link buffers grow in secret memory.
-fn devices() -> Rules {
+fn devices(needs: Needs) -> Rules {
     let mut rules = base();
+    if needs.host_vsock {
+        // CID 2: programs on the node, through Unix sockets only.
+        rules
+            .allow(&[libc::SYS_accept4, libc::SYS_connect])
+            .allow_if(libc::SYS_socket, &[arg_is(0, libc::AF_UNIX as u64)]);
+    }
     event_loop(&mut rules);
     sockets(&mut rules);
     secret_memory(&mut rules);
@@ -853,10 +867,12 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        for needs in [Needs::default(), Needs { dump_ram: true }] {
+        for needs in [Needs::default(), Needs { dump_ram: true, host_vsock: true }] {
             compile(vcpu(needs)).unwrap();
+            compile(devices(needs)).unwrap();
+            compile(starter(needs)).unwrap();
         }
-        for rules in [devices(), link_setup(), api(), main_thread(), starter(Needs::default())] {
+        for rules in [link_setup(), api(), main_thread()] {
             compile(rules).unwrap();
         }
     }

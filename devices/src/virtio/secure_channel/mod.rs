@@ -16,6 +16,7 @@ mod receive;
 mod remote;
 mod transmit;
 mod vsock;
+mod vsock_host;
 
 pub use inline::Attachment;
 
@@ -452,6 +453,7 @@ impl MutEventSubscriber for ChannelNode {
         for index in 0..self.vsock.devices.len() {
             self.watch_vsock_queues(index, ops);
         }
+        self.host_watch_listeners(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -466,6 +468,9 @@ impl MutEventSubscriber for ChannelNode {
                     let _ = timer.wait();
                 }
                 self.cmm.tick();
+            }
+            data if data & vsock_host::HOST != 0 && data & (LINK | VSOCK) == 0 => {
+                self.host_event(data, events.event_set(), ops);
             }
             data if data & VSOCK != 0 && data & LINK == 0 => {
                 let data = (data & !VSOCK) as usize;
@@ -500,6 +505,8 @@ impl MutEventSubscriber for ChannelNode {
         }
         self.complete_answers();
         self.signal_touched();
+        self.host_connect(ops);
+        self.vsock_flush();
         self.apply_fd_changes(ops);
     }
 }

@@ -12,11 +12,14 @@
 //! (`fwd_cnt`), and resets a connection whose sender exceeds it.
 
 use std::collections::HashMap;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 
 use guest_agent::channel::abi::{Endpoint, TxHeader};
 
 use super::chain::Cursor;
 use super::receive::next_buffer;
+use super::vsock_host::{HostSide, HOST_CID};
 use super::*;
 use crate::cmm::{Opening, Payload, Sent};
 use crate::virtio::vsock::packet::{op, Header, HEADER_SIZE, TYPE_STREAM};
@@ -50,14 +53,16 @@ struct Stream {
 pub(super) struct Vsock {
     pub(super) devices: Vec<VsockDevice>,
     streams: HashMap<StreamKey, Stream>,
-    policy: Policy,
+    pub(super) policy: Policy,
     /// Devices whose outbox got packets in this pass.
     pending: Vec<usize>,
+    /// CID 2: the programs on the node.
+    pub(super) host: HostSide,
 }
 
 /// Why a packet is refused, as the audit names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refused {
+pub(super) enum Refused {
     /// `src_cid` is not the sender's.
     ForgedCid,
     /// No rule allows the flow.
@@ -82,6 +87,14 @@ impl Refused {
     }
 }
 
+/// Where a packet goes.
+enum Route {
+    /// To the partition with this device index, on this connection.
+    Guest(usize, StreamKey),
+    /// To a program on the node (CID 2).
+    Host,
+}
+
 /// An RW's payload, still in the sender's guest memory.
 struct Unread<'c, 'm>(&'c mut Cursor<'m>);
 
@@ -92,9 +105,14 @@ impl Payload for Unread<'_, '_> {
 }
 
 impl Vsock {
-    /// The node's vsock devices, switched under `policy`.
-    pub(super) fn new(devices: Vec<VsockDevice>, policy: Policy) -> Self {
-        Self { devices, policy, ..Self::default() }
+    /// The node's vsock devices, switched under `policy`, and the partitions' listening
+    /// sockets for programs on the node.
+    pub(super) fn new(
+        devices: Vec<VsockDevice>,
+        policy: Policy,
+        host: Vec<(u32, UnixListener, PathBuf)>,
+    ) -> Self {
+        Self { devices, policy, host: HostSide::new(host), ..Self::default() }
     }
 
     fn device_of_cid(&self, cid: u32) -> Option<usize> {
@@ -106,7 +124,13 @@ impl Vsock {
     /// connection (a stream may be cut anywhere), so a sender of one-byte packets costs no more
     /// than its credit; a credit or shutdown notice replaces the one already waiting for the
     /// same connection. (The device's own answers are bounded in [`Vsock::answer`].)
-    fn post(&mut self, index: usize, header: Header, payload: Vec<u8>, channel: Option<ChannelId>) {
+    pub(super) fn post(
+        &mut self,
+        index: usize,
+        header: Header,
+        payload: Vec<u8>,
+        channel: Option<ChannelId>,
+    ) {
         let Some(device) = self.devices.get_mut(index) else { return };
         if !self.pending.contains(&index) {
             self.pending.push(index);
@@ -147,7 +171,7 @@ impl Vsock {
     /// Queues the device's RST in answer to a packet `index` sent, unless [`MAX_ANSWERS`]
     /// packets already wait there: a guest that sends bad packets and reads nothing must not
     /// make the node hold an answer for each.
-    fn answer(&mut self, index: usize, header: &Header) {
+    pub(super) fn answer(&mut self, index: usize, header: &Header) {
         let waiting = self.devices.get(index).map_or(usize::MAX, |d| d.outbox.len());
         if header.op != op::RST && waiting < MAX_ANSWERS {
             self.post(index, header.answer(op::RST), Vec::new(), None);
@@ -156,12 +180,19 @@ impl Vsock {
 }
 
 impl ChannelNode {
-    /// The node's vsock devices and the policy their connections are opened under.
-    pub fn with_vsock(mut self, devices: Vec<VsockDevice>, policy: Policy) -> Self {
+    /// The node's vsock devices, the policy their connections are opened under, and for the
+    /// partitions that have one, the listening socket (`vsock_uds`) through which programs on
+    /// the node reach them, with its path.
+    pub fn with_vsock(
+        mut self,
+        devices: Vec<VsockDevice>,
+        policy: Policy,
+        host: Vec<(u32, UnixListener, PathBuf)>,
+    ) -> Self {
         for device in &devices {
             self.cmm.add_partition(device.partition);
         }
-        self.vsock = Vsock::new(devices, policy);
+        self.vsock = Vsock::new(devices, policy, host);
         self
     }
 
@@ -218,7 +249,8 @@ impl ChannelNode {
                 }
                 self.vsock_answer(index, &header);
             }
-            Ok((peer, key)) => match header.op {
+            Ok(Route::Host) => self.vsock_to_host(index, &header, reader),
+            Ok(Route::Guest(peer, key)) => match header.op {
                 op::REQUEST => self.vsock_request(index, peer, key, &header),
                 op::RST => self.vsock_reset(key, Some(peer)),
                 _ => self.vsock_on_stream(index, peer, key, &header, reader),
@@ -235,7 +267,7 @@ impl ChannelNode {
         index: usize,
         header: &Header,
         payload_ok: bool,
-    ) -> Result<(usize, StreamKey), Option<Refused>> {
+    ) -> Result<Route, Option<Refused>> {
         let cid = self.vsock.devices[index].cid;
         if header.src_cid != u64::from(cid) {
             return Err(Some(Refused::ForgedCid));
@@ -244,10 +276,14 @@ impl ChannelNode {
             return Err(Some(Refused::BadPacket));
         }
         let destination = u32::try_from(header.dst_cid).ok();
+        if destination == Some(HOST_CID) {
+            return Ok(Route::Host);
+        }
         let Some(peer) = destination.and_then(|cid| self.vsock.device_of_cid(cid)) else {
             return Err((header.op == op::REQUEST).then_some(Refused::NoSuchCid));
         };
-        Ok((peer, (cid, header.src_port, self.vsock.devices[peer].cid, header.dst_port)))
+        let key = (cid, header.src_port, self.vsock.devices[peer].cid, header.dst_port);
+        Ok(Route::Guest(peer, key))
     }
 
     /// A connection request: allowed by the policy, entered and keyed by the CMM, then passed
@@ -412,7 +448,7 @@ impl ChannelNode {
     }
 
     /// Counts and audits a refused packet of `partition`.
-    fn vsock_refuse(&mut self, partition: u32, why: Refused, header: Option<&Header>) {
+    pub(super) fn vsock_refuse(&mut self, partition: u32, why: Refused, header: Option<&Header>) {
         let node = self.cmm.node();
         let port = |p: Option<u32>| p.unwrap_or(0);
         let source = Endpoint { node, partition, process: port(header.map(|h| h.src_port)) };
@@ -511,6 +547,7 @@ impl ChannelNode {
                 self.vsock.post(peer, rst_from(key), Vec::new(), None);
             }
         }
+        self.host_partition_stopped(index);
         let device = &mut self.vsock.devices[index];
         for packet in device.outbox.drain(..) {
             self.buffers.give(packet.payload);
