@@ -10,8 +10,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keyhold_integration::nodes::wait_until;
-use keyhold_integration::{finish, fixture, keyhold, require_kvm, spawn_keyhold, Outcome};
+use keyhold_integration::nodes::{pair, wait_until};
+use keyhold_integration::{
+    finish, fixture, keyhold, require_kvm, spawn_keyhold, terminate, Outcome,
+};
 
 /// A node config in `dir`: an audit log, the policy `allow` (`(from, to)` pairs) and
 /// partitions `(id, cid, args)` each running the `vsock` fixture, each with its socket for
@@ -203,4 +205,72 @@ fn a_guest_reaches_a_host_program_listening_beside_its_socket() {
     assert_eq!(out.code(), 0, "{out:#?}");
     assert!(out.stdout.contains("vsock: 1048576 bytes echoed and checked"), "{out:#?}");
     assert_eq!(program.join().unwrap(), 1_048_576);
+}
+
+/// Node `id` of a two-node cluster in `dir`, its partition 1 running the `vsock` fixture with
+/// `args` under CID `cid`; the other node's partition 1 is CID `peer_cid`; `allow` is its
+/// policy.
+fn cluster_node(
+    dir: &Path,
+    p: &keyhold_integration::nodes::Pair,
+    (id, cid, args): (u32, u32, &str),
+    peer_cid: u32,
+    allow: (&str, &str),
+) -> PathBuf {
+    let other = 3 - id;
+    let sections = format!(
+        "[[vsock.allow]]\nfrom = \"{}\"\nto = \"{}\"\n\n[[vsock.peer]]\ncid = {peer_cid}\nnode = {other}\npartition = 1\n",
+        allow.0, allow.1
+    );
+    let path = p.spec(id, "vsock", args, &sections).write(dir);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text += &format!("memory_mib = 64\nvsock_cid = {cid}\n");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_connection_across_two_nodes_is_a_channel_their_link_carries() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = pair(d);
+    let rule = ("4:*", "3:5000");
+    let one = cluster_node(d, &p, (1, 3, "role=echo port=5000"), 4, rule);
+    let two = cluster_node(d, &p, (2, 4, "role=send cid=3 port=5000 bytes=1048576"), 3, rule);
+    let nodes = [&one, &two]
+        .map(|c| spawn_keyhold(["node", "--config", &c.display().to_string(), "--timeout", "120"]));
+    let [first, second] = nodes;
+    let sender = finish(second, Duration::from_secs(150));
+    let echo = finish(first, Duration::from_secs(150));
+    for out in [&sender, &echo] {
+        out.assert_no_panic();
+    }
+    assert_eq!(sender.code(), 0, "{sender:#?}\n{echo:#?}");
+    assert!(sender.stdout.contains("vsock: 1048576 bytes echoed and checked"), "{sender:#?}");
+    assert_eq!(echo.code(), 0, "{echo:#?}");
+    // Node 1's CMM made the LISTEN entry its policy allowed, for node 2's offer.
+    let audit = std::fs::read_to_string(d.join("audit-1.jsonl")).unwrap_or_default();
+    assert!(audit.contains("\"offer_accepted\""), "{audit}");
+}
+
+#[test]
+fn the_receiving_nodes_policy_decides_a_connection_across_nodes() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = pair(d);
+    // Node 2 lets CID 4 ask for 3:5001; node 1 opens only 3:5000.
+    let one = cluster_node(d, &p, (1, 3, "role=echo port=5001"), 4, ("4:*", "3:5000"));
+    let two = cluster_node(d, &p, (2, 4, "role=send cid=3 port=5001 bytes=64"), 3, ("4:*", "3:*"));
+    let first = spawn_keyhold(["node", "--config", &one.display().to_string(), "--timeout", "60"]);
+    let sender = keyhold(["node", "--config", &two.display().to_string(), "--timeout", "60"]);
+    assert_eq!(sender.code(), 3, "{sender:#?}");
+    assert!(sender.stdout.contains("vsock: connection reset"), "{sender:#?}");
+    // The echo waits for a connection that never comes.
+    terminate(&first);
+    let echo = finish(first, Duration::from_secs(90));
+    echo.assert_no_panic();
+    let audit = std::fs::read_to_string(d.join("audit-1.jsonl")).unwrap_or_default();
+    assert!(audit.contains("\"offer_rejected\",\"reason\":\"no_listener\""), "{audit}");
 }

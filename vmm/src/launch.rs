@@ -201,6 +201,8 @@ pub struct Launch {
     pub cmm: CmmConfig,
     /// The vsock flows allowed between the partitions' CIDs.
     pub vsock_policy: Policy,
+    /// Other nodes' CIDs: `(CID, node, partition)`.
+    pub vsock_peers: Vec<(u32, u32, u32)>,
     /// Where the control API listens, if anywhere.
     pub api_socket: Option<PathBuf>,
     /// Where `GET /metrics` is also served over TCP, if anywhere.
@@ -218,6 +220,7 @@ pub fn run(args: &RunArgs, process_start: Instant) -> Result<u8, LaunchError> {
         links: None,
         cmm: CmmConfig::default(),
         vsock_policy: Policy::default(),
+        vsock_peers: Vec::new(),
         api_socket: None,
         metrics_listen: None,
     };
@@ -490,7 +493,8 @@ fn start_devices(
     let vsock = partitions.iter_mut().filter_map(Partition::take_vsock).collect();
     let cmm = Cmm::new(launch.node, launch.cmm, audit, router).map_err(LaunchError::Cmm)?;
     let node = ChannelNode::new(cmm, channels).map_err(LaunchError::DeviceThread)?;
-    let node = node.with_vsock(vsock, launch.vsock_policy.clone(), host_places);
+    let policy = launch.vsock_policy.clone();
+    let node = node.with_vsock(vsock, policy, host_places, &launch.vsock_peers);
     let node = node.with_queries(queries);
     let node = Arc::new(Mutex::new(node));
     ChannelNode::serve_inline(&node);

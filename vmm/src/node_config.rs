@@ -37,6 +37,11 @@
 //! [[vsock.allow]]                  # optional, repeated: the vsock flows allowed
 //! from = "3:*"                     # CID:PORT, each a number or *, or "*"
 //! to = "4:5000"
+//!
+//! [[vsock.peer]]                   # optional, repeated: a CID on another node
+//! cid = 7
+//! node = 2
+//! partition = 1
 //! ```
 //! Unknown fields are errors, so a typo is reported rather than ignored.
 
@@ -130,6 +135,17 @@ struct AuditSection {
 struct VsockSection {
     #[serde(default)]
     allow: Vec<AllowSection>,
+    #[serde(default)]
+    peer: Vec<PeerSection>,
+}
+
+/// One `[[vsock.peer]]`: a CID of a partition on another node.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerSection {
+    cid: u32,
+    node: u32,
+    partition: u32,
 }
 
 /// One `[[vsock.allow]]` rule.
@@ -359,6 +375,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
         links,
         cmm,
         vsock_policy: vsock_policy(path, &file.vsock)?,
+        vsock_peers: vsock_peers(path, file.node.id, &file.vsock, &cids)?,
         api_socket: file.node.api_socket.map(|p| base.join(p)),
         metrics_listen: file
             .node
@@ -386,6 +403,45 @@ fn vsock_policy(path: &Path, section: &VsockSection) -> Result<Policy, ConfigErr
         rules.push(Rule { from: pattern("from", &rule.from)?, to: pattern("to", &rule.to)? });
     }
     Ok(Policy { rules })
+}
+
+/// `[[vsock.peer]]`: other nodes' CIDs, none reserved, none twice, none of this node's
+/// (`local`).
+fn vsock_peers(
+    path: &Path,
+    node: u32,
+    section: &VsockSection,
+    local: &BTreeSet<u32>,
+) -> Result<Vec<(u32, u32, u32)>, ConfigError> {
+    let mut seen = local.clone();
+    let mut peers = Vec::with_capacity(section.peer.len());
+    for (i, peer) in section.peer.iter().enumerate() {
+        let invalid = |field: &str, problem: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: format!("vsock.peer[{i}].{field}"),
+            problem,
+        };
+        if !(vsock::MIN_GUEST_CID..u32::MAX).contains(&peer.cid) {
+            return Err(invalid(
+                "cid",
+                format!("{} is reserved: CIDs are 3 to {}", peer.cid, u32::MAX - 1),
+            ));
+        }
+        if !seen.insert(peer.cid) {
+            return Err(invalid(
+                "cid",
+                format!("CID {} is used twice (here or by a partition)", peer.cid),
+            ));
+        }
+        if peer.node == node {
+            return Err(invalid(
+                "node",
+                format!("{node} is this node: give the partition vsock_cid"),
+            ));
+        }
+        peers.push((peer.cid, peer.node, peer.partition));
+    }
+    Ok(peers)
 }
 
 /// A duration field in seconds: positive, finite, at most a day.

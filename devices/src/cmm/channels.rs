@@ -223,7 +223,19 @@ impl Core {
         if destination.node != self.node {
             return Err(Rejection::NotLocal);
         }
-        let id = self.table.find(&destination, &source).ok_or(Rejection::NoListener)?;
+        let id = match self.table.find(&destination, &source) {
+            Some(id) => id,
+            // A listener the node's policy stands for (a vsock port: docs/VSOCK.md).
+            None if self
+                .implicit_listen
+                .as_ref()
+                .is_some_and(|allows| allows(&source, &destination)) =>
+            {
+                let entry = Entry::new(destination, source, ChannelState::Listening);
+                self.insert(destination.partition, entry).map_err(|_| Rejection::TableFull)?
+            }
+            None => return Err(Rejection::NoListener),
+        };
         if self.table.get(id).is_none_or(|e| e.state != ChannelState::Listening) {
             return Err(Rejection::NoListener);
         }

@@ -155,7 +155,13 @@ pub(super) struct Core {
     pub(super) answers: Vec<(ChannelId, Result<ChannelId, Status>)>,
     /// Frames to send once a received record has been handled.
     pub(super) replies: Vec<(u32, Reply)>,
+    /// Whether an offer that finds no LISTEN entry may have one made for it.
+    pub(super) implicit_listen: Option<ImplicitListen>,
 }
+
+/// Says whether an offer from `source` to `destination` that finds no LISTEN entry may have one
+/// made for it (a vsock port the node's policy opens to that peer).
+pub type ImplicitListen = Box<dyn Fn(&Endpoint, &Endpoint) -> bool + Send>;
 
 /// A frame the core sends in answer to one it received.
 #[derive(Debug, Clone, Copy)]
@@ -239,6 +245,7 @@ impl Cmm {
                 clock: Instant::now(),
                 answers: Vec::new(),
                 replies: Vec::new(),
+                implicit_listen: None,
             },
             router,
         })
@@ -274,6 +281,25 @@ impl Cmm {
     /// Counts and audits a refused guest request of `partition`.
     pub fn refuse(&mut self, partition: u32, code: Status) -> Status {
         self.core.refuse(partition, code)
+    }
+
+    /// Lets offers from other nodes that find no LISTEN entry have one made for them where
+    /// `allows` says so (vsock ports opened by the node's policy).
+    pub fn set_implicit_listen(&mut self, allows: ImplicitListen) {
+        self.core.implicit_listen = Some(allows);
+    }
+
+    /// Whether the link to `node` is up.
+    pub fn is_linked(&self, node: u32) -> bool {
+        self.router.is_up(node)
+    }
+
+    /// Whether channel `id` is open (its peer has not closed it, its link has not gone).
+    pub fn is_open(&self, id: ChannelId) -> bool {
+        self.core
+            .table
+            .get(id)
+            .is_some_and(|e| e.state == super::connection_table::ChannelState::Open)
     }
 
     /// Counts and audits a vsock packet of `partition` refused before it reached the CMM's

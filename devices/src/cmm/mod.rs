@@ -11,8 +11,8 @@ mod messages;
 pub mod query;
 
 pub use manager::{
-    ChannelView, Cmm, CmmConfig, Deliver, Delivered, KeyLifetime, KeySource, Limits, Opening,
-    Payload, Sent, Status, DEFAULT_OPEN_TIMEOUT,
+    ChannelView, Cmm, CmmConfig, Deliver, Delivered, ImplicitListen, KeyLifetime, KeySource,
+    Limits, Opening, Payload, Sent, Status, DEFAULT_OPEN_TIMEOUT,
 };
 
 #[cfg(test)]

@@ -115,6 +115,8 @@ impl ChannelNode {
             if let Some(at) = self.pending_opens.iter().position(|p| p.channel == channel) {
                 let pending = self.pending_opens.swap_remove(at);
                 self.complete_open(pending, opened(result));
+            } else {
+                self.remote_answered(channel, result.is_ok());
             }
         }
     }

@@ -17,6 +17,7 @@ mod remote;
 mod transmit;
 mod vsock;
 mod vsock_host;
+mod vsock_remote;
 
 pub use inline::Attachment;
 
@@ -257,6 +258,8 @@ impl ChannelNode {
     /// and its device lets go of the guest's rings and what it held for it. Returns how many
     /// channels it held.
     pub fn partition_stopped(&mut self, partition: u32) -> usize {
+        // Its vsock connections to other nodes say RST while their channels are still open.
+        self.remote_partition_stopping(partition);
         let closed = self.cmm.partition_stopped(partition);
         if let Some(index) = self.device_of(partition) {
             self.pending_opens.retain(|p| p.device != index);
@@ -468,6 +471,7 @@ impl MutEventSubscriber for ChannelNode {
                     let _ = timer.wait();
                 }
                 self.cmm.tick();
+                self.remote_tidy();
             }
             data if data & vsock_host::HOST != 0 && data & (LINK | VSOCK) == 0 => {
                 self.host_event(data, events.event_set(), ops);

@@ -59,6 +59,9 @@ pub(super) struct Receivers<'a> {
     devices: &'a mut [ChannelDevice],
     buffers: &'a mut pool::BufferPool,
     touched: &'a mut Vec<usize>,
+    /// The vsock devices, for messages on their connections' channels.
+    vsock: &'a mut vsock::Vsock,
+    node: u32,
 }
 
 impl Receivers<'_> {
@@ -131,6 +134,11 @@ fn write_now(
 
 impl Deliver for Receivers<'_> {
     fn deliver(&mut self, partition: u32, header: &RxHeader, payload: &[u8]) -> Delivered {
+        if let Some(delivered) =
+            self.vsock.deliver_remote(self.node, partition, header, payload, self.buffers)
+        {
+            return delivered;
+        }
         let Some(index) = self.devices.iter().position(|d| d.partition == partition) else {
             return Delivered::Dropped;
         };
@@ -141,10 +149,13 @@ impl Deliver for Receivers<'_> {
 impl ChannelNode {
     /// The receive queues, for the CMM to deliver into.
     pub(super) fn receivers(&mut self) -> (&mut Cmm, Receivers<'_>) {
+        let node = self.cmm.node();
         let receivers = Receivers {
             devices: &mut self.devices,
             buffers: &mut self.buffers,
             touched: &mut self.touched,
+            vsock: &mut self.vsock,
+            node,
         };
         (&mut self.cmm, receivers)
     }

@@ -9,6 +9,7 @@ impl ChannelNode {
     pub(super) fn link_readable(&mut self, token: usize) {
         let (cmm, mut receivers) = self.receivers();
         cmm.link_readable(token, &mut receivers);
+        self.remote_tidy();
     }
 
     /// Answers every question waiting.

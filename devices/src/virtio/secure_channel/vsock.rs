@@ -20,6 +20,7 @@ use guest_agent::channel::abi::{Endpoint, TxHeader};
 use super::chain::Cursor;
 use super::receive::next_buffer;
 use super::vsock_host::{HostSide, HOST_CID};
+use super::vsock_remote::RemoteSide;
 use super::*;
 use crate::cmm::{Opening, Payload, Sent};
 use crate::virtio::vsock::packet::{op, Header, HEADER_SIZE, TYPE_STREAM};
@@ -34,18 +35,35 @@ type StreamKey = (u32, u32, u32, u32);
 
 /// One end of a connection.
 #[derive(Debug, Clone, Copy)]
-struct Stream {
+pub(super) struct Stream {
     /// This end's entry in the connection table.
-    channel: ChannelId,
+    pub(super) channel: ChannelId,
+    /// This end's device.
+    pub(super) device: usize,
     /// Whether the peer asked for the connection (this end answers RESPONSE).
-    listener: bool,
+    pub(super) listener: bool,
     /// RESPONSE seen.
-    established: bool,
+    pub(super) established: bool,
     /// What the peer last offered (`buf_alloc`, capped) and took (`fwd_cnt`).
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
+    pub(super) peer_buf_alloc: u32,
+    pub(super) peer_fwd_cnt: u32,
     /// Payload bytes this end sent.
-    tx_cnt: u32,
+    pub(super) tx_cnt: u32,
+}
+
+impl Stream {
+    /// A connection's end just asked for (`listener`: by its peer), on `channel`.
+    pub(super) fn new(channel: ChannelId, device: usize, listener: bool) -> Self {
+        Self {
+            channel,
+            device,
+            listener,
+            established: false,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+        }
+    }
 }
 
 /// Every vsock device of the node, their connections, and the operator's policy.
@@ -58,6 +76,8 @@ pub(super) struct Vsock {
     pending: Vec<usize>,
     /// CID 2: the programs on the node.
     pub(super) host: HostSide,
+    /// Connections to other nodes' partitions.
+    pub(super) remote: RemoteSide,
 }
 
 /// Why a packet is refused, as the audit names it.
@@ -93,6 +113,8 @@ enum Route {
     Guest(usize, StreamKey),
     /// To a program on the node (CID 2).
     Host,
+    /// To a partition of another node: (node, partition), and the connection.
+    Remote((u32, u32), StreamKey),
 }
 
 /// An RW's payload, still in the sender's guest memory.
@@ -111,8 +133,10 @@ impl Vsock {
         devices: Vec<VsockDevice>,
         policy: Policy,
         host: Vec<(u32, UnixListener, PathBuf)>,
+        peers: &[(u32, u32, u32)],
     ) -> Self {
-        Self { devices, policy, host: HostSide::new(host), ..Self::default() }
+        let (host, remote) = (HostSide::new(host), RemoteSide::new(peers));
+        Self { devices, policy, host, remote, ..Self::default() }
     }
 
     fn device_of_cid(&self, cid: u32) -> Option<usize> {
@@ -180,19 +204,24 @@ impl Vsock {
 }
 
 impl ChannelNode {
-    /// The node's vsock devices, the policy their connections are opened under, and for the
+    /// The node's vsock devices; the policy their connections are opened under; for the
     /// partitions that have one, the listening socket (`vsock_uds`) through which programs on
-    /// the node reach them, with its path.
+    /// the node reach them, with its path; and other nodes' CIDs `(CID, node, partition)`.
     pub fn with_vsock(
         mut self,
         devices: Vec<VsockDevice>,
         policy: Policy,
         host: Vec<(u32, UnixListener, PathBuf)>,
+        peers: &[(u32, u32, u32)],
     ) -> Self {
+        let local: HashMap<u32, u32> = devices.iter().map(|d| (d.partition, d.cid)).collect();
         for device in &devices {
             self.cmm.add_partition(device.partition);
         }
-        self.vsock = Vsock::new(devices, policy, host);
+        self.vsock = Vsock::new(devices, policy.clone(), host, peers);
+        if !peers.is_empty() {
+            self.cmm.set_implicit_listen(self.vsock.remote.implicit_listen(policy, local));
+        }
         self
     }
 
@@ -250,6 +279,9 @@ impl ChannelNode {
                 self.vsock_answer(index, &header);
             }
             Ok(Route::Host) => self.vsock_to_host(index, &header, reader),
+            Ok(Route::Remote(place, key)) => {
+                self.vsock_to_remote(index, place, key, &header, reader)
+            }
             Ok(Route::Guest(peer, key)) => match header.op {
                 op::REQUEST => self.vsock_request(index, peer, key, &header),
                 op::RST => self.vsock_reset(key, Some(peer)),
@@ -280,6 +312,14 @@ impl ChannelNode {
             return Ok(Route::Host);
         }
         let Some(peer) = destination.and_then(|cid| self.vsock.device_of_cid(cid)) else {
+            if let Some((cid_there, place)) =
+                destination.and_then(|d| Some((d, self.vsock.remote.place_of(d)?)))
+            {
+                return Ok(Route::Remote(
+                    place,
+                    (cid, header.src_port, cid_there, header.dst_port),
+                ));
+            }
             return Err((header.op == op::REQUEST).then_some(Refused::NoSuchCid));
         };
         let key = (cid, header.src_port, self.vsock.devices[peer].cid, header.dst_port);
@@ -315,16 +355,8 @@ impl ChannelNode {
                 return self.vsock_answer(index, header);
             }
         };
-        let stream = |channel, listener| Stream {
-            channel,
-            listener,
-            established: false,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-        };
-        self.vsock.streams.insert(key, stream(channel, false));
-        self.vsock.streams.insert(mirror(key), stream(listening, true));
+        self.vsock.streams.insert(key, Stream::new(channel, index, false));
+        self.vsock.streams.insert(mirror(key), Stream::new(listening, peer, true));
         self.vsock_forward(peer, key, header, Vec::new(), None);
     }
 
