@@ -135,9 +135,19 @@ for p in "1 3 role=echo port=5000" "2 4 role=send cid=3 port=5000 bytes=10485760
         "$id" "$fx" "$cid" "$args" >>"$work/vsock.toml"
 done
 vsock=$("$bin" node --config "$work/vsock.toml" --timeout 300 2>&1 | grep -oE '[0-9]+ bytes echoed .*' || echo failed)
+# The same across two nodes: CID 3 on node 1, CID 4 on node 2, over the cluster's link.
+for i in 1 2; do
+    if [ "$i" = 1 ]; then cid=3 peer=4 args="role=echo port=5000"; else cid=4 peer=3 args="role=send cid=3 port=5000 bytes=10485760"; fi
+    printf '[node]\nid = %s\ncluster = "cluster.toml"\nprivate_key_file = "n%s.key"\n\n[[vsock.allow]]\nfrom = "4:*"\nto = "3:5000"\n\n[[vsock.peer]]\ncid = %s\nnode = %s\npartition = 1\n\n[[partition]]\nid = 1\nfirmware = "%s/vsock.elf"\nmemory_mib = 64\nvsock_cid = %s\nargs = "%s"\n' \
+        "$i" "$i" "$peer" "$((3 - i))" "$fx" "$cid" "$args" >"$work/vsock$i.toml"
+done
+"$bin" node --config "$work/vsock1.toml" --timeout 300 >/dev/null 2>&1 &
+echo_node=$!
+vsock_cross=$("$bin" node --config "$work/vsock2.toml" --timeout 300 2>&1 | grep -oE '[0-9]+ bytes echoed .*' || echo failed)
+wait "$echo_node" || true
 rm -f "$work"/*.perf
 echo "channel set-ups one after another (OPEN to an answer, 60 of them): one node $local_setups; two nodes $cross_setups"
-echo "virtio-vsock, one node, virtio-drivers' driver: $vsock"
+echo "virtio-vsock, virtio-drivers' driver, 10 MiB echoed: one node $vsock; two nodes $vsock_cross"
 echo "VM exits include device set-up and console output (about 100 per partition); page faults"
 echo "are the one-time cost of first touching each 4 KiB page of guest memory. System calls and"
 echo "context switches count every thread of every process on the path (for a node: vCPUs,"

@@ -237,7 +237,7 @@ fn a_connection_across_two_nodes_is_a_channel_their_link_carries() {
     let p = pair(d);
     let rule = ("4:*", "3:5000");
     let one = cluster_node(d, &p, (1, 3, "role=echo port=5000"), 4, rule);
-    let two = cluster_node(d, &p, (2, 4, "role=send cid=3 port=5000 bytes=1048576"), 3, rule);
+    let two = cluster_node(d, &p, (2, 4, "role=send cid=3 port=5000 bytes=10485760"), 3, rule);
     let nodes = [&one, &two]
         .map(|c| spawn_keyhold(["node", "--config", &c.display().to_string(), "--timeout", "120"]));
     let [first, second] = nodes;
@@ -247,7 +247,7 @@ fn a_connection_across_two_nodes_is_a_channel_their_link_carries() {
         out.assert_no_panic();
     }
     assert_eq!(sender.code(), 0, "{sender:#?}\n{echo:#?}");
-    assert!(sender.stdout.contains("vsock: 1048576 bytes echoed and checked"), "{sender:#?}");
+    assert!(sender.stdout.contains("vsock: 10485760 bytes echoed and checked"), "{sender:#?}");
     assert_eq!(echo.code(), 0, "{echo:#?}");
     // Node 1's CMM made the LISTEN entry its policy allowed, for node 2's offer.
     let audit = std::fs::read_to_string(d.join("audit-1.jsonl")).unwrap_or_default();

@@ -251,6 +251,8 @@ impl ChannelNode {
             let mut reader = Cursor::readable(chain, &mem);
             self.vsock_packet(index, &mut reader)?;
         }
+        // What went to other nodes leaves now, not with the next batch.
+        self.cmm.flush();
         if return_chains(&shared, TX_QUEUE, &mem, epoch, &used, true)? {
             shared.counters.deferred.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Some(evt) = self.vsock.devices[index].queue_evts.get(TX_QUEUE) {

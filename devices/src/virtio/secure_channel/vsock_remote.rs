@@ -312,6 +312,7 @@ impl ChannelNode {
         let Some(stream) = self.vsock.remote.streams.get(&key).copied() else { return true };
         let partition = self.vsock.devices[stream.device].partition;
         if accepted && self.send_envelope(partition, key, channel, &request, None) {
+            self.cmm.flush();
             return true;
         }
         self.vsock.remote.streams.remove(&key);
