@@ -274,3 +274,54 @@ fn the_receiving_nodes_policy_decides_a_connection_across_nodes() {
     let audit = std::fs::read_to_string(d.join("audit-1.jsonl")).unwrap_or_default();
     assert!(audit.contains("\"offer_rejected\",\"reason\":\"no_listener\""), "{audit}");
 }
+
+/// A program's `CONNECT PORT` through `socket`, a few bytes echoed back.
+fn echo_through(socket: &Path, port: u32) -> Vec<u8> {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    stream.write_all(b"hello").unwrap();
+    let mut back = vec![0u8; 5];
+    reader.read_exact(&mut back).unwrap();
+    back
+}
+
+#[test]
+fn a_partition_started_again_has_its_vsock_device_and_socket_back() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        config(dir.path(), &[("2:*", "3:5000")], &[(1, 3, "role=echo port=5000 conns=100")]);
+    // A second partition keeps the node up while the first is stopped, and the API socket
+    // lets the operator stop and start it.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace("[node]\n", "[node]\napi_socket = \"api.sock\"\n");
+    text += &format!("\n[[partition]]\nid = 2\nfirmware = \"{}\"\n", fixture("spin").display());
+    std::fs::write(&config, text).unwrap();
+    let node =
+        spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"]);
+    let (socket, api) = (dir.path().join("p1.vsock"), dir.path().join("api.sock"));
+    assert!(wait_until(Duration::from_secs(60), || UnixStream::connect(&socket).is_ok()));
+    // Twice, so that the first connection's socket has been closed and its number reused.
+    for _ in 0..2 {
+        assert_eq!(echo_through(&socket, 5000), b"hello");
+    }
+    let ctl = |what: &str| keyhold(["ctl", "--socket", &api.display().to_string(), what, "1"]);
+    assert_eq!(ctl("stop").code(), 0);
+    let stopped = || {
+        keyhold(["ctl", "--socket", &api.display().to_string(), "partitions"])
+            .stdout
+            .contains("stopped by the operator")
+    };
+    assert!(wait_until(Duration::from_secs(60), stopped));
+    assert_eq!(ctl("start").code(), 0);
+    assert_eq!(echo_through(&socket, 5000), b"hello", "the new guest answers on the same socket");
+    terminate(&node);
+    let out = finish(node, Duration::from_secs(60));
+    out.assert_no_panic();
+    assert!(!out.stderr.contains("ERROR"), "{out:#?}");
+}

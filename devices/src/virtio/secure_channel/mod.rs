@@ -510,6 +510,7 @@ impl MutEventSubscriber for ChannelNode {
         self.complete_answers();
         self.signal_touched();
         self.host_connect(ops);
+        self.host_retire(ops);
         self.vsock_flush();
         self.apply_fd_changes(ops);
     }

@@ -113,6 +113,10 @@ pub(super) struct HostSide {
     next_port: u32,
     /// Guest REQUESTs to CID 2, for the device thread (it connects, and watches the socket).
     requests: Vec<(usize, Header)>,
+    /// Sockets of ended connections, shut down but kept open until the device thread has
+    /// taken them out of its epoll set (so that their descriptor numbers are not reused while
+    /// the event loop still maps them).
+    retired: Vec<UnixStream>,
 }
 
 impl HostSide {
@@ -467,10 +471,21 @@ impl ChannelNode {
         self.host_drop(token);
     }
 
-    /// Forgets a connection; closing its socket takes it out of the epoll set.
+    /// Forgets a connection: the program sees its end at once; the device thread closes the
+    /// socket once it has stopped watching it.
     fn host_drop(&mut self, token: u32) {
         if let Some(conn) = self.vsock.host.conns.remove(&token) {
             self.vsock.host.by_key.remove(&(conn.cid, conn.guest_port, conn.host_port));
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            self.vsock.host.retired.push(conn.stream);
+            let _ = self.poke.write(1);
+        }
+    }
+
+    /// Stops watching the sockets of ended connections, and closes them (device thread).
+    pub(super) fn host_retire(&mut self, ops: &mut EventOps) {
+        for stream in std::mem::take(&mut self.vsock.host.retired) {
+            let _ = ops.remove(Events::new(&stream, EventSet::IN));
         }
     }
 
