@@ -336,6 +336,12 @@ impl Core {
         Ok(())
     }
 
+    /// Ends channel `id` whatever its state or owner (a vsock connection the device gave up
+    /// on): as a CLOSE by its process, without a refusal if it is already gone.
+    pub(super) fn abandon(&mut self, router: &mut Router, id: ChannelId) {
+        self.end(router, id, CloseReason::Closed);
+    }
+
     /// Removes channel `id` and tells its peer: at once on this node, over the link for
     /// another (an offer still pending is closed too, in case the peer accepted it).
     fn end(&mut self, router: &mut Router, id: ChannelId, reason: CloseReason) {

@@ -289,6 +289,18 @@ impl Cmm {
         self.core.implicit_listen = Some(allows);
     }
 
+    /// Ends channel `id` whatever its state (an offer still out included: the peer closes
+    /// what it accepted); nothing if it is gone already.
+    pub fn abandon(&mut self, id: ChannelId) {
+        self.core.abandon(&mut self.router, id);
+        self.flush();
+    }
+
+    /// The entry of `local` for a channel with `remote`, if there is one.
+    pub fn find(&self, local: &Endpoint, remote: &Endpoint) -> Option<ChannelId> {
+        self.core.table.find(local, remote)
+    }
+
     /// Whether the link to `node` is up.
     pub fn is_linked(&self, node: u32) -> bool {
         self.router.is_up(node)

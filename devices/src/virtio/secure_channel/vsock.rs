@@ -29,6 +29,12 @@ use crate::virtio::vsock::{Outgoing, VsockDevice, MAX_CREDIT, MAX_PAYLOAD, RX_QU
 
 /// Packets waiting for a device past which the device's own RST answers are not queued.
 const MAX_ANSWERS: usize = 1024;
+/// What a waiting packet is charged beyond its payload.
+const PACKET_COST: usize = 64;
+/// Most a connection may have waiting in the outboxes: twice the most credit a receiver may
+/// offer (payload, plus [`PACKET_COST`] a packet). A sender past it lied about credit, or its
+/// peer did: the connection is reset, whatever the `fwd_cnt` the receiver claims.
+pub(super) const MAX_HELD: usize = 2 * MAX_CREDIT as usize;
 
 /// A connection as one of its ends sees it: `(own CID, own port, peer CID, peer port)`.
 type StreamKey = (u32, u32, u32, u32);
@@ -74,6 +80,8 @@ pub(super) struct Vsock {
     pub(super) policy: Policy,
     /// Devices whose outbox got packets in this pass.
     pending: Vec<usize>,
+    /// Bytes waiting in the outboxes per connection (addresses as in the packets).
+    held: HashMap<(u64, u32, u64, u32), usize>,
     /// CID 2: the programs on the node.
     pub(super) host: HostSide,
     /// Connections to other nodes' partitions.
@@ -144,10 +152,11 @@ impl Vsock {
     }
 
     /// Queues `header` (and `payload`) for device `index`'s receive queue, where what waits
-    /// stays bounded whatever the guests do: an RW joins the RW before it on the same
-    /// connection (a stream may be cut anywhere), so a sender of one-byte packets costs no more
-    /// than its credit; a credit or shutdown notice replaces the one already waiting for the
-    /// same connection. (The device's own answers are bounded in [`Vsock::answer`].)
+    /// stays bounded whatever the guests do: a packet joins the last one waiting for the same
+    /// connection when both are RW (not yet started) or both the same notice (credit, shutdown),
+    /// so that a connection's packets stay in order and a sender of tiny packets costs little
+    /// more than its bytes; and [`Vsock::held`] counts what waits per connection, which the
+    /// senders are held to. (The device's own answers are bounded in [`Vsock::answer`].)
     pub(super) fn post(
         &mut self,
         index: usize,
@@ -159,36 +168,53 @@ impl Vsock {
         if !self.pending.contains(&index) {
             self.pending.push(index);
         }
-        let same = |o: &Outgoing| {
-            (o.header.src_cid, o.header.src_port, o.header.dst_cid, o.header.dst_port)
-                == (header.src_cid, header.src_port, header.dst_cid, header.dst_port)
-        };
-        match header.op {
-            op::RW => {
-                if let Some(last) = device.outbox.back_mut().filter(|o| {
-                    o.header.op == op::RW
-                        && o.sent == 0
-                        && same(o)
-                        && o.payload.len() + payload.len() <= MAX_PAYLOAD as usize
-                }) {
+        let connection = connection_of(&header);
+        let last = device.outbox.iter_mut().rev().find(|o| connection_of(&o.header) == connection);
+        if let Some(last) = last.filter(|o| o.header.op == header.op && o.sent == 0) {
+            match header.op {
+                op::RW if last.payload.len() + payload.len() <= MAX_PAYLOAD as usize => {
                     last.payload.extend_from_slice(&payload);
                     last.header = Header { len: last.payload.len() as u32, ..header };
+                    *self.held.entry(connection).or_default() += payload.len();
                     return;
                 }
-            }
-            op::CREDIT_UPDATE | op::CREDIT_REQUEST | op::SHUTDOWN => {
-                if let Some(waiting) =
-                    device.outbox.iter_mut().find(|o| o.header.op == header.op && same(o))
-                {
-                    let flags = waiting.header.flags | header.flags;
-                    waiting.header = Header { flags, ..header };
+                op::CREDIT_UPDATE | op::CREDIT_REQUEST | op::SHUTDOWN => {
+                    last.header = Header { flags: last.header.flags | header.flags, ..header };
                     return;
                 }
+                _ => {}
             }
-            _ => {}
         }
+        *self.held.entry(connection).or_default() += payload.len() + PACKET_COST;
         device.outbox.push_back(Outgoing { header, payload, sent: 0, channel });
     }
+
+    /// What waits in the outboxes for the connection `header` is a packet of.
+    pub(super) fn held(&self, header: &Header) -> usize {
+        self.held.get(&connection_of(header)).copied().unwrap_or(0)
+    }
+
+    /// Whether `len` more bytes for `header`'s connection would hold more than the node
+    /// holds for one connection.
+    pub(super) fn over_held(&self, header: &Header, len: u32) -> bool {
+        self.held(header) + len as usize > MAX_HELD
+    }
+
+    /// A packet left the outboxes (delivered, or dropped with its partition).
+    fn release(&mut self, packet: &Outgoing) {
+        let connection = connection_of(&packet.header);
+        if let Some(held) = self.held.get_mut(&connection) {
+            *held = held.saturating_sub(packet.payload.len() + PACKET_COST);
+            if *held == 0 {
+                self.held.remove(&connection);
+            }
+        }
+    }
+}
+
+/// A packet's connection, as its addresses name it.
+fn connection_of(header: &Header) -> (u64, u32, u64, u32) {
+    (header.src_cid, header.src_port, header.dst_cid, header.dst_port)
 }
 
 impl Vsock {
@@ -343,6 +369,10 @@ impl ChannelNode {
             self.vsock_refuse(partition, Refused::Policy, Some(header));
             return self.vsock_answer(index, header);
         }
+        if self.vsock.devices[peer].stopped {
+            // Nobody to answer: no entry is made in its table for a REQUEST that would wait.
+            return self.vsock_answer(index, header);
+        }
         let node = self.cmm.node();
         let from = Endpoint { node, partition, process: key.1 };
         let to = Endpoint { node, partition: peer_partition, process: key.3 };
@@ -386,7 +416,9 @@ impl ChannelNode {
             }
             op::RW if stream.established => {
                 let in_flight = stream.tx_cnt.wrapping_sub(stream.peer_fwd_cnt);
-                if u64::from(in_flight) + u64::from(header.len) > u64::from(stream.peer_buf_alloc) {
+                let over =
+                    u64::from(in_flight) + u64::from(header.len) > u64::from(stream.peer_buf_alloc);
+                if over || self.vsock.over_held(header, header.len) {
                     self.vsock_refuse(partition, Refused::OverCredit, Some(header));
                     return self.vsock_reset_both(index, key, peer, header);
                 }
@@ -519,6 +551,7 @@ impl ChannelNode {
         let Some(queue) = ready_queue(&mut activation, RX_QUEUE) else { return Ok(()) };
         let mut used = false;
         let mut delivered = Vec::new();
+        let mut released = Vec::new();
         while let Some(packet) = device.outbox.front_mut() {
             let Some(chain) = next_buffer(queue, &mem)? else { break };
             let head = chain.head_index();
@@ -543,7 +576,7 @@ impl ChannelNode {
             }
             if packet.sent == packet.payload.len() {
                 if let Some(done) = device.outbox.pop_front() {
-                    self.buffers.give(done.payload);
+                    released.push(done);
                 }
             }
         }
@@ -558,6 +591,10 @@ impl ChannelNode {
         let partition = device.partition;
         for (channel, len) in delivered {
             self.cmm.delivered(partition, channel, len);
+        }
+        for packet in released {
+            self.vsock.release(&packet);
+            self.buffers.give(packet.payload);
         }
         Ok(())
     }
@@ -582,11 +619,14 @@ impl ChannelNode {
             }
         }
         self.host_partition_stopped(index);
-        let device = &mut self.vsock.devices[index];
-        for packet in device.outbox.drain(..) {
+        let dropped: Vec<Outgoing> = self.vsock.devices[index].outbox.drain(..).collect();
+        for packet in dropped {
+            self.vsock.release(&packet);
             self.buffers.give(packet.payload);
         }
+        let device = &mut self.vsock.devices[index];
         *lock(&device.shared.activation) = Activation::Inactive;
+        device.stopped = true;
         self.vsock.pending.retain(|&i| i != index);
         self.vsock_flush();
     }

@@ -24,6 +24,7 @@ use guest_agent::channel::abi::Endpoint;
 
 use super::chain::Cursor;
 use super::vsock::Refused;
+use super::vsock::MAX_HELD;
 use super::*;
 use crate::virtio::vsock::packet::{op, Header, TYPE_STREAM};
 use crate::virtio::vsock::{MAX_CREDIT, MAX_PAYLOAD};
@@ -36,6 +37,10 @@ pub const HOST_CREDIT: u32 = 256 * 1024;
 const MAX_GREETING: usize = 64;
 /// First port the node gives host programs' connections.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+/// Most host connections one partition may have, greetings included: each holds a descriptor.
+const MAX_CONNS: usize = 64;
+/// How long a program may take to send its `CONNECT PORT` line.
+const GREETING_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// Event data of host sockets: this bit and a token (listeners: the device's index).
 pub(super) const HOST: u32 = 1 << 28;
 /// With [`HOST`]: a listening socket.
@@ -64,6 +69,8 @@ struct Conn {
     host_port: u32,
     state: State,
     greeting: Vec<u8>,
+    /// When the program connected (its greeting has [`GREETING_TIME`]).
+    since: std::time::Instant,
     /// From the guest, not yet written to the program.
     to_host: Vec<u8>,
     /// Bytes written to the program (this end's `fwd_cnt`), and as last told the guest.
@@ -126,9 +133,20 @@ impl HostSide {
         Self { places, next_port: FIRST_HOST_PORT, ..Self::default() }
     }
 
+    /// A token no live connection has.
     fn token(&mut self) -> u32 {
-        self.next_token = (self.next_token + 1) % LISTENER;
-        self.next_token
+        loop {
+            self.next_token = (self.next_token + 1) % LISTENER;
+            if !self.conns.contains_key(&self.next_token) {
+                return self.next_token;
+            }
+        }
+    }
+
+    /// Host connections of device `index`, and guest requests for new ones.
+    fn count(&self, index: usize) -> usize {
+        self.conns.values().filter(|c| c.device == index).count()
+            + self.requests.iter().filter(|(i, _)| *i == index).count()
     }
 }
 
@@ -138,7 +156,10 @@ impl ChannelNode {
         for (index, device) in self.vsock.devices.iter().enumerate() {
             if let Some((listener, path)) = self.vsock.host.places.get(&device.partition) {
                 let data = HOST | LISTENER | index as u32;
-                if ops.add(Events::with_data(listener, data, EventSet::IN)).is_err() {
+                // Edge-triggered: a connection it cannot take now (no descriptor left) waits
+                // for the next one instead of waking the thread again and again.
+                let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+                if ops.add(Events::with_data(listener, data, set)).is_err() {
                     log::error!("vsock: cannot watch {}", path.display());
                 }
             }
@@ -164,6 +185,7 @@ impl ChannelNode {
     fn host_accept(&mut self, index: usize, ops: &mut EventOps) {
         let Some(device) = self.vsock.devices.get(index) else { return };
         let (partition, cid) = (device.partition, device.cid);
+        self.host_expire_greetings();
         loop {
             let Some((listener, _)) = self.vsock.host.places.get(&partition) else { return };
             let stream = match listener.accept() {
@@ -171,6 +193,10 @@ impl ChannelNode {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => return log::warn!("vsock: accepting a host connection: {e}"),
             };
+            if self.vsock.host.count(index) >= MAX_CONNS {
+                // Closed at once: the program sees its connection end.
+                continue;
+            }
             let host_port = self.vsock.host.next_port;
             self.vsock.host.next_port = host_port.wrapping_add(1).max(FIRST_HOST_PORT);
             let conn = Conn {
@@ -181,6 +207,7 @@ impl ChannelNode {
                 host_port,
                 state: State::Greeting,
                 greeting: Vec::new(),
+                since: std::time::Instant::now(),
                 to_host: Vec::new(),
                 fwd_cnt: 0,
                 told_fwd_cnt: 0,
@@ -191,6 +218,17 @@ impl ChannelNode {
                 asked: false,
             };
             self.host_adopt(conn, ops);
+        }
+    }
+
+    /// Ends the connections whose program has not said `CONNECT PORT` in time.
+    fn host_expire_greetings(&mut self) {
+        let late: Vec<u32> = (self.vsock.host.conns.iter())
+            .filter(|(_, c)| c.state == State::Greeting && c.since.elapsed() > GREETING_TIME)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            self.host_drop(token);
         }
     }
 
@@ -251,6 +289,9 @@ impl ChannelNode {
             self.cmm.refuse_vsock(partition, "policy", false, &source, &destination);
             return self.host_drop(token);
         }
+        if self.vsock.devices[conn.device].stopped {
+            return self.host_drop(token);
+        }
         conn.guest_port = port;
         conn.state = State::Connecting;
         let (device, key) = (conn.device, (conn.cid, port, conn.host_port));
@@ -262,8 +303,13 @@ impl ChannelNode {
     /// Reads from the program as much as the guest has room for, and sends it on.
     fn host_pump(&mut self, token: u32) {
         loop {
+            let Some(header) = self.vsock.host.conns.get(&token).map(|c| c.header(op::RW)) else {
+                return;
+            };
+            // What the guest has room for, and what the node may hold for the connection.
+            let held = self.vsock.held(&header);
             let Some(conn) = self.vsock.host.conns.get_mut(&token) else { return };
-            let room = conn.credit().min(MAX_PAYLOAD) as usize;
+            let room = (conn.credit().min(MAX_PAYLOAD) as usize).min(MAX_HELD.saturating_sub(held));
             if !conn.unread {
                 return;
             }
@@ -288,12 +334,14 @@ impl ChannelNode {
                     return self.vsock.post(device, shutdown, Vec::new(), None);
                 }
                 Ok(n) => {
-                    payload.truncate(n);
+                    // Exactly what came: a few bytes must not hold a 64 KiB buffer.
+                    let data = payload[..n].to_vec();
+                    self.buffers.give(payload);
                     conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
                     let header = Header { len: n as u32, ..conn.header(op::RW) };
                     conn.told_fwd_cnt = conn.fwd_cnt;
                     let device = conn.device;
-                    self.vsock.post(device, header, payload, None);
+                    self.vsock.post(device, header, data, None);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     conn.unread = false;
@@ -406,7 +454,13 @@ impl ChannelNode {
         let device = &self.vsock.devices[index];
         let (partition, cid) = (device.partition, device.cid);
         let (from, to) = ((cid, header.src_port), (HOST_CID, header.dst_port));
-        let known = self.vsock.host.by_key.contains_key(&(cid, header.src_port, header.dst_port));
+        let key = (cid, header.src_port, header.dst_port);
+        let asked = self.vsock.host.requests.iter().any(|(i, r)| {
+            *i == index && (r.src_port, r.dst_port) == (header.src_port, header.dst_port)
+        });
+        let known = asked
+            || self.vsock.host.by_key.contains_key(&key)
+            || self.vsock.host.count(index) >= MAX_CONNS;
         if known || !self.vsock.policy.allows(from, to) {
             let why = if known { Refused::BadPacket } else { Refused::Policy };
             self.vsock_refuse(partition, why, Some(header));
@@ -436,6 +490,7 @@ impl ChannelNode {
                 host_port: request.dst_port,
                 state: State::Open,
                 greeting: Vec::new(),
+                since: std::time::Instant::now(),
                 to_host: Vec::new(),
                 fwd_cnt: 0,
                 told_fwd_cnt: 0,
@@ -475,7 +530,10 @@ impl ChannelNode {
     /// socket once it has stopped watching it.
     fn host_drop(&mut self, token: u32) {
         if let Some(conn) = self.vsock.host.conns.remove(&token) {
-            self.vsock.host.by_key.remove(&(conn.cid, conn.guest_port, conn.host_port));
+            let key = (conn.cid, conn.guest_port, conn.host_port);
+            if self.vsock.host.by_key.get(&key) == Some(&token) {
+                self.vsock.host.by_key.remove(&key);
+            }
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
             self.vsock.host.retired.push(conn.stream);
             let _ = self.poke.write(1);

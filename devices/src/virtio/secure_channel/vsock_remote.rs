@@ -9,7 +9,7 @@
 //! channel's endpoints) and, for RW, the data. Credit is enforced at the sender's node, from
 //! the envelopes its peer's node sent.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,14 +36,17 @@ pub(super) struct RemoteSide {
     peers: HashMap<u32, (u32, u32)>,
     /// The same, the other way.
     cids: HashMap<(u32, u32), u32>,
-    /// LISTEN entries the CMM made for offers the policy allowed: (local, remote).
-    implicit: Arc<Mutex<HashSet<(Endpoint, Endpoint)>>>,
+    /// LISTEN entries the CMM made for offers the policy allowed, (local, remote), and when:
+    /// a REQUEST must follow within [`REQUEST_WAIT`].
+    implicit: Arc<Mutex<HashMap<(Endpoint, Endpoint), Instant>>>,
     streams: HashMap<StreamKey, Stream>,
     by_channel: HashMap<ChannelId, StreamKey>,
     /// REQUESTs whose offer is out, by channel.
     opening: HashMap<ChannelId, Header>,
-    /// Entries to close once the CMM is free (an RST came in while it delivered).
-    closes: Vec<(u32, u32, ChannelId)>,
+    /// Entries to close once the CMM is free (an RST came in while it delivered), and
+    /// connections its peer's node overran, to audit then.
+    closes: Vec<ChannelId>,
+    overruns: Vec<(u32, Header)>,
     /// REQUESTs to nodes whose link is not up yet: tried again until their deadline.
     waiting: Vec<Waiting>,
 }
@@ -55,6 +58,11 @@ type Waiting = (usize, (u32, u32), StreamKey, Header, Instant);
 /// How long a REQUEST waits for the link to its destination's node to come up (a node that
 /// has just started, or is relinking), as a connecting socket would retry.
 const LINK_WAIT: Duration = Duration::from_secs(5);
+/// How long a channel opened for a vsock port may wait for its REQUEST before the node closes
+/// it (a peer that opened it some other way, or never finished).
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// Most REQUESTs one device may have waiting for links.
+const MAX_WAITING: usize = 64;
 
 /// The envelope of a vsock message on a channel.
 fn envelope(header: &Header) -> [u8; ENVELOPE_SIZE] {
@@ -121,7 +129,7 @@ impl RemoteSide {
             let (Some(&from), Some(&to)) = (from, to) else { return false };
             let allowed = policy.allows((from, source.process), (to, destination.process));
             if allowed {
-                lock(&implicit).insert((*destination, *source));
+                lock(&implicit).insert((*destination, *source), Instant::now());
             }
             allowed
         })
@@ -145,7 +153,18 @@ impl Vsock {
         let channel = ChannelId(rx.channel);
         let key = match self.remote.by_channel.get(&channel) {
             Some(key) => *key,
-            None => self.remote_arrival(node, partition, rx)?,
+            None => {
+                let local = Endpoint { node, partition, process: rx.process };
+                lock(&self.remote.implicit).remove(&(local, rx.source))?;
+                match self.remote_arrival(partition, rx) {
+                    Some(key) => key,
+                    None => {
+                        // Its partition stopped meanwhile, or the peer is unknown now.
+                        self.remote.closes.push(channel);
+                        return Some(Delivered::Dropped);
+                    }
+                }
+            }
         };
         let (op, flags, buf_alloc, fwd_cnt) = match open_envelope(payload) {
             Some(fields) => fields,
@@ -162,13 +181,13 @@ impl Vsock {
             op::SHUTDOWN | op::CREDIT_UPDATE | op::CREDIT_REQUEST => stream.established,
             _ => op == op::RST,
         };
-        let (device, port) = (stream.device, key.1);
+        let device = stream.device;
         if op == op::RESPONSE && fits {
             stream.established = true;
         }
         if !fits {
             // Out of order: the connection ends, here and (by the closed channel) there.
-            self.remote_end(key, partition, port, device);
+            self.remote_end(key);
             return Some(Delivered::Dropped);
         }
         let header = Header {
@@ -183,23 +202,27 @@ impl Vsock {
             buf_alloc,
             fwd_cnt,
         };
+        if op == op::RW && self.over_held(&header, header.len) {
+            // Its node let it past the credit this guest offered, or lied about it.
+            self.remote.overruns.push((partition, header));
+            let rst = Header { op: op::RST, len: 0, flags: 0, ..header };
+            self.post(device, rst, Vec::new(), None);
+            self.remote_end(key);
+            return Some(Delivered::Dropped);
+        }
         let mut copy = buffers.take(data.len());
         copy.copy_from_slice(data);
         self.post(device, header, copy, (op == op::RW).then_some(channel));
         if op == op::RST {
-            self.remote_end(key, partition, port, device);
+            self.remote_end(key);
         }
         Some(Delivered::Held)
     }
 
     /// The first message on a channel the CMM opened for an offer the policy allowed: a
     /// connection a partition of another node asks for.
-    fn remote_arrival(&mut self, node: u32, partition: u32, rx: &RxHeader) -> Option<StreamKey> {
-        let local = Endpoint { node, partition, process: rx.process };
-        if !lock(&self.remote.implicit).remove(&(local, rx.source)) {
-            return None;
-        }
-        let device = self.devices.iter().position(|d| d.partition == partition)?;
+    fn remote_arrival(&mut self, partition: u32, rx: &RxHeader) -> Option<StreamKey> {
+        let device = self.devices.iter().position(|d| d.partition == partition && !d.stopped)?;
         let peer_cid = *self.remote.cids.get(&(rx.source.node, rx.source.partition))?;
         let key = (self.devices[device].cid, rx.process, peer_cid, rx.source.process);
         let stream = Stream::new(ChannelId(rx.channel), device, true);
@@ -209,10 +232,10 @@ impl Vsock {
     }
 
     /// Forgets connection `key`; its channel entry is closed once the CMM is free.
-    fn remote_end(&mut self, key: StreamKey, partition: u32, port: u32, _device: usize) {
+    fn remote_end(&mut self, key: StreamKey) {
         if let Some(stream) = self.remote.streams.remove(&key) {
             self.remote.by_channel.remove(&stream.channel);
-            self.remote.closes.push((partition, port, stream.channel));
+            self.remote.closes.push(stream.channel);
         }
     }
 }
@@ -264,7 +287,7 @@ impl ChannelNode {
             s.established |= header.op == op::RESPONSE;
         }
         if header.op == op::RST {
-            self.remote_forget(partition, key);
+            self.remote_forget(key);
         }
     }
 
@@ -272,10 +295,15 @@ impl ChannelNode {
     /// packet itself follows on the channel once the offer is accepted.
     fn remote_request(&mut self, index: usize, place: (u32, u32), key: StreamKey, header: &Header) {
         let partition = self.vsock.devices[index].partition;
-        if self.vsock.remote.streams.contains_key(&key)
-            || !self.vsock.policy.allows((key.0, key.1), (key.2, key.3))
-        {
-            self.vsock_refuse(partition, Refused::Policy, Some(header));
+        let why = if self.vsock.remote.streams.contains_key(&key) {
+            Some(Refused::BadPacket)
+        } else if !self.vsock.policy.allows((key.0, key.1), (key.2, key.3)) {
+            Some(Refused::Policy)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.vsock_refuse(partition, why, Some(header));
             return self.vsock.answer(index, header);
         }
         self.remote_offer(index, place, key, header, Instant::now() + LINK_WAIT);
@@ -293,7 +321,13 @@ impl ChannelNode {
         let partition = self.vsock.devices[index].partition;
         let to = Endpoint { node: place.0, partition: place.1, process: key.3 };
         if !self.cmm.is_linked(place.0) && Instant::now() < deadline {
-            return self.vsock.remote.waiting.push((index, place, key, *header, deadline));
+            let waiting = &self.vsock.remote.waiting;
+            let mine = waiting.iter().filter(|w| w.0 == index).count();
+            if mine < MAX_WAITING && !waiting.iter().any(|w| w.2 == key) {
+                self.vsock.remote.waiting.push((index, place, key, *header, deadline));
+                return;
+            }
+            return self.vsock.answer(index, header);
         }
         let Ok(Opening::Pending(channel)) = self.cmm.open(partition, key.1, to, None) else {
             return self.vsock.answer(index, header);
@@ -347,17 +381,16 @@ impl ChannelNode {
             let rst = Header { op: op::RST, ..Header::default() };
             self.send_envelope(partition, key, stream.channel, &rst, None);
         }
-        self.remote_forget(partition, key);
+        self.remote_forget(key);
     }
 
     /// Forgets connection `key` and closes its channel entry.
-    fn remote_forget(&mut self, partition: u32, key: StreamKey) {
+    fn remote_forget(&mut self, key: StreamKey) {
         if let Some(stream) = self.vsock.remote.streams.remove(&key) {
             self.vsock.remote.by_channel.remove(&stream.channel);
             self.vsock.remote.opening.remove(&stream.channel);
-            if self.cmm.is_open(stream.channel) {
-                let _ = self.cmm.close(partition, key.1, stream.channel.0);
-            }
+            // An offer still out is closed too: the peer's node closes what it accepted.
+            self.cmm.abandon(stream.channel);
         }
     }
 
@@ -368,9 +401,22 @@ impl ChannelNode {
         {
             self.remote_offer(index, place, key, &header, deadline);
         }
-        for (partition, port, channel) in std::mem::take(&mut self.vsock.remote.closes) {
-            if self.cmm.is_open(channel) {
-                let _ = self.cmm.close(partition, port, channel.0);
+        for channel in std::mem::take(&mut self.vsock.remote.closes) {
+            self.cmm.abandon(channel);
+        }
+        for (partition, header) in std::mem::take(&mut self.vsock.remote.overruns) {
+            self.vsock_refuse(partition, Refused::OverCredit, Some(&header));
+        }
+        // Channels opened for a vsock port whose REQUEST never came.
+        let expired: Vec<(Endpoint, Endpoint)> = lock(&self.vsock.remote.implicit)
+            .iter()
+            .filter(|(_, since)| since.elapsed() > REQUEST_WAIT)
+            .map(|(ends, _)| *ends)
+            .collect();
+        for (local, remote) in expired {
+            lock(&self.vsock.remote.implicit).remove(&(local, remote));
+            if let Some(channel) = self.cmm.find(&local, &remote) {
+                self.cmm.abandon(channel);
             }
         }
         let gone: Vec<(StreamKey, Stream)> = self

@@ -84,6 +84,8 @@ pub struct VsockDevice {
     pub(crate) queue_evts: Vec<EventFd>,
     /// Packets waiting for receive buffers, in order.
     pub(crate) outbox: VecDeque<Outgoing>,
+    /// Its partition stopped: connections to it are refused until a new device replaces it.
+    pub(crate) stopped: bool,
 }
 
 impl VsockDevice {
@@ -96,6 +98,6 @@ impl VsockDevice {
         mem: GuestMemoryMmap,
         queue_evts: Vec<EventFd>,
     ) -> Self {
-        Self { partition, cid, shared, mem, queue_evts, outbox: VecDeque::new() }
+        Self { partition, cid, shared, mem, queue_evts, outbox: VecDeque::new(), stopped: false }
     }
 }
