@@ -301,6 +301,19 @@ impl Cmm {
         self.core.table.find(local, remote)
     }
 
+    /// The receiving end on this node of `partition`'s channel `channel`: its partition and
+    /// entry; `None` if the channel is not `partition`'s or not between partitions of this
+    /// node (SEND then decides).
+    pub fn local_receiver(&self, partition: u32, channel: u32) -> Option<(u32, ChannelId)> {
+        let entry = self
+            .core
+            .table
+            .get(ChannelId(channel))
+            .filter(|e| e.local.partition == partition && e.remote.node == self.core.node)?;
+        let peer = self.core.table.find(&entry.remote, &entry.local)?;
+        Some((entry.remote.partition, peer))
+    }
+
     /// Whether the link to `node` is up.
     pub fn is_linked(&self, node: u32) -> bool {
         self.router.is_up(node)

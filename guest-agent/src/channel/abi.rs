@@ -62,7 +62,8 @@ pub mod status {
     pub const BUFFER_TOO_SMALL: u32 = 11;
     /// The destination node is not reachable from this node.
     pub const UNREACHABLE: u32 = 12;
-    /// The receiver had no room: the message was dropped.
+    /// The receiver (a partition of this node) has no room now: nothing was sent; send it
+    /// again later.
     pub const NO_ROOM: u32 = 13;
     /// The device failed internally; nothing was done.
     pub const INTERNAL: u32 = 14;

@@ -412,13 +412,41 @@ impl SecureChannel {
         Ok(Some(unsafe { core::ptr::read_volatile(self.tx_slots[slot_index].status) }))
     }
 
-    /// Sends one message and waits for the device's verdict.
+    /// Sends one message and waits for the device's verdict; while the receiver (a partition
+    /// of this node) has no room, waits and sends it again, so a deaf receiver stalls its
+    /// sender and loses nothing.
     pub fn send(&mut self, channel: u32, process: u32, data: &[u8]) -> Result<(), ChannelError> {
         self.send_as(channel, self.endpoint(process), data)
     }
 
     /// As [`Self::send`], with an explicit source endpoint (the device refuses a false one).
     pub fn send_as(
+        &mut self,
+        channel: u32,
+        source: Endpoint,
+        data: &[u8],
+    ) -> Result<(), ChannelError> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.try_send_as(channel, source, data) {
+                Err(ChannelError::Status(status::NO_ROOM)) => backoff.snooze(),
+                done => return done,
+            }
+        }
+    }
+
+    /// Sends one message once and waits for the device's verdict: `NO_ROOM` if the receiver
+    /// has no room for it now (nothing was sent).
+    pub fn try_send(
+        &mut self,
+        channel: u32,
+        process: u32,
+        data: &[u8],
+    ) -> Result<(), ChannelError> {
+        self.try_send_as(channel, self.endpoint(process), data)
+    }
+
+    fn try_send_as(
         &mut self,
         channel: u32,
         source: Endpoint,

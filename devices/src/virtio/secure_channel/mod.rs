@@ -49,6 +49,9 @@ pub const CONTROL_QUEUE_SIZE: u16 = 64;
 pub const DATA_QUEUE_SIZE: u16 = 256;
 /// Verified messages held for a partition with no free receive buffer.
 pub const MAX_PENDING: usize = 256;
+/// Messages the device holds for one channel between partitions of this node before it
+/// answers the sender NO_ROOM (a deaf receiver stalls its own senders, and only them).
+pub const CHANNEL_WINDOW: usize = 64;
 /// Chains of one queue handled in one pass before the node turns to other work.
 const BUDGET: usize = 64;
 /// How often the link timer runs (keepalives, rekeys, dead links).

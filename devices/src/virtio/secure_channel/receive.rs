@@ -1,7 +1,10 @@
 //! The receive queue: verified messages go into the guest's posted buffers, straight from the
 //! sender's buffer (this node) or from the link's receive buffer where the CMM opened them
-//! (another node). With no buffer posted, a message is held (up to [`MAX_PENDING`] per device,
-//! in order) and moved in when the guest posts one; past that it is dropped and counted.
+//! (another node). With no buffer posted, a message is held (in order) and moved in when the
+//! guest posts one. A sender on this node is told NO_ROOM before the device would hold more
+//! than [`CHANNEL_WINDOW`] messages of its channel or [`MAX_PENDING`] in all, so nothing from
+//! this node is dropped; from another node, past [`MAX_PENDING`] a message is dropped and
+//! counted (its sender's node cannot be told yet: docs/DEVICE.md).
 
 use guest_agent::channel::abi::RX_HEADER_SIZE;
 

@@ -32,6 +32,8 @@ impl ChannelNode {
         let mut reader = Cursor::readable(chain.clone(), mem);
         let mut writer = Cursor::writable(chain, mem);
         let code = match self.read_header(&mut reader)? {
+            // A receiver on this node with no room: nothing is sent, the sender tries again.
+            Ok(header) if !self.room_for(partition, header.channel) => status::NO_ROOM,
             Ok(header) => {
                 let sent =
                     self.cmm.send(partition, &header, &mut GuestPayload { cursor: &mut reader });
@@ -48,6 +50,17 @@ impl ChannelNode {
         };
         // A chain with no room for the status gets none (and a used length of 0).
         Ok(if writer.write(&code.to_le_bytes())? { 4 } else { 0 })
+    }
+
+    /// Whether a message on `partition`'s channel `channel` can be taken now: a receiver on
+    /// another node always (its node holds or drops); one on this node if the device holds
+    /// fewer than [`CHANNEL_WINDOW`] messages for that channel and [`MAX_PENDING`] in all
+    /// (each goes into a posted buffer, or is held until the guest posts one).
+    fn room_for(&self, partition: u32, channel: u32) -> bool {
+        let Some((to, peer)) = self.cmm.local_receiver(partition, channel) else { return true };
+        let Some(device) = self.device_of(to).map(|i| &self.devices[i]) else { return true };
+        device.pending.len() < MAX_PENDING
+            && device.pending.iter().filter(|h| h.channel == peer).count() < CHANNEL_WINDOW
     }
 
     /// Reads a transmit header and checks that the payload it announces is there and within

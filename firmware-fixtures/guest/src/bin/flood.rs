@@ -1,19 +1,20 @@
-//! Overruns a receiver that stops receiving, to show that the device holds a bounded number of
-//! messages for it, drops (and counts) the rest, keeps the order of what it delivers, and keeps
-//! the channel working afterwards.
+//! Floods a receiver that stops receiving, to show that a deaf receiver stalls its own sender:
+//! the device holds a bounded number of messages for it, answers the sender NO_ROOM past that,
+//! drops nothing, keeps the order, and the channel works on afterwards.
 //!
 //! `role=send peer=N:P:Q count=N`: opens a channel to the sink and sends `count` 8-byte
-//! messages numbered 0.. without pause; waits for the sink's "ready", sends message `count`,
-//! and waits for the sink's acknowledgement.
-//! `role=sink peer=N:P:Q count=N`: listens, takes message 0, then takes nothing until the
-//! device has dropped messages for want of room and none has reached it (delivered or dropped)
-//! for 100 ms, however slowly the sender goes; then drains, checks the order,
-//! prints what it got and what the device dropped, says "ready", and expects message `count`.
+//! messages numbered 0.. without pause, each tried until the device takes it, counting the
+//! NO_ROOM answers; waits for the sink's "ready", sends message `count`, and waits for the
+//! sink's acknowledgement.
+//! `role=sink peer=N:P:Q count=N`: listens, takes message 0, then takes nothing until none
+//! has reached its buffers for 100 ms (they are full, and the sender stalls), however slowly
+//! the sender goes; then drains all `count`, checks the order and that the device dropped
+//! none, prints what it got, says "ready", and expects message `count`.
 //! Both exit 0 if everything held, 1 if not.
 #![no_std]
 #![no_main]
 
-use guest_agent::channel::abi::Endpoint;
+use guest_agent::channel::abi::{status, Endpoint};
 use guest_agent::channel::{ChannelError, SecureChannel};
 use guest_agent::time::{nanos, spin_for, ticks};
 use guest_agent::{println, BootInfo};
@@ -54,10 +55,20 @@ fn send(
     count: u64,
 ) -> Result<(), &'static str> {
     let channel = ch.connect_patiently(info, 1, peer, None, 500).map_err(|_| "cannot connect")?;
+    let mut stalls = 0u64;
     for i in 0..count {
-        ch.send(channel, 1, &i.to_le_bytes()).map_err(|_| "a send was refused")?;
+        loop {
+            match ch.try_send(channel, 1, &i.to_le_bytes()) {
+                Ok(()) => break,
+                Err(ChannelError::Status(status::NO_ROOM)) => {
+                    stalls += 1;
+                    spin_for(info, 100);
+                }
+                Err(_) => return Err("a send was refused"),
+            }
+        }
     }
-    println!("flood: sent {count} messages");
+    println!("flood: sent {count} messages, stalled {stalls} times by a receiver with no room");
     let mut buf = [0u8; 8];
     ch.recv_wait(&mut buf).map_err(|_| "no ready from the sink")?;
     ch.send(channel, 1, &count.to_le_bytes()).map_err(|_| "the last send was refused")?;
@@ -80,72 +91,67 @@ fn sink(
         return Err("the first message is not message 0");
     }
     stay_deaf(info, ch)?;
-    let (received, dropped) = drain(info, ch, count)?;
+    let received = drain(info, ch, count)?;
+    let dropped = ch.stats().map_err(|_| "no stats")?.dropped_no_room;
     println!("flood: received {received} in order, the device dropped {dropped} for want of room");
+    if dropped != 0 {
+        return Err("the device dropped messages");
+    }
     ch.send(channel, process, b"ready").map_err(|_| "cannot say ready")?;
     let after = ch.recv_wait(&mut buf).map_err(|_| "nothing after the flood")?;
     if after.copied != 8 || index(&buf) != count {
         return Err("the message after the flood is not the one sent");
     }
-    println!("flood: the channel works after the drops");
+    println!("flood: the channel works after the flood");
     ch.send(channel, process, b"got it").map_err(|_| "cannot acknowledge")
 }
 
-/// Receives until every one of the `count` messages was either received or dropped by the
-/// device (then none went missing uncounted), checking their order; returns both numbers.
-fn drain(info: &BootInfo, ch: &mut SecureChannel, count: u64) -> Result<(u64, u64), &'static str> {
+/// Receives until all `count` messages are in (message 0 was taken already), checking their
+/// order; returns how many.
+fn drain(info: &BootInfo, ch: &mut SecureChannel, count: u64) -> Result<u64, &'static str> {
     let start = ticks();
     let (mut received, mut last) = (1, 0);
     let mut buf = [0u8; 8];
-    loop {
+    while received < count {
         if let Some(message) = ch.recv(&mut buf).map_err(|_| "receive failed")? {
-            if message.copied != 8 || index(&buf) <= last {
-                return Err("messages arrived out of order");
+            if message.copied != 8 || index(&buf) != last + 1 {
+                return Err("messages arrived out of order or went missing");
             }
             last = index(&buf);
             received += 1;
             continue;
         }
-        let dropped = ch.stats().map_err(|_| "no stats")?.dropped_no_room;
-        if received + dropped >= count {
-            return if received + dropped == count {
-                Ok((received, dropped))
-            } else {
-                Err("too many")
-            };
-        }
         if micros(info, ticks() - start) > DEAF_MICROS_MAX {
-            return Err("messages went missing uncounted");
+            return Err("messages went missing");
         }
         spin_for(info, 1000);
     }
+    Ok(received)
 }
 
-/// Takes nothing until the device dropped messages for want of room (the sender sends more
-/// than the device holds, so it must) and none has reached this partition for
-/// [`QUIET_MICROS`]: the flood is over, at whatever speed the sender went.
+/// Takes nothing until none has reached this partition's buffers for [`QUIET_MICROS`]: they
+/// are full, the device holds what it may, and the sender is stalled, at whatever speed it
+/// went.
 fn stay_deaf(info: &BootInfo, ch: &mut SecureChannel) -> Result<(), &'static str> {
     let start = ticks();
-    let (mut seen, _) = arrived(ch)?;
+    let mut seen = arrived(ch)?;
     let mut quiet_since = ticks();
     while micros(info, ticks() - start) < DEAF_MICROS_MAX {
         spin_for(info, 10_000);
-        let (now, dropped) = arrived(ch)?;
+        let now = arrived(ch)?;
         if now != seen {
             seen = now;
             quiet_since = ticks();
-        } else if dropped > 0 && micros(info, ticks() - quiet_since) >= QUIET_MICROS {
+        } else if micros(info, ticks() - quiet_since) >= QUIET_MICROS {
             return Ok(());
         }
     }
-    Err("the device never dropped a message for want of room")
+    Err("messages kept arriving")
 }
 
-/// Messages that reached this partition so far (delivered into buffers or dropped), and of
-/// them those dropped.
-fn arrived(ch: &mut SecureChannel) -> Result<(u64, u64), &'static str> {
-    let stats = ch.stats().map_err(|_: ChannelError| "no stats")?;
-    Ok((stats.received + stats.dropped_no_room, stats.dropped_no_room))
+/// Messages that reached this partition's buffers so far.
+fn arrived(ch: &mut SecureChannel) -> Result<u64, &'static str> {
+    Ok(ch.stats().map_err(|_: ChannelError| "no stats")?.received)
 }
 
 fn micros(info: &BootInfo, ticks: u64) -> u64 {
