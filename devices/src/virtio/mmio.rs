@@ -278,7 +278,14 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        *lock(&self.shared.activation) = Activation::Inactive;
+        let was_set_up = !matches!(
+            std::mem::replace(&mut *lock(&self.shared.activation), Activation::Inactive),
+            Activation::Inactive
+        );
+        // A reset before the device was ever set up (every driver starts with one) ends nothing.
+        if was_set_up {
+            self.shared.driver_reset();
+        }
         self.shared.interrupt_status.store(0, Ordering::Release);
         self.status = 0;
         self.driver_features = 0;

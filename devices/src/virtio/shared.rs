@@ -85,6 +85,8 @@ pub struct DeviceShared {
     pub irq: EventFd,
     /// Source of queue epochs (see [`ActiveQueue::epoch`]).
     epochs: AtomicU64,
+    /// Times the driver reset the device (wrote 0 to its status) after setting it up.
+    resets: AtomicU64,
     /// What the driver did that the device ignored or refused.
     pub counters: DeviceCounters,
     /// Wakes the partition's vCPU if it idles on the idle port.
@@ -114,6 +116,7 @@ impl DeviceShared {
             interrupt_status: AtomicU32::new(0),
             irq,
             epochs: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
             counters: DeviceCounters::default(),
             waker,
             inline: OnceLock::new(),
@@ -123,6 +126,16 @@ impl DeviceShared {
     /// A queue epoch never handed out before.
     pub fn new_epoch(&self) -> u64 {
         self.epochs.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Counts a reset by the driver of a device it had set up.
+    pub fn driver_reset(&self) {
+        self.resets.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Resets by the driver so far (a backend that keeps state for the driver compares it).
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Acquire)
     }
 
     /// Counts a notification that found no queue in use.

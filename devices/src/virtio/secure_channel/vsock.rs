@@ -254,6 +254,7 @@ impl ChannelNode {
     /// A notification of queue `queue` of vsock device `index`: packets to switch (transmit),
     /// buffers to fill (receive).
     pub(super) fn vsock_notified(&mut self, index: usize, queue: usize) {
+        self.vsock_check_reset(index);
         if queue == TX_QUEUE {
             if let Err(Malformed(why)) = self.vsock_transmit(index) {
                 self.vsock.devices[index].shared.fail(why);
@@ -597,6 +598,31 @@ impl ChannelNode {
             self.buffers.give(packet.payload);
         }
         Ok(())
+    }
+
+    /// If the driver of device `index` reset it since the node last looked, its connections
+    /// end as they would with its partition (the other ends get an RST, the entries close,
+    /// what waited for it goes): the driver that set the device up again knows none of them.
+    fn vsock_check_reset(&mut self, index: usize) {
+        let resets = self.vsock.devices[index].shared.resets();
+        if resets == self.vsock.devices[index].resets_seen {
+            return;
+        }
+        self.vsock.devices[index].resets_seen = resets;
+        let cid = self.vsock.devices[index].cid;
+        let local: Vec<StreamKey> =
+            self.vsock.streams.keys().filter(|k| k.0 == cid).copied().collect();
+        for key in local {
+            let peer = self.vsock.device_of_cid(key.2);
+            self.vsock_reset(key, peer);
+        }
+        self.remote_device_reset(index);
+        self.host_partition_stopped(index);
+        let dropped: Vec<Outgoing> = self.vsock.devices[index].outbox.drain(..).collect();
+        for packet in dropped {
+            self.vsock.release(&packet);
+            self.buffers.give(packet.payload);
+        }
     }
 
     /// Partition `partition` stopped (the CMM has closed its entries): the other end of each of

@@ -445,6 +445,24 @@ impl ChannelNode {
         }
     }
 
+    /// The driver of device `index` reset it: its connections to other nodes end (an RST on
+    /// each channel, then the channel closed).
+    pub(super) fn remote_device_reset(&mut self, index: usize) {
+        let keys: Vec<StreamKey> = (self.vsock.remote.streams.iter())
+            .filter(|(_, s)| s.device == index)
+            .map(|(k, _)| *k)
+            .collect();
+        let partition = self.vsock.devices[index].partition;
+        for key in keys {
+            if let Some(stream) = self.vsock.remote.streams.get(&key).copied() {
+                let rst = Header { op: op::RST, ..Header::default() };
+                self.send_envelope(partition, key, stream.channel, &rst, None);
+            }
+            self.remote_forget(key);
+        }
+        self.vsock.remote.waiting.retain(|w| w.0 != index);
+    }
+
     /// Partition `partition` is stopping: its connections to other nodes say RST on their
     /// channels before the CMM closes them.
     pub(super) fn remote_partition_stopping(&mut self, partition: u32) {

@@ -86,6 +86,8 @@ pub struct VsockDevice {
     pub(crate) outbox: VecDeque<Outgoing>,
     /// Its partition stopped: connections to it are refused until a new device replaces it.
     pub(crate) stopped: bool,
+    /// The driver's resets the node has acted on (its connections ended with each).
+    pub(crate) resets_seen: u64,
 }
 
 impl VsockDevice {
@@ -98,6 +100,15 @@ impl VsockDevice {
         mem: GuestMemoryMmap,
         queue_evts: Vec<EventFd>,
     ) -> Self {
-        Self { partition, cid, shared, mem, queue_evts, outbox: VecDeque::new(), stopped: false }
+        Self {
+            partition,
+            cid,
+            shared,
+            mem,
+            queue_evts,
+            outbox: VecDeque::new(),
+            stopped: false,
+            resets_seen: 0,
+        }
     }
 }
