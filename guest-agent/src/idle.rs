@@ -18,8 +18,9 @@ use crate::platform::IDLE_PORT;
 use crate::port_io::outl;
 use crate::time::{elapsed_nanos, ticks};
 
-/// Longest a single park waits (the VMM caps it at 10 ms).
-const IDLE_MICROS: u32 = 10_000;
+/// Longest a single park waits: a second, so that an idle guest costs its host nothing
+/// between device events (the VMM wakes it for each, and for a stop).
+const IDLE_MICROS: u32 = 1_000_000;
 /// The widest spin window.
 pub const MAX_WINDOW_NS: u32 = 200_000;
 /// Where a window that grows starts from.

@@ -12,7 +12,8 @@ pub const CONSOLE_PORT_COUNT: u16 = 8;
 pub const EXIT_PORT: u16 = 0xf4;
 
 /// I/O port a polling guest writes the longest it will wait (in microseconds, 32 bits) to: its
-/// vCPU sleeps until one of its devices uses a buffer, or that long (at most 10 ms).
+/// vCPU sleeps until one of its devices uses a buffer, the partition is stopped, or that long
+/// (at most 60 s).
 pub const IDLE_PORT: u16 = 0xf8;
 
 /// Exit status the guest runtime reports when the firmware panics (as `std` does for a panic).

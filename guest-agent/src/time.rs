@@ -41,3 +41,22 @@ pub fn spin_for(info: &BootInfo, micros: u64) {
         core::hint::spin_loop();
     }
 }
+
+/// Waits `micros` microseconds parked on the idle port (the host's CPU is free meanwhile),
+/// waking early only to park again when a device of the partition uses a buffer. Without a
+/// known TSC rate it spins, as [`spin_for`] does.
+pub fn sleep_for(info: &BootInfo, micros: u64) {
+    let start = ticks();
+    if info.tsc_khz == 0 {
+        return spin_for(info, micros);
+    }
+    let limit = u64::from(info.tsc_khz) * micros / 1000;
+    loop {
+        let gone = ticks() - start;
+        if gone >= limit {
+            return;
+        }
+        let left = (limit - gone) * 1000 / u64::from(info.tsc_khz);
+        crate::idle::idle(left.clamp(1, u64::from(u32::MAX)) as u32);
+    }
+}

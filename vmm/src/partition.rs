@@ -150,6 +150,8 @@ pub struct Partition {
     dump_ram: Option<PathBuf>,
     /// Its devices, for the control API.
     devices: Vec<DeviceView>,
+    /// Wakes its vCPU from the idle port.
+    wake: Arc<Wake>,
     _vm: VmFd,
     memory: GuestMemoryMmap,
 }
@@ -185,11 +187,17 @@ impl Partition {
         self.vcpu.stop.clone()
     }
 
+    /// What wakes its vCPU from a park on the idle port (a stop must not wait for it).
+    pub fn wake(&self) -> Arc<Wake> {
+        self.wake.clone()
+    }
+
     /// Runs the guest until it stops. Takes the whole partition so that the VM and its RAM
     /// live exactly as long as the vCPU runs.
     pub fn run(self, process_start: Instant) -> Stopped {
-        let Self { vcpu, backends, channel, vsock, dump_ram, devices, _vm: vm, memory } = self;
-        drop((backends, channel, vsock, devices));
+        let Self { vcpu, backends, channel, vsock, dump_ram, devices, wake, _vm: vm, memory } =
+            self;
+        drop((backends, channel, vsock, devices, wake));
         let id = vcpu.partition;
         let stopped = vcpu.run(process_start);
         if let Some(dir) = dump_ram {
@@ -284,7 +292,7 @@ pub fn create(
     fd.set_fpu(&cpu::boot_fpu()).map_err(kvm_error("setting FPU state"))?;
 
     let console = Arc::new(Mutex::new(Console::new(console)));
-    let pio = port_devices(console.clone(), wake)
+    let pio = port_devices(console.clone(), wake.clone())
         .map_err(|source| PartitionError::Device { id, source })?;
     let stop = Arc::new(StopRequest::default());
     let vcpu = Vcpu { partition: id, fd, pio, mmio, console, stop };
@@ -296,6 +304,7 @@ pub fn create(
         vsock,
         dump_ram,
         devices: views,
+        wake,
         _vm: vm,
         memory,
     })

@@ -56,6 +56,8 @@ pub struct Running {
     stopped_evt: EventFd,
     thread: Option<JoinHandle<Stopped>>,
     stop: Arc<StopRequest>,
+    /// Wakes the vCPU if it is parked on the idle port.
+    wake: Arc<keyhold_devices::idle::Wake>,
     /// Stopped by the operator, who may start it again: the node waits for that.
     held: bool,
 }
@@ -161,6 +163,8 @@ impl Supervisor {
     fn stop_where(&mut self, which: impl Fn(u32) -> bool, ask: impl Fn(&StopRequest)) {
         for running in self.running.iter().filter(|r| r.thread.is_some() && which(r.id)) {
             ask(&running.stop);
+            // A vCPU parked on the idle port sleeps through the kick's signal.
+            running.wake.wake();
             if let Some(thread) = &running.thread {
                 if let Err(e) = thread.kill(kick::kick_signal()) {
                     log::warn!("partition {}: kicking its vCPU: {e}", running.id);
@@ -307,6 +311,7 @@ pub(crate) fn spawn(
         EventFd::new(libc::EFD_NONBLOCK).map_err(setup_error("creating a stop eventfd"))?;
     let signal = stopped_evt.try_clone().map_err(setup_error("cloning a stop eventfd"))?;
     let stop = partition.stop_request();
+    let wake = partition.wake();
     let containment = containment.clone();
     let thread = std::thread::Builder::new()
         .name(format!("p{id}-vcpu"))
@@ -319,5 +324,5 @@ pub(crate) fn spawn(
             stopped
         })
         .map_err(setup_error("starting a vCPU thread"))?;
-    Ok(Running { id, stopped_evt, thread: Some(thread), stop, held: false })
+    Ok(Running { id, stopped_evt, thread: Some(thread), stop, wake, held: false })
 }

@@ -10,7 +10,7 @@
 use guest_agent::channel::abi::{status, Endpoint};
 use guest_agent::channel::SecureChannel;
 use guest_agent::idle::Backoff;
-use guest_agent::time::{nanos, spin_for, ticks};
+use guest_agent::time::{nanos, sleep_for, ticks};
 use guest_agent::virtio::rng::Rng;
 use guest_agent::{println, BootInfo};
 
@@ -100,7 +100,7 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
         }
         sent += n;
         if interval_ms > 0 {
-            spin_for(info, interval_ms * 1000);
+            sleep_for(info, interval_ms * 1000);
         }
     }
     let elapsed = ticks() - start;
