@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 FUZZ=$ROOT/fuzz
-TARGETS=(wire abi mmio rng_queue channel_queue link api node_config cluster_config)
+TARGETS=(wire abi mmio rng_queue channel_queue vsock_queue link api node_config cluster_config)
 TRIPLE=x86_64-unknown-linux-gnu
 # The fuzz crate's own target dir, also for the firmware fixtures that keyhold-vmm's build
 # script makes, so a fuzz build never touches the main build's target/.

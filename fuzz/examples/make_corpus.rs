@@ -2,15 +2,18 @@
 //! (`scripts/fuzz.sh corpus`). Deterministic: the same files every time.
 //!
 //! The seeds take each target deep at once: a channel opened and used between the two
-//! partitions, a channel offered over the link and messages sealed with its key, a real rekey,
-//! every route of the API, valid configuration files.
+//! partitions, a vsock connection made, used and ended (and every way one is refused), a
+//! channel offered over the link and messages sealed with its key, a real rekey, every route of
+//! the API, valid configuration files.
 
 use std::path::Path;
 
 use keyhold_devices::link::wire::kind;
 use keyhold_devices::virtio::mmio::reg;
+use keyhold_devices::virtio::vsock::packet::op as vsock_op;
 use keyhold_fuzz::devices::{Ops, Profile};
 use keyhold_fuzz::link::{self, frame};
+use keyhold_fuzz::vsock::{Cid, Len, Packet};
 
 const LISTEN: u32 = 1;
 const OPEN: u32 = 2;
@@ -103,6 +106,135 @@ fn channel(dir: &Path) {
     stop.reinit(0).send(1, 0, 10, 1).notify(1, 1).chain(1, 1, &[(0, 0, 24), (1, 0x10, 4)]);
     stop.notify(1, 1).avail_idx(1, 1, 9000).notify(1, 1);
     write(dir, "channel_queue", "reset-and-broken-queue", &stop.finish());
+}
+
+/// Device 0 is CID 3, device 1 CID 4; the policy lets CID 4 connect to port 5000 of CID 3,
+/// anyone to port 7 of CID 3, and CID 3 from port 2000 to any port of CID 4.
+fn vsock(dir: &Path) {
+    use vsock_op::{CREDIT_REQUEST, CREDIT_UPDATE, REQUEST, RESPONSE, RST, RW, SHUTDOWN};
+    let (rx, tx) = (0, 1);
+    // From device `d`'s `port` to the other device's `to` (`len` payload bytes).
+    let to_peer = |op, port, to, len| Packet::new(op, port, Cid::Other, to, len);
+
+    // CID 4 connects to 3:5000; both send, one in pieces with its header cut in two and a
+    // device-writable descriptor in the chain; credit asked for and given; shut down, reset.
+    let mut full = Ops::set_up(true, 4);
+    full.buffers(0, &[4096, 4096, 4096, 4096], 0).buffers(1, &[4096, 4096, 4096, 4096], 0);
+    full.notify(0, rx).notify(1, rx);
+    full.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify(1, tx);
+    full.packet(0, &to_peer(RESPONSE, 5000, 1024, 0)).notify(0, tx);
+    full.packet(1, &to_peer(RW, 1024, 5000, 100)).notify(1, tx);
+    let split = Packet {
+        pieces: 3,
+        header_cut: Some(10),
+        write_only: Some((4, 2)),
+        ..to_peer(RW, 5000, 1024, 300)
+    };
+    full.packet(0, &split).notify_thread(0, tx);
+    full.packet(1, &to_peer(CREDIT_REQUEST, 1024, 5000, 0)).notify(1, tx);
+    let update = Packet { fwd_cnt: 300, ..to_peer(CREDIT_UPDATE, 5000, 1024, 0) };
+    full.packet(0, &update).notify(0, tx);
+    full.buffers(0, &[4096, 4096], 2).notify_thread(0, rx);
+    full.packet(1, &Packet { flags: 3, ..to_peer(SHUTDOWN, 1024, 5000, 0) }).notify(1, tx);
+    full.packet(0, &to_peer(RST, 5000, 1024, 0)).notify(0, tx);
+    write(dir, "vsock_queue", "connect-use-shutdown-reset", &full.finish());
+
+    // Forged sources: the other partition's CID, the host's, CID 4 with high bits set.
+    let mut forged = Ops::set_up(false, 4);
+    forged.buffers(0, &[256, 256], 0).buffers(1, &[256, 256, 256], 0);
+    forged.packet(1, &Packet { src: Cid::Other, ..to_peer(REQUEST, 1024, 5000, 0) });
+    forged.packet(1, &Packet { src: Cid::Host, ..to_peer(RW, 1024, 5000, 8) });
+    forged.packet(1, &Packet { src: Cid::Raw(0x1_0000_0004), ..to_peer(REQUEST, 1, 7, 0) });
+    forged.notify(1, tx).notify(0, rx).notify(1, rx);
+    write(dir, "vsock_queue", "forged-source", &forged.finish());
+
+    // Flows the policy forbids: CID 4 to 3:5001; CID 3 to CID 4 but not from port 2000; CID 4
+    // to itself. Then the allowed one beside them: CID 3 from 2000, and anyone to 3:7 (CID 3
+    // itself too).
+    let mut policy = Ops::set_up(true, 3);
+    policy.buffers(0, &[512; 4], 0).buffers(1, &[512; 4], 0);
+    policy.packet(1, &to_peer(REQUEST, 1024, 5001, 0));
+    policy.packet(1, &Packet::new(REQUEST, 1024, Cid::Own, 5000, 0)).notify(1, tx);
+    policy.packet(0, &to_peer(REQUEST, 1024, 80, 0)).packet(0, &to_peer(REQUEST, 2000, 80, 0));
+    policy.packet(0, &Packet::new(REQUEST, 1025, Cid::Own, 7, 0)).notify_thread(0, tx);
+    policy.packet(0, &Packet::new(RESPONSE, 7, Cid::Own, 1025, 0));
+    policy.packet(0, &Packet::new(RW, 1025, Cid::Own, 7, 64)).notify(0, tx);
+    write(dir, "vsock_queue", "forbidden-and-allowed-flows", &policy.finish());
+
+    // CIDs no partition has: the host's (no program listens), 9, 2^32 + 3; packets a device
+    // does not carry: a seqpacket, operations 0 and 8, a len beyond the payload or above
+    // 64 KiB, a chain that ends inside its header.
+    let mut nobody = Ops::set_up(false, 5);
+    nobody.buffers(1, &[1024; 4], 0).buffers(1, &[1024; 4], 0).notify(1, rx);
+    nobody.packet(1, &Packet::new(REQUEST, 1024, Cid::Host, 22, 0));
+    nobody.packet(1, &Packet::new(REQUEST, 1024, Cid::Raw(9), 5000, 0));
+    nobody.packet(1, &Packet::new(RW, 1024, Cid::Raw(0x1_0000_0003), 5000, 4));
+    nobody.packet(1, &Packet { seqpacket: true, ..to_peer(REQUEST, 1024, 5000, 0) });
+    nobody.packet(1, &to_peer(0, 1024, 5000, 0)).packet(1, &to_peer(8, 1024, 5000, 0));
+    nobody.packet(1, &Packet { len: Len::Off(5), ..to_peer(RW, 1024, 5000, 10) });
+    nobody.packet(1, &Packet { len: Len::Raw(70_000), ..to_peer(RW, 1024, 5000, 10) });
+    nobody.packet(1, &Packet { len: Len::Cut(30), ..to_peer(REQUEST, 1024, 5000, 0) });
+    nobody.notify(1, tx);
+    write(dir, "vsock_queue", "unknown-cids-and-bad-packets", &nobody.finish());
+
+    // A receive buffer too small for a header: the device needs a reset (the driver's reset
+    // ends the connection asked for meanwhile). Then a buffer of exactly a header, a 64 KiB
+    // packet split over buffers of several descriptors each, and last a buffer of no bytes.
+    let mut tiny = Ops::set_up(true, 4);
+    tiny.buffers(0, &[43], 0).notify(0, rx).buffers(1, &[128; 4], 0).notify(1, rx);
+    tiny.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify(1, tx);
+    tiny.reg_read(0, reg::STATUS as u16, 4).reinit(0);
+    tiny.buffers(0, &[44, 4096], 2).notify(0, rx);
+    tiny.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify(1, tx);
+    let plenty = Packet { buf_alloc: 1 << 24, ..to_peer(RESPONSE, 5000, 1024, 0) };
+    tiny.packet(0, &plenty).notify(0, tx).buffers(0, &[65535, 200, 45], 3).notify(0, rx);
+    tiny.packet(1, &to_peer(RW, 1024, 5000, 65535)).notify(1, tx);
+    tiny.buffers(0, &[1000; 4], 0).notify_thread(0, rx);
+    tiny.reinit(0).buffers(0, &[0], 0).notify(0, rx);
+    tiny.packet(1, &to_peer(REQUEST, 1025, 5000, 0)).notify(1, tx);
+    write(dir, "vsock_queue", "tiny-buffers-and-split-payload", &tiny.finish());
+
+    // A sender past the credit its peer offered (100 bytes): the connection is reset.
+    let mut greedy = Ops::set_up(false, 4);
+    greedy.buffers(0, &[2048; 4], 0).buffers(1, &[2048; 4], 0).notify(0, rx).notify(1, rx);
+    greedy.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify(1, tx);
+    let small = Packet { buf_alloc: 100, ..to_peer(RESPONSE, 5000, 1024, 0) };
+    greedy.packet(0, &small).notify(0, tx);
+    greedy.packet(1, &to_peer(RW, 1024, 5000, 60)).packet(1, &to_peer(RW, 1024, 5000, 60));
+    greedy.notify(1, tx).packet(1, &to_peer(RW, 1024, 5000, 1)).notify(1, tx);
+    write(dir, "vsock_queue", "over-credit", &greedy.finish());
+
+    // A partition stops in the middle of a connection (its peer gets an RST) and starts again
+    // with a new device; the peer's data waits for buffers; the connection is made again.
+    let mut stop = Ops::set_up(true, 4);
+    stop.buffers(0, &[4096; 4], 0).buffers(1, &[4096; 4], 0).notify(0, rx).notify(1, rx);
+    stop.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify(1, tx);
+    stop.packet(0, &to_peer(RESPONSE, 5000, 1024, 0)).notify(0, tx);
+    stop.packet(0, &to_peer(RW, 5000, 1024, 3000)).notify(0, tx).stop(1, false);
+    stop.packet(0, &to_peer(RW, 5000, 1024, 10)).notify(0, tx).stop(1, true);
+    stop.buffers(1, &[4096; 2], 0).notify(1, rx).buffers(0, &[4096; 4], 0).notify(0, rx);
+    stop.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify_thread(1, tx);
+    stop.packet(0, &to_peer(RESPONSE, 5000, 1024, 0)).notify(0, tx);
+    stop.packet(1, &to_peer(RW, 1024, 5000, 20)).notify(1, tx);
+    write(dir, "vsock_queue", "stop-and-start-again", &stop.finish());
+
+    // Queues of two entries, a raw chain and a bad avail index on the transmit queue, an event
+    // buffer, a notification of the event queue.
+    let mut raw = Ops::set_up(false, 0);
+    raw.buffers(0, &[64, 64], 8).notify(0, 2).notify_thread(0, 2);
+    raw.chain(1, 1, &[(0, 0, 44), (1, 0x100, 16)]).notify(1, tx);
+    raw.avail_idx(1, 1, 7).notify(1, tx).reinit(1);
+    raw.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify(1, tx);
+    write(dir, "vsock_queue", "small-rings-and-raw-chains", &raw.finish());
+
+    // Queues of three entries (no power of two: the transport refuses them) and of one.
+    for (size, name) in [(0xfa, "queues-of-three"), (0xf8, "queues-of-one")] {
+        let mut odd = Ops::set_up(false, size);
+        let request = Packet { pieces: 0, ..to_peer(REQUEST, 1024, 5000, 0) };
+        odd.buffers(0, &[256], 0).notify(0, rx).packet(1, &request).notify(1, tx);
+        odd.notify_thread(1, tx).reinit(1).notify(1, tx);
+        write(dir, "vsock_queue", name, &odd.finish());
+    }
 }
 
 fn link_seeds(dir: &Path) {
@@ -260,6 +392,7 @@ fn main() {
     mmio(dir);
     rng(dir);
     channel(dir);
+    vsock(dir);
     link_seeds(dir);
     wire(dir);
     abi(dir);

@@ -18,8 +18,8 @@ use keyhold_devices::cmm::audit::{Audit, Record};
 use keyhold_devices::cmm::query::{self, Query, Reply};
 use keyhold_devices::cmm::ChannelView;
 use keyhold_devices::link::{Directory, LinkBook, Peer};
-use keyhold_vmm::api::{ApiServer, ApiSocket, ApiState, PartitionState};
-use keyhold_vmm::supervisor::PartitionStops;
+use keyhold_vmm::api::{ApiServer, ApiState, PartitionState};
+use keyhold_vmm::claimed_socket::ClaimedSocket;
 
 struct Server {
     _server: ApiServer,
@@ -105,15 +105,16 @@ fn server() -> &'static Server {
             queries,
             links: Some(Arc::new(LinkBook::new(&directory, 1))),
             audit,
-            // Stops are queued for a supervisor that this target does not run.
-            partition_stops: Some(PartitionStops::new().expect("an eventfd")),
-            // No main thread answers here: a reload is refused at once.
-            reloads: None,
+            // No main thread answers the operator's requests here: a stop, a start and a
+            // reload are refused at once (503).
+            requests: None,
         });
         // No seccomp filter: the fuzzer's own thread would be filtered too.
         let containment = keyhold_vmm::seccomp::Containment::off();
-        let socket = ApiSocket::claim(&path).expect("the API socket");
-        let server = ApiServer::start(socket, state, &containment).expect("the API server");
+        let socket = ClaimedSocket::claim(&path).expect("the API socket");
+        let server = ApiServer::start(Some(socket), None, state, &containment)
+            .expect("the API server")
+            .expect("a server for the socket");
         let next = Mutex::new(Some(connect(&path)));
         Server { _server: server, path, next }
     })

@@ -1,14 +1,16 @@
 //! Shared pieces of keyhold's fuzz targets (docs/FUZZING.md): a reader that turns the fuzzer's
 //! bytes into operations, the guest-side world of the device targets (two secure-channel
-//! partitions and a virtio-rng behind their MMIO transports, in real guest memory), the
-//! attacker's end of a host link for the link target, and the encoders that build the seed
-//! corpora (`cargo run --example make_corpus`).
+//! partitions and a virtio-rng behind their MMIO transports, in real guest memory; two
+//! partitions' virtio-vsock devices, with the checks of what they write), the attacker's end
+//! of a host link for the link target, and the encoders that build the seed corpora
+//! (`cargo run --example make_corpus`).
 //!
 //! Every input format is a plain byte stream read front to back; a reader that runs dry reads
 //! zeros, so every input is valid and the fuzzer never wastes work on rejected ones.
 
 pub mod devices;
 pub mod link;
+pub mod vsock;
 
 use keyhold_devices::cmm::audit::Audit;
 

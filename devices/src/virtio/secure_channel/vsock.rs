@@ -536,9 +536,14 @@ impl ChannelNode {
 
     /// Moves what waits in the outboxes touched in this pass into receive buffers.
     pub(super) fn vsock_flush(&mut self) {
-        for index in std::mem::take(&mut self.vsock.pending) {
-            if let Err(why) = self.vsock_fill(index) {
-                self.vsock.devices[index].shared.fail(why);
+        // A reset found here posts RSTs to other devices: they go out in this flush too.
+        while !self.vsock.pending.is_empty() {
+            for index in std::mem::take(&mut self.vsock.pending) {
+                // Nothing of a connection the driver reset away goes into its new buffers.
+                self.vsock_check_reset(index);
+                if let Err(why) = self.vsock_fill(index) {
+                    self.vsock.devices[index].shared.fail(why);
+                }
             }
         }
     }
@@ -562,6 +567,10 @@ impl ChannelNode {
                 return Err("a receive buffer too small for a packet header");
             };
             let part = (packet.payload.len() - packet.sent).min(space);
+            if part == 0 && packet.sent < packet.payload.len() {
+                // Data waits and the driver gave a buffer with room for a header alone.
+                return Err("a receive buffer with no room for data while data waits");
+            }
             let header = Header { len: part as u32, ..packet.header };
             let body = &packet.payload[packet.sent..packet.sent + part];
             let outside = |_| "receive buffer outside guest RAM";
