@@ -325,3 +325,69 @@ fn a_partition_started_again_has_its_vsock_device_and_socket_back() {
     out.assert_no_panic();
     assert!(!out.stderr.contains("ERROR"), "{out:#?}");
 }
+
+#[test]
+fn programs_that_never_greet_cannot_hold_the_socket() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &[("2:*", "3:5000")], &[(1, 3, "role=echo port=5000 conns=1")]);
+    let node =
+        spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"]);
+    let socket = dir.path().join("p1.vsock");
+    assert!(wait_until(Duration::from_secs(60), || UnixStream::connect(&socket).is_ok()));
+    // 64 connections that say nothing: the partition's whole allowance.
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(UnixStream::connect(&socket).unwrap());
+    }
+    // The next is closed at once; a silent one is closed within its 5 s to greet.
+    let extra = UnixStream::connect(&socket).unwrap();
+    // Closed: the read ends (0 bytes, or reset), rather than timing out.
+    let closed = |mut s: &UnixStream| {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        match s.read(&mut [0u8; 1]) {
+            Ok(n) => n == 0,
+            Err(e) => {
+                !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+            }
+        }
+    };
+    assert!(closed(&extra), "the 65th connection is refused");
+    assert!(closed(&silent[0]), "a connection that never greets is closed");
+    drop(silent);
+    // The socket still serves a program that says CONNECT.
+    let ok = wait_until(Duration::from_secs(30), || {
+        std::panic::catch_unwind(|| echo_through(&socket, 5000)).is_ok_and(|b| b == b"hello")
+    });
+    assert!(ok, "a greeting program is served after the silent ones");
+    let out = finish(node, Duration::from_secs(60));
+    out.assert_no_panic();
+    assert_eq!(out.code(), 0, "{out:#?}");
+}
+
+#[test]
+fn a_connection_to_a_node_that_dies_is_reset() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = pair(d);
+    let rule = ("4:*", "3:5000");
+    // A slow echo: the transfer is still going when node 1 is killed.
+    let one = cluster_node(d, &p, (1, 3, "role=echo port=5000 slow_ms=20"), 4, rule);
+    let two = cluster_node(d, &p, (2, 4, "role=send cid=3 port=5000 bytes=10485760"), 3, rule);
+    let mut first =
+        spawn_keyhold(["node", "--config", &one.display().to_string(), "--timeout", "120"]);
+    let second =
+        spawn_keyhold(["node", "--config", &two.display().to_string(), "--timeout", "120"]);
+    // Once node 1 took the connection's offer, it dies without a word.
+    let accepted = || {
+        std::fs::read_to_string(d.join("audit-1.jsonl")).is_ok_and(|a| a.contains("offer_accepted"))
+    };
+    assert!(wait_until(Duration::from_secs(60), accepted));
+    first.kill().unwrap();
+    let _ = first.wait();
+    let sender = finish(second, Duration::from_secs(90));
+    sender.assert_no_panic();
+    assert_eq!(sender.code(), 3, "{sender:#?}");
+    assert!(sender.stdout.contains("vsock: connection reset"), "{sender:#?}");
+}

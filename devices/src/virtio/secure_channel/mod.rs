@@ -469,6 +469,7 @@ impl MutEventSubscriber for ChannelNode {
             POKE => {
                 let _ = self.poke.read();
             }
+            vsock_host::HOST_TICK => self.host_tick(),
             TIMER => {
                 if let Some(timer) = &mut self.timer {
                     let _ = timer.wait();

@@ -45,6 +45,8 @@ const GREETING_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 pub(super) const HOST: u32 = 1 << 28;
 /// With [`HOST`]: a listening socket.
 pub(super) const LISTENER: u32 = 1 << 27;
+/// Event data of the greeting timer.
+pub(super) const HOST_TICK: u32 = u32::MAX - 4;
 
 /// Where a connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,9 @@ pub(super) struct HostSide {
     next_port: u32,
     /// Guest REQUESTs to CID 2, for the device thread (it connects, and watches the socket).
     requests: Vec<(usize, Header)>,
+    /// Ticks every [`GREETING_TIME`] while the node has listening sockets, to end the
+    /// connections whose program never said `CONNECT PORT`.
+    tick: Option<vmm_sys_util::timerfd::TimerFd>,
     /// Sockets of ended connections, shut down but kept open until the device thread has
     /// taken them out of its epoll set (so that their descriptor numbers are not reused while
     /// the event loop still maps them).
@@ -129,8 +134,18 @@ pub(super) struct HostSide {
 impl HostSide {
     /// The listening sockets of the partitions that have one.
     pub(super) fn new(places: Vec<(u32, UnixListener, PathBuf)>) -> Self {
+        let tick = (!places.is_empty())
+            .then(|| {
+                let mut timer = crate::timer::nonblocking().ok()?;
+                timer.reset(GREETING_TIME, Some(GREETING_TIME)).ok()?;
+                Some(timer)
+            })
+            .flatten();
+        if tick.is_none() && !places.is_empty() {
+            log::error!("vsock: no timer: programs that never greet are ended only by others");
+        }
         let places = places.into_iter().map(|(p, l, path)| (p, (l, path))).collect();
-        Self { places, next_port: FIRST_HOST_PORT, ..Self::default() }
+        Self { places, next_port: FIRST_HOST_PORT, tick, ..Self::default() }
     }
 
     /// A token no live connection has.
@@ -151,8 +166,22 @@ impl HostSide {
 }
 
 impl ChannelNode {
-    /// Watches each partition's listening socket (device thread, at start).
+    /// The greeting timer went off: ends the connections whose program has not greeted.
+    pub(super) fn host_tick(&mut self) {
+        if let Some(tick) = &mut self.vsock.host.tick {
+            let _ = tick.wait();
+        }
+        self.host_expire_greetings();
+    }
+
+    /// Watches each partition's listening socket, and the greeting timer (device thread, at
+    /// start).
     pub(super) fn host_watch_listeners(&self, ops: &mut EventOps) {
+        if let Some(tick) = &self.vsock.host.tick {
+            if ops.add(Events::with_data(tick, HOST_TICK, EventSet::IN)).is_err() {
+                log::error!("vsock: cannot watch the greeting timer");
+            }
+        }
         for (index, device) in self.vsock.devices.iter().enumerate() {
             if let Some((listener, path)) = self.vsock.host.places.get(&device.partition) {
                 let data = HOST | LISTENER | index as u32;
