@@ -391,3 +391,37 @@ fn a_connection_to_a_node_that_dies_is_reset() {
     assert_eq!(sender.code(), 3, "{sender:#?}");
     assert!(sender.stdout.contains("vsock: connection reset"), "{sender:#?}");
 }
+
+#[test]
+fn a_guest_cannot_fill_another_partitions_table_with_unanswered_requests() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    // CID 3 has a device but no driver: nothing it is asked is ever answered.
+    let config =
+        config(dir.path(), &[("*", "*")], &[(2, 4, "role=ask cid=3 port=80 count=20 expect=4")]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace("[node]\n", "[node]\napi_socket = \"api.sock\"\n");
+    text += &format!(
+        "\n[[partition]]\nid = 1\nfirmware = \"{}\"\nvsock_cid = 3\n",
+        fixture("spin").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let node =
+        spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"]);
+    // The asker ends once it has seen its resets (or given up); the spinner keeps the node up.
+    let api = dir.path().join("api.sock").display().to_string();
+    let asker_done = || {
+        let listed = keyhold(["ctl", "--socket", &api, "partitions"]).stdout;
+        let listed: serde_json::Value = serde_json::from_str(&listed).unwrap_or_default();
+        listed
+            .as_array()
+            .is_some_and(|all| all.iter().any(|p| p["id"] == 2 && p["running"] == false))
+    };
+    assert!(wait_until(Duration::from_secs(60), asker_done));
+    terminate(&node);
+    let out = finish(node, Duration::from_secs(60));
+    out.assert_no_panic();
+    // 16 requests wait for an answer; the 4 past them are reset at once, and audited.
+    assert!(out.stdout.contains("vsock: asked for 20 connections, 4 reset"), "{out:#?}");
+    assert_eq!(audited(dir.path(), "vsock_refused", "too_many_requests").len(), 4);
+}

@@ -29,6 +29,8 @@ use crate::virtio::vsock::{Outgoing, VsockDevice, MAX_CREDIT, MAX_PAYLOAD, RX_QU
 
 /// Packets waiting for a device past which the device's own RST answers are not queued.
 const MAX_ANSWERS: usize = 1024;
+/// Most connections a device may have asked for and not had answered.
+pub(super) const MAX_ASKING: usize = 16;
 /// What a waiting packet is charged beyond its payload.
 const PACKET_COST: usize = 64;
 /// Most a connection may have waiting in the outboxes: twice the most credit a receiver may
@@ -101,6 +103,8 @@ pub(super) enum Refused {
     OverCredit,
     /// Not a packet this device carries (type, size, an operation out of order).
     BadPacket,
+    /// A REQUEST from a guest with [`MAX_ASKING`] requests unanswered already.
+    TooManyRequests,
 }
 
 impl Refused {
@@ -111,6 +115,7 @@ impl Refused {
             Self::NoSuchCid => "no_such_cid",
             Self::OverCredit => "over_credit",
             Self::BadPacket => "bad_packet",
+            Self::TooManyRequests => "too_many_requests",
         }
     }
 }
@@ -192,6 +197,14 @@ impl Vsock {
     /// What waits in the outboxes for the connection `header` is a packet of.
     pub(super) fn held(&self, header: &Header) -> usize {
         self.held.get(&connection_of(header)).copied().unwrap_or(0)
+    }
+
+    /// Connections device `index` asked for that are not answered yet (here and to other
+    /// nodes): each holds an entry in another partition's table, which that partition did not
+    /// choose.
+    pub(super) fn asking(&self, index: usize) -> usize {
+        let unanswered = |s: &&Stream| s.device == index && !s.listener && !s.established;
+        self.streams.values().filter(unanswered).count() + self.remote.unanswered(index)
     }
 
     /// Whether `len` more bytes for `header`'s connection would hold more than the node
@@ -368,6 +381,11 @@ impl ChannelNode {
         let (src, dst) = ((key.0, key.1), (key.2, key.3));
         if !self.vsock.policy.allows(src, dst) {
             self.vsock_refuse(partition, Refused::Policy, Some(header));
+            return self.vsock_answer(index, header);
+        }
+        if self.vsock.asking(index) >= MAX_ASKING {
+            // Each would hold an entry in a table the other partition did not choose to fill.
+            self.vsock_refuse(partition, Refused::TooManyRequests, Some(header));
             return self.vsock_answer(index, header);
         }
         if self.vsock.devices[peer].stopped {

@@ -109,6 +109,13 @@ impl RemoteSide {
         }
     }
 
+    /// Connections device `index` asked other nodes for that are not answered yet.
+    pub(super) fn unanswered(&self, index: usize) -> usize {
+        let asked =
+            self.streams.values().filter(|s| s.device == index && !s.listener && !s.established);
+        asked.count() + self.waiting.iter().filter(|w| w.0 == index).count()
+    }
+
     /// Where CID `cid` is, if on another node.
     pub(super) fn place_of(&self, cid: u32) -> Option<(u32, u32)> {
         self.peers.get(&cid).copied()
@@ -297,6 +304,8 @@ impl ChannelNode {
         let partition = self.vsock.devices[index].partition;
         let why = if self.vsock.remote.streams.contains_key(&key) {
             Some(Refused::BadPacket)
+        } else if self.vsock.asking(index) >= super::vsock::MAX_ASKING {
+            Some(Refused::TooManyRequests)
         } else if !self.vsock.policy.allows((key.0, key.1), (key.2, key.3)) {
             Some(Refused::Policy)
         } else {

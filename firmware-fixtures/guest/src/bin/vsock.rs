@@ -10,6 +10,9 @@
 //!   echo of every byte, shuts down and prints the rate. `forge=F` makes the driver believe its
 //!   CID is F, so it stamps src_cid F on its packets: the device must refuse them.
 //!
+//! - `role=ask cid=C port=P count=N expect=E`: asks for N connections at once (ports 2000 up)
+//!   and counts those reset, until E are (or nothing happens for 10 s); prints both numbers.
+//!
 //! Exit status: 0 done, 1 a byte came back wrong, 2 cannot run or driver error, 3 reset.
 #![no_std]
 #![no_main]
@@ -76,7 +79,8 @@ fn main(info: &'static BootInfo) -> u32 {
     let result = match info.arg("role") {
         Some("echo") => echo(info),
         Some("send") => send(info),
-        _ => Err(say(format_args!("needs role=echo or role=send"))),
+        Some("ask") => ask(info),
+        _ => Err(say(format_args!("needs role=echo, role=send or role=ask"))),
     };
     result.err().map_or(0, |Exit(status)| status)
 }
@@ -153,6 +157,29 @@ fn pump(mgr: &mut Manager, c: &mut Echo, slow_ms: u64) -> Result<Option<bool>, E
     nap(slow_ms);
     (c.at, c.end) = (0, mgr.recv(c.peer, c.port, &mut c.buf)?);
     Ok(Some(true))
+}
+
+/// Asks for `count` connections at once (from ports 2000 up) and counts those reset, until
+/// `expect` are or nothing happens for a while; prints both numbers.
+fn ask(info: &BootInfo) -> Result<(), Exit> {
+    let peer = VsockAddr { cid: arg(info, "cid", None)?, port: arg(info, "port", None)? };
+    let (count, expect): (u32, u32) = (arg(info, "count", None)?, arg(info, "expect", None)?);
+    let mut mgr = open(info, None)?;
+    for port in 2000..2000 + count {
+        mgr.connect(peer, port)?;
+    }
+    let (mut reset, mut progress, mut backoff) = (0u32, ticks(), Backoff::new());
+    while reset < expect && !past(progress) {
+        match next_event(&mut mgr)? {
+            Some(e) if matches!(e.event_type, VsockEventType::Disconnected { .. }) => {
+                (reset, progress) = (reset + 1, ticks());
+            }
+            Some(_) => backoff.reset(),
+            None => backoff.snooze(),
+        }
+    }
+    println!("vsock: asked for {count} connections, {reset} reset");
+    Ok(())
 }
 
 fn send(info: &BootInfo) -> Result<(), Exit> {
