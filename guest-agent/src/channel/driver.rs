@@ -274,7 +274,8 @@ impl SecureChannel {
                 Ok(channel) => return Ok(channel),
                 Err(e @ ChannelError::Status(status::NO_LISTENER | status::UNREACHABLE)) => {
                     last = e;
-                    crate::time::spin_for(info, 10_000);
+                    // Parked, not spinning: the peer (or the link) needs the CPU more.
+                    crate::time::sleep_for(info, 10_000);
                 }
                 Err(e) => return Err(e),
             }
