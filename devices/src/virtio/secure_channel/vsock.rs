@@ -318,7 +318,7 @@ impl ChannelNode {
                 if let Some(why) = why {
                     self.vsock_refuse(partition, why, Some(&header));
                 }
-                self.vsock_answer(index, &header);
+                self.vsock.answer(index, &header);
             }
             Ok(Route::Host) => self.vsock_to_host(index, &header, reader),
             Ok(Route::Remote(place, key)) => {
@@ -381,29 +381,29 @@ impl ChannelNode {
         let (src, dst) = ((key.0, key.1), (key.2, key.3));
         if !self.vsock.policy.allows(src, dst) {
             self.vsock_refuse(partition, Refused::Policy, Some(header));
-            return self.vsock_answer(index, header);
+            return self.vsock.answer(index, header);
         }
         if self.vsock.asking(index) >= MAX_ASKING {
             // Each would hold an entry in a table the other partition did not choose to fill.
             self.vsock_refuse(partition, Refused::TooManyRequests, Some(header));
-            return self.vsock_answer(index, header);
+            return self.vsock.answer(index, header);
         }
         if self.vsock.devices[peer].stopped {
             // Nobody to answer: no entry is made in its table for a REQUEST that would wait.
-            return self.vsock_answer(index, header);
+            return self.vsock.answer(index, header);
         }
         let node = self.cmm.node();
         let from = Endpoint { node, partition, process: key.1 };
         let to = Endpoint { node, partition: peer_partition, process: key.3 };
         let Ok(listening) = self.cmm.listen(peer_partition, key.3, from) else {
-            return self.vsock_answer(index, header);
+            return self.vsock.answer(index, header);
         };
         let channel = match self.cmm.open(partition, key.1, to, None) {
             Ok(Opening::Done(channel)) => channel,
             _ => {
                 // Refused and audited by the CMM; the LISTEN it was to meet goes too.
                 let _ = self.cmm.close(peer_partition, key.3, listening.0);
-                return self.vsock_answer(index, header);
+                return self.vsock.answer(index, header);
             }
         };
         self.vsock.streams.insert(key, Stream::new(channel, index, false));
@@ -422,7 +422,7 @@ impl ChannelNode {
     ) {
         let partition = self.vsock.devices[index].partition;
         let Some(&stream) = self.vsock.streams.get(&key) else {
-            return self.vsock_answer(index, header);
+            return self.vsock.answer(index, header);
         };
         match header.op {
             op::RESPONSE if stream.listener && !stream.established => {
@@ -502,7 +502,7 @@ impl ChannelNode {
 
     /// Resets connection `key` from the device: an RST to each end, both entries closed.
     fn vsock_reset_both(&mut self, index: usize, key: StreamKey, peer: usize, header: &Header) {
-        self.vsock_answer(index, header);
+        self.vsock.answer(index, header);
         self.vsock_reset(key, Some(peer));
     }
 
@@ -525,11 +525,6 @@ impl ChannelNode {
                 let _ = self.cmm.close(partition, port, stream.channel.0);
             }
         }
-    }
-
-    /// The device's own RST to the sender of `header` (never in answer to an RST).
-    fn vsock_answer(&mut self, index: usize, header: &Header) {
-        self.vsock.answer(index, header);
     }
 
     /// Counts and audits a refused packet of `partition`.
@@ -645,11 +640,7 @@ impl ChannelNode {
         }
         self.remote_device_reset(index);
         self.host_partition_stopped(index);
-        let dropped: Vec<Outgoing> = self.vsock.devices[index].outbox.drain(..).collect();
-        for packet in dropped {
-            self.vsock.release(&packet);
-            self.buffers.give(packet.payload);
-        }
+        self.vsock_drop_outbox(index);
     }
 
     /// Partition `partition` stopped (the CMM has closed its entries): the other end of each of
@@ -672,21 +663,26 @@ impl ChannelNode {
             }
         }
         self.host_partition_stopped(index);
-        let dropped: Vec<Outgoing> = self.vsock.devices[index].outbox.drain(..).collect();
-        for packet in dropped {
-            self.vsock.release(&packet);
-            self.buffers.give(packet.payload);
-        }
+        self.vsock_drop_outbox(index);
         let device = &mut self.vsock.devices[index];
         *lock(&device.shared.activation) = Activation::Inactive;
         device.stopped = true;
         self.vsock.pending.retain(|&i| i != index);
         self.vsock_flush();
     }
+
+    /// Lets go of what waits for device `index`.
+    fn vsock_drop_outbox(&mut self, index: usize) {
+        let dropped: Vec<Outgoing> = self.vsock.devices[index].outbox.drain(..).collect();
+        for packet in dropped {
+            self.vsock.release(&packet);
+            self.buffers.give(packet.payload);
+        }
+    }
 }
 
 /// An RST from the first end of `key` to the second.
-fn rst_from((own_cid, own_port, peer_cid, peer_port): StreamKey) -> Header {
+pub(super) fn rst_from((own_cid, own_port, peer_cid, peer_port): StreamKey) -> Header {
     Header {
         src_cid: u64::from(own_cid),
         dst_cid: u64::from(peer_cid),
@@ -699,6 +695,6 @@ fn rst_from((own_cid, own_port, peer_cid, peer_port): StreamKey) -> Header {
 }
 
 /// The same connection as its other end sees it.
-fn mirror((own_cid, own_port, peer_cid, peer_port): StreamKey) -> StreamKey {
+pub(super) fn mirror((own_cid, own_port, peer_cid, peer_port): StreamKey) -> StreamKey {
     (peer_cid, peer_port, own_cid, own_port)
 }

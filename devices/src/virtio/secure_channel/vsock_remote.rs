@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use guest_agent::channel::abi::{Endpoint, RxHeader, TxHeader};
 
 use super::chain::Cursor;
-use super::vsock::{Refused, Stream, Vsock};
+use super::vsock::{mirror, rst_from, Refused, Stream, Vsock};
 use super::*;
 use crate::cmm::{Delivered, Opening, Payload, Sent};
 use crate::virtio::vsock::packet::{op, Header, TYPE_STREAM};
@@ -61,6 +61,8 @@ const LINK_WAIT: Duration = Duration::from_secs(5);
 /// How long a channel opened for a vsock port may wait for its REQUEST before the node closes
 /// it (a peer that opened it some other way, or never finished).
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// Most channels opened for vsock ports that may wait for their REQUEST at once.
+const MAX_IMPLICIT: usize = 4096;
 /// Most REQUESTs one device may have waiting for links.
 const MAX_WAITING: usize = 64;
 
@@ -135,10 +137,13 @@ impl RemoteSide {
             let to = local.get(&destination.partition);
             let (Some(&from), Some(&to)) = (from, to) else { return false };
             let allowed = policy.allows((from, source.process), (to, destination.process));
-            if allowed {
-                lock(&implicit).insert((*destination, *source), Instant::now());
+            // Bounded whatever a peer node offers: past it, offers wait for the tidy-up.
+            let mut waiting = lock(&implicit);
+            if !allowed || waiting.len() >= MAX_IMPLICIT {
+                return false;
             }
-            allowed
+            waiting.insert((*destination, *source), Instant::now());
+            true
         })
     }
 }
@@ -212,8 +217,7 @@ impl Vsock {
         if op == op::RW && self.over_held(&header, header.len) {
             // Its node let it past the credit this guest offered, or lied about it.
             self.remote.overruns.push((partition, header));
-            let rst = Header { op: op::RST, len: 0, flags: 0, ..header };
-            self.post(device, rst, Vec::new(), None);
+            self.post(device, rst_from(mirror(key)), Vec::new(), None);
             self.remote_end(key);
             return Some(Delivered::Dropped);
         }
@@ -386,11 +390,22 @@ impl ChannelNode {
     fn remote_reset(&mut self, index: usize, key: StreamKey, header: &Header) {
         self.vsock.answer(index, header);
         let partition = self.vsock.devices[index].partition;
+        self.remote_say_rst(partition, key);
+        self.remote_forget(key);
+    }
+
+    /// An RST envelope on connection `key`'s channel (to the other node's end).
+    fn remote_say_rst(&mut self, partition: u32, key: StreamKey) {
         if let Some(stream) = self.vsock.remote.streams.get(&key).copied() {
             let rst = Header { op: op::RST, ..Header::default() };
             self.send_envelope(partition, key, stream.channel, &rst, None);
         }
-        self.remote_forget(key);
+    }
+
+    /// The connections of device `index` to other nodes.
+    fn remote_keys_of(&self, index: usize) -> Vec<StreamKey> {
+        let ends = self.vsock.remote.streams.iter().filter(|(_, s)| s.device == index);
+        ends.map(|(k, _)| *k).collect()
     }
 
     /// Forgets connection `key` and closes its channel entry.
@@ -441,32 +456,16 @@ impl ChannelNode {
         for (key, stream) in gone {
             self.vsock.remote.streams.remove(&key);
             self.vsock.remote.by_channel.remove(&stream.channel);
-            let rst = Header {
-                src_cid: u64::from(key.2),
-                dst_cid: u64::from(key.0),
-                src_port: key.3,
-                dst_port: key.1,
-                kind: TYPE_STREAM,
-                op: op::RST,
-                ..Header::default()
-            };
-            self.vsock.post(stream.device, rst, Vec::new(), None);
+            self.vsock.post(stream.device, rst_from(mirror(key)), Vec::new(), None);
         }
     }
 
     /// The driver of device `index` reset it: its connections to other nodes end (an RST on
     /// each channel, then the channel closed).
     pub(super) fn remote_device_reset(&mut self, index: usize) {
-        let keys: Vec<StreamKey> = (self.vsock.remote.streams.iter())
-            .filter(|(_, s)| s.device == index)
-            .map(|(k, _)| *k)
-            .collect();
         let partition = self.vsock.devices[index].partition;
-        for key in keys {
-            if let Some(stream) = self.vsock.remote.streams.get(&key).copied() {
-                let rst = Header { op: op::RST, ..Header::default() };
-                self.send_envelope(partition, key, stream.channel, &rst, None);
-            }
+        for key in self.remote_keys_of(index) {
+            self.remote_say_rst(partition, key);
             self.remote_forget(key);
         }
         self.vsock.remote.waiting.retain(|w| w.0 != index);
@@ -479,20 +478,13 @@ impl ChannelNode {
             return;
         };
         self.vsock.remote.waiting.retain(|w| w.0 != index);
-        let keys: Vec<StreamKey> = self
-            .vsock
-            .remote
-            .streams
-            .iter()
-            .filter(|(_, s)| s.device == index)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in keys {
-            let Some(stream) = self.vsock.remote.streams.remove(&key) else { continue };
-            self.vsock.remote.by_channel.remove(&stream.channel);
-            self.vsock.remote.opening.remove(&stream.channel);
-            let rst = Header { op: op::RST, ..Header::default() };
-            self.send_envelope(partition, key, stream.channel, &rst, None);
+        for key in self.remote_keys_of(index) {
+            self.remote_say_rst(partition, key);
+            // The CMM closes the channel with the partition (its peer learns why).
+            if let Some(stream) = self.vsock.remote.streams.remove(&key) {
+                self.vsock.remote.by_channel.remove(&stream.channel);
+                self.vsock.remote.opening.remove(&stream.channel);
+            }
         }
     }
 }
