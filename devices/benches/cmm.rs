@@ -42,7 +42,13 @@ fn ep(node: u32, partition: u32, process: u32) -> Endpoint {
 struct Nowhere;
 
 impl Deliver for Nowhere {
-    fn deliver(&mut self, _: u32, _: &guest_agent::channel::abi::RxHeader, _: &[u8]) -> Delivered {
+    fn deliver(
+        &mut self,
+        _: u32,
+        _: &guest_agent::channel::abi::RxHeader,
+        _: &[u8],
+        _: bool,
+    ) -> Delivered {
         Delivered::Written
     }
 }

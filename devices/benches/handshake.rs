@@ -9,7 +9,7 @@ use std::time::Instant;
 use keyhold_devices::crypto::node_key::NodeKey;
 use keyhold_devices::link::handshake::{initiate, respond};
 use keyhold_devices::link::timestamp::ReplayGuard;
-use keyhold_devices::link::wire::MSG1_SIZE;
+use keyhold_devices::link::wire::{MSG1_SIZE, VERSION};
 use keyhold_devices::link::{Directory, Peer};
 
 fn main() {
@@ -25,7 +25,7 @@ fn main() {
     let mut responder_time = 0.0;
     while start.elapsed().as_secs_f64() < secs {
         let mut msg1 = [0u8; MSG1_SIZE];
-        let initiation = initiate(&k1, &p2, 1, &mut msg1).expect("initiate");
+        let initiation = initiate(&k1, &p2, 1, VERSION, &mut msg1).expect("initiate");
         let t = Instant::now();
         let response = respond(&k2, &directory, &replays, &msg1, None).expect("respond");
         responder_time += t.elapsed().as_secs_f64();

@@ -22,7 +22,7 @@ use keyhold_devices::cmm::{
 use keyhold_devices::crypto::channel::{associated_data, ChannelCiphers};
 use keyhold_devices::crypto::node_key::NodeKey;
 use keyhold_devices::link::handshake::{self, Initiation, Transport};
-use keyhold_devices::link::wire::{self, kind, Frame, MSG1_SIZE, MSG2_SIZE};
+use keyhold_devices::link::wire::{self, kind, Frame, MSG1_SIZE, MSG2_SIZE, VERSION};
 use keyhold_devices::link::{Directory, FdChange, LinkManager, LinkSettings, Peer};
 
 use crate::{Input, Output};
@@ -97,7 +97,7 @@ struct Sink {
 }
 
 impl Deliver for Sink {
-    fn deliver(&mut self, _partition: u32, header: &RxHeader, payload: &[u8]) -> Delivered {
+    fn deliver(&mut self, _: u32, header: &RxHeader, payload: &[u8], _: bool) -> Delivered {
         assert_eq!(payload.len(), header.len as usize, "a delivered payload has its length");
         self.count += 1;
         match self.mode.wrapping_add(self.count as u8) % 4 {
@@ -296,7 +296,8 @@ pub fn run(data: &[u8]) {
     let victim_peer = keys.directory.by_id(VICTIM).expect("the victim is listed").clone();
     let mut msg1 = [0u8; MSG1_SIZE];
     let initiation =
-        handshake::initiate(&keys.attacker, &victim_peer, ATTACKER, &mut msg1).expect("message 1");
+        handshake::initiate(&keys.attacker, &victim_peer, ATTACKER, VERSION, &mut msg1)
+            .expect("message 1");
     let mut first = vec![0u8, MSG1_SIZE as u8];
     first.extend_from_slice(&msg1);
     socket.write_all(&first).expect("message 1 sent");
@@ -597,16 +598,12 @@ fn frames(attacker: &mut Attacker, input: &mut Input<'_>) {
                 payloads.extend_from_slice(&payload);
             }
             kind::CLOSE => {
-                let pick = input.u8();
-                let count = attacker.channels.len();
-                let (source, destination) =
-                    match attacker.channels.get(usize::from(pick) % count.max(1)) {
-                        Some(channel) if pick & 0x80 != 0 => (channel.local, channel.remote),
-                        _ => (endpoint(input), endpoint(input)),
-                    };
-                block.extend_from_slice(&source.to_bytes());
-                block.extend_from_slice(&destination.to_bytes());
+                block.extend_from_slice(&channel_ends(attacker, input));
                 block.push(input.u8());
+            }
+            kind::CREDIT => {
+                block.extend_from_slice(&channel_ends(attacker, input));
+                block.extend_from_slice(&input.u64().to_le_bytes());
             }
             kind::REKEY => {
                 if input.u8() & 1 != 0 {
@@ -614,7 +611,7 @@ fn frames(attacker: &mut Attacker, input: &mut Input<'_>) {
                     let peer = keys.directory.by_id(VICTIM).expect("the victim is listed");
                     let mut msg1 = [0u8; MSG1_SIZE];
                     if let Ok(initiation) =
-                        handshake::initiate(&keys.attacker, peer, ATTACKER, &mut msg1)
+                        handshake::initiate(&keys.attacker, peer, ATTACKER, VERSION, &mut msg1)
                     {
                         attacker.rekey = Some(initiation);
                     }
@@ -636,6 +633,20 @@ fn frames(attacker: &mut Attacker, input: &mut Input<'_>) {
     if done && attacker.slots[1 - attacker.tx].is_some() && attacker.rx != attacker.tx {
         attacker.switch_tx();
     }
+}
+
+/// A frame's `source` and `destination`: one of the attacker's channels, or any endpoints.
+fn channel_ends(attacker: &Attacker, input: &mut Input<'_>) -> [u8; 24] {
+    let pick = input.u8();
+    let count = attacker.channels.len();
+    let (source, destination) = match attacker.channels.get(usize::from(pick) % count.max(1)) {
+        Some(channel) if pick & 0x80 != 0 => (channel.local, channel.remote),
+        _ => (endpoint(input), endpoint(input)),
+    };
+    let mut ends = [0u8; 24];
+    ends[..12].copy_from_slice(&source.to_bytes());
+    ends[12..].copy_from_slice(&destination.to_bytes());
+    ends
 }
 
 /// Builds link-target inputs (for the seed corpus).

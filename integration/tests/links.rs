@@ -371,7 +371,7 @@ fn a_peer_of_the_previous_protocol_version_is_refused_with_its_reason() {
     s.read_exact(&mut reply).unwrap();
     let mut payload = [0u8; 16];
     let m = hs.read_message(&reply, &mut payload).unwrap();
-    assert_eq!(&payload[..m], &[2], "the node says it speaks version 2");
+    assert_eq!(&payload[..m], &[3], "the node names the newest version it speaks");
     assert_eq!(s.read(&mut [0u8; 1]).unwrap_or(0), 0, "and closes the connection");
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -379,6 +379,62 @@ fn a_peer_of_the_previous_protocol_version_is_refused_with_its_reason() {
         }),
         "{}",
         audit(d, "2")
+    );
+    let mut node = node;
+    let _ = node.kill();
+    let _ = node.wait();
+}
+
+/// Reads one length-prefixed message (handshake or record) from `s`.
+fn read_message(s: &mut TcpStream) -> Vec<u8> {
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).expect("a message");
+    let mut message = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut message).expect("the whole message");
+    message
+}
+
+#[test]
+fn a_node_of_the_previous_version_is_linked_in_that_version() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, p) = (dir.path(), pair(dir.path()));
+    // The test is node 2 as version 2 spoke; node 1 dials it.
+    let listener = TcpListener::bind(("127.0.0.1", p.port2)).unwrap();
+    let n1 = p.spec(1, "echo", "peer=2:1:1", "").write(d);
+    let node = start(&n1, "30");
+    use keyhold_devices::crypto::node_key::NodeKey;
+    use keyhold_devices::crypto::noise;
+    let key = NodeKey::read_file(&p.k2).unwrap();
+    let answer = |s: &mut TcpStream| {
+        let mut hs =
+            noise::builder().local_private_key(key.private()).unwrap().build_responder().unwrap();
+        let mut hello = [0u8; 64];
+        let n = hs.read_message(&read_message(s), &mut hello).expect("a valid message 1");
+        assert_eq!(n, 17);
+        let mut msg2 = [0u8; 64];
+        let m = hs.write_message(&[2], &mut msg2).unwrap();
+        s.write_all(&[&(m as u16).to_be_bytes()[..], &msg2[..m]].concat()).unwrap();
+        (hello[0], hs)
+    };
+    // First it dials in version 3; a version-2 node refuses, naming version 2, and closes.
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(answer(&mut s).0, 3, "a node dials in the newest version first");
+    drop(s);
+    // Then again, at once, in version 2, and the link is made.
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (version, hs) = answer(&mut s);
+    assert_eq!(version, 2, "it dials again in the version the peer named");
+    let mut transport = hs.into_transport_mode().unwrap();
+    let mut confirm = [0u8; 16];
+    let n = transport.read_message(&read_message(&mut s), &mut confirm).expect("sealed");
+    assert_eq!(&confirm[..n], &[3], "CONFIRM");
+    assert!(
+        wait_until(Duration::from_secs(10), || link(d, "1", 2)["state"] == "up"),
+        "{}",
+        api(d, "1", "links")
     );
     let mut node = node;
     let _ = node.kill();

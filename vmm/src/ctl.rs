@@ -164,6 +164,9 @@ fn render(s: &Value, now: SystemTime) -> String {
         if link["last_handshake"].is_number() {
             out += &format!("  latest handshake: {}\n", ago(&link["last_handshake"], now));
         }
+        if let Some(protocol) = link["protocol"].as_u64() {
+            out += &format!("  protocol: version {protocol}\n");
+        }
         out += &format!(
             "  transfer: {} received, {} sent; {} rekeys\n",
             bytes(&link["bytes_in"]),

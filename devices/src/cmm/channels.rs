@@ -231,7 +231,10 @@ impl Core {
                 .as_ref()
                 .is_some_and(|allows| allows(&source, &destination)) =>
             {
-                let entry = Entry::new(destination, source, ChannelState::Listening);
+                let entry = Entry {
+                    flow: super::credit::Flow::Vsock,
+                    ..Entry::new(destination, source, ChannelState::Listening)
+                };
                 self.insert(destination.partition, entry).map_err(|_| Rejection::TableFull)?
             }
             None => return Err(Rejection::NoListener),
@@ -254,11 +257,16 @@ impl Core {
 
     /// Answers offer `id` from `node` (the reply is sent once the record is handled).
     pub(super) fn answer_offer(&mut self, node: u32, id: u32, offer: &ReceivedOffer<'_>) {
-        let result = match self.receive_offer(node, offer) {
+        let accepted = self.receive_offer(node, offer);
+        let result = match accepted {
             Ok(_) => OfferResult::Accepted,
             Err(rejection) => OfferResult::Rejected(rejection),
         };
         self.replies.push((node, Reply::Offer { id, result }));
+        // The first grant follows the reply, in the same record.
+        if let Ok(channel) = accepted {
+            self.meter(node, channel);
+        }
     }
 
     /// The answer to the offer of channel `id`, from `node`: the channel opens, or its entry
@@ -281,6 +289,7 @@ impl Core {
                     entry.state = ChannelState::Open;
                     entry.epoch_since = now;
                 }
+                self.meter(node, id);
                 Ok(id)
             }
             OfferResult::Rejected(rejection) => {

@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use guest_agent::channel::abi::{closed, state, ChannelInfo, Endpoint};
 
+use super::credit::Flow;
 use super::frames::CloseReason;
 use super::key_table::KeySlot;
 use crate::crypto::channel::SALT_SIZE;
@@ -85,6 +86,8 @@ pub struct Entry {
     pub received: u64,
     /// Messages dropped: bad proof, replay, no room.
     pub dropped: u64,
+    /// How its messages are paced between nodes.
+    pub flow: Flow,
 }
 
 impl Entry {
@@ -105,6 +108,7 @@ impl Entry {
             sent: 0,
             received: 0,
             dropped: 0,
+            flow: Flow::Unmetered,
         }
     }
 

@@ -41,6 +41,8 @@ pub enum DataRejection {
     RetiredEpoch,
     /// An epoch more than one ahead of the channel's.
     BadEpoch,
+    /// Beyond the credit the receiver granted (docs/PROTOCOL.md, section 8).
+    OverCredit,
 }
 
 impl DataRejection {
@@ -53,6 +55,7 @@ impl DataRejection {
             Self::BadTag => "bad_tag",
             Self::RetiredEpoch => "retired_epoch",
             Self::BadEpoch => "bad_epoch",
+            Self::OverCredit => "over_credit",
         }
     }
 }

@@ -10,7 +10,7 @@
 //! router, so that frames coming off a link can be handed to the core while the router holds
 //! their bytes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -121,8 +121,16 @@ pub enum Delivered {
 
 /// Where verified messages from other nodes go: the devices.
 pub trait Deliver {
-    /// Delivers `payload` to `partition`'s receive queue, or holds or drops it.
-    fn deliver(&mut self, partition: u32, header: &RxHeader, payload: &[u8]) -> Delivered;
+    /// Delivers `payload` to `partition`'s receive queue, or holds or drops it. A `metered`
+    /// message's sender is held to the credit it was granted, so it is held whatever else
+    /// the device holds (docs/PROTOCOL.md, section 8).
+    fn deliver(
+        &mut self,
+        partition: u32,
+        header: &RxHeader,
+        payload: &[u8],
+        metered: bool,
+    ) -> Delivered;
 }
 
 /// Where a message's payload comes from: the sender's guest memory.
@@ -157,6 +165,8 @@ pub(super) struct Core {
     pub(super) replies: Vec<(u32, Reply)>,
     /// Whether an offer that finds no LISTEN entry may have one made for it.
     pub(super) implicit_listen: Option<ImplicitListen>,
+    /// Nodes whose links meter channels with CREDIT frames (version 3).
+    pub(super) credit_links: HashSet<u32>,
 }
 
 /// Says whether an offer from `source` to `destination` that finds no LISTEN entry may have one
@@ -168,6 +178,8 @@ pub type ImplicitListen = Box<dyn Fn(&Endpoint, &Endpoint) -> bool + Send>;
 pub(super) enum Reply {
     /// OFFER_REPLY.
     Offer { id: u32, result: super::frames::OfferResult },
+    /// CREDIT.
+    Credit { source: Endpoint, destination: Endpoint, limit: u64 },
 }
 
 impl Core {
@@ -246,6 +258,7 @@ impl Cmm {
                 answers: Vec::new(),
                 replies: Vec::new(),
                 implicit_listen: None,
+                credit_links: router.credit_nodes().collect(),
             },
             router,
         })
@@ -421,14 +434,23 @@ impl Cmm {
         sent
     }
 
-    /// Counts a message written into `partition`'s receive buffer.
+    /// Counts a message written into `partition`'s receive buffer; its sender may be
+    /// granted more credit.
     pub fn delivered(&mut self, partition: u32, channel: ChannelId, len: usize) {
         self.core.delivered(partition, channel, len);
+        self.send_replies();
     }
 
     /// Counts a verified message dropped because the guest had no receive buffer.
     pub fn dropped_no_room(&mut self, partition: u32, channel: ChannelId) {
         self.core.dropped_no_room(partition, channel);
+        self.send_replies();
+    }
+
+    /// Channel `channel` (just opened) carries a vsock connection, paced by its envelope's
+    /// credit rather than by CREDIT frames.
+    pub fn carries_vsock(&mut self, channel: ChannelId) {
+        self.core.carries_vsock(channel);
     }
 
     /// Sends what requests and messages staged for other nodes (end of a batch).
@@ -458,6 +480,7 @@ impl Cmm {
     pub fn links_arrived(&mut self) {
         self.router.accept_arrivals();
         self.handle_downs();
+        self.core.credit_links = self.router.credit_nodes().collect();
     }
 
     /// Whether the links have epoll changes waiting for the device thread.
@@ -508,9 +531,15 @@ impl Cmm {
     }
 
     fn send_replies(&mut self) {
+        if self.core.replies.is_empty() {
+            return;
+        }
         for (node, reply) in std::mem::take(&mut self.core.replies) {
             let frame = match reply {
                 Reply::Offer { id, result } => Frame::OfferReply { id, result },
+                Reply::Credit { source, destination, limit } => {
+                    Frame::Credit { source, destination, limit }
+                }
             };
             // A link that broke meanwhile takes its channels with it (below).
             let _ = self.router.stage(node, &frame);
@@ -520,6 +549,7 @@ impl Cmm {
 
     fn handle_downs(&mut self) {
         for node in self.router.take_downs() {
+            self.core.credit_links.remove(&node);
             self.core.link_down(node);
         }
     }

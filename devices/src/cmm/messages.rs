@@ -47,6 +47,10 @@ impl Core {
         let (ChannelState::Open, Some(slot)) = (state, key) else {
             return Err(self.refuse(partition, status::NOT_OPEN));
         };
+        // Out of credit: flow control, not a refusal; the guest sends again later.
+        if !self.may_send(id) {
+            return Err(status::NO_ROOM);
+        }
         let sent = if remote.node == self.node {
             self.send_here(id, slot, local, remote, header.len)
         } else {
@@ -162,6 +166,9 @@ impl Core {
             Frame::Close { source, destination, reason } => {
                 self.receive_close(node, source, destination, reason)
             }
+            Frame::Credit { source, destination, limit } => {
+                self.receive_credit(node, source, destination, limit)
+            }
             // The router handles the link's own frames.
             _ => {}
         }
@@ -184,7 +191,11 @@ impl Core {
                     seq: head.seq,
                 };
                 let partition = head.destination.partition;
-                match sink.deliver(partition, &header, payload) {
+                let metered = self
+                    .table
+                    .get(channel)
+                    .is_some_and(|e| matches!(e.flow, super::credit::Flow::Metered(_)));
+                match sink.deliver(partition, &header, payload, metered) {
                     Delivered::Written => self.delivered(partition, channel, payload.len()),
                     Delivered::Dropped => self.dropped_no_room(partition, channel),
                     Delivered::Held => {}
@@ -227,6 +238,13 @@ impl Core {
             entry.dropped += 1;
             return Err(DataRejection::Replayed);
         }
+        if !self.within_credit(id, head.seq) {
+            if let Some(entry) = self.table.get_mut(id) {
+                entry.dropped += 1;
+            }
+            return Err(DataRejection::OverCredit);
+        }
+        let entry = self.table.get_mut(id).ok_or(DataRejection::NoChannel)?;
         let next = match head.epoch.checked_sub(entry.rx_epoch) {
             None => {
                 entry.dropped += 1;
@@ -259,6 +277,7 @@ impl Core {
         if let Some(entry) = self.table.get_mut(channel) {
             entry.received += 1;
         }
+        self.taken(channel);
         let stats = self.stats(partition);
         stats.received += 1;
         stats.received_bytes += len as u64;
@@ -269,6 +288,7 @@ impl Core {
         if let Some(entry) = self.table.get_mut(channel) {
             entry.dropped += 1;
         }
+        self.taken(channel);
         self.stats(partition).dropped_no_room += 1;
     }
 }

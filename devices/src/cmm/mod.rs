@@ -4,6 +4,7 @@
 pub mod audit;
 mod channels;
 pub mod connection_table;
+pub mod credit;
 pub mod frames;
 pub mod key_table;
 pub mod manager;

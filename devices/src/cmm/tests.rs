@@ -16,9 +16,21 @@ use crate::secret::SecretBox;
 struct Inbox(Vec<(u32, RxHeader, Vec<u8>)>);
 
 impl Deliver for Inbox {
-    fn deliver(&mut self, partition: u32, header: &RxHeader, payload: &[u8]) -> Delivered {
+    fn deliver(&mut self, partition: u32, header: &RxHeader, payload: &[u8], _: bool) -> Delivered {
         self.0.push((partition, *header, payload.to_vec()));
         Delivered::Written
+    }
+}
+
+/// A receiver whose guest takes nothing: every message is held.
+#[derive(Default)]
+struct Deaf(Vec<RxHeader>);
+
+impl Deliver for Deaf {
+    fn deliver(&mut self, _: u32, header: &RxHeader, _: &[u8], metered: bool) -> Delivered {
+        assert!(metered, "a channel over a version-3 link is metered");
+        self.0.push(*header);
+        Delivered::Held
     }
 }
 
@@ -396,4 +408,69 @@ fn an_open_nobody_answers_times_out_and_the_peer_is_told_to_forget_it() {
     assert_eq!(two.b.list(1)[0].state, state::PEER_CLOSED);
     assert_eq!(two.b.key_count(), 0);
     assert_eq!(two.a.stats(1).refused, 1);
+}
+
+#[test]
+fn a_sender_across_nodes_stops_at_its_credit_and_goes_on_as_the_receiver_takes() {
+    let mut two = Two::new(1 << 30);
+    let (listener, opener) = two.open([3; 32]);
+    let window = super::credit::WINDOW;
+    let send = |two: &mut Two| two.a.send(1, &tx(opener, ep(1, 1, 20), 4), &mut Bytes(b"four"));
+    for _ in 0..window {
+        assert_eq!(send(&mut two), Ok(Sent::Remote));
+    }
+    assert_eq!(send(&mut two), Err(status::NO_ROOM), "a whole window is out");
+    assert_eq!(two.a.stats(1).refused, 0, "running out of credit is not a refusal");
+    let mut deaf = Deaf::default();
+    let window_len = window as usize;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while deaf.0.len() < window_len && std::time::Instant::now() < deadline {
+        two.a.flush();
+        two.b.link_readable(two.b_token, &mut deaf);
+        two.a.link_readable(two.a_token, &mut deaf);
+    }
+    assert_eq!(deaf.0.len(), window_len, "the node holds a window whatever the device holds");
+    assert_eq!(send(&mut two), Err(status::NO_ROOM), "nothing taken, nothing granted");
+    // The guest takes half a window: its sender is granted a window beyond that.
+    for _ in 0..window / 2 {
+        two.b.delivered(1, listener, 4);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut sent = 0;
+    while sent < window / 2 && std::time::Instant::now() < deadline {
+        two.a.link_readable(two.a_token, &mut deaf);
+        while send(&mut two).is_ok() {
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, window / 2, "the grant covers what the guest took, no more");
+    assert_eq!(send(&mut two), Err(status::NO_ROOM));
+}
+
+#[test]
+fn a_message_beyond_the_granted_credit_is_refused() {
+    let mut two = Two::new(1 << 30);
+    let (_, opener) = two.open([4; 32]);
+    let window = super::credit::WINDOW;
+    for _ in 0..window {
+        two.a.send(1, &tx(opener, ep(1, 1, 20), 4), &mut Bytes(b"four")).unwrap();
+    }
+    let mut deaf = Deaf::default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while deaf.0.len() < window as usize && std::time::Instant::now() < deadline {
+        two.a.flush();
+        two.b.link_readable(two.b_token, &mut deaf);
+    }
+    // A peer that ignores its credit: the next message, in order, but not granted.
+    let head = DataHead {
+        source: ep(1, 1, 20),
+        destination: ep(2, 1, 10),
+        epoch: 0,
+        seq: window,
+        len: 4,
+        tag: [0; 16],
+    };
+    two.b.core.receive(1, crate::link::wire::Frame::Data(head), &mut [0; 4], &mut deaf);
+    assert!(two.audited_b("over_credit"), "refused and audited");
+    assert_eq!(deaf.0.len(), window as usize, "and not delivered");
 }

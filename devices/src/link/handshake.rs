@@ -1,9 +1,12 @@
 //! The link handshake (docs/PROTOCOL.md, "Handshake"): Noise IK. The initiator knows the
 //! responder's static key from the cluster config and sends its own, encrypted, with a hello:
 //! the protocol version, its claimed node ID and a TAI64N timestamp. The responder accepts only
-//! a key listed in the cluster config, only for the node it is listed for, only in this
-//! protocol version, and only with a timestamp greater than any that peer sent before; it
-//! answers with its own version.
+//! a key listed in the cluster config, only for the node it is listed for, only in a protocol
+//! version it speaks (2 or 3), and only with a timestamp greater than any that peer sent
+//! before; it answers with the version the link will speak: the initiator's.
+//! An initiator told by an older node that it speaks an older version dials again in that
+//! one (the answer is authenticated by the responder's key, so no one else can make a link
+//! speak an older version).
 //!
 //! Every step runs scrubbed and keeps `snow`'s handshake state (its chaining key above all) in
 //! secret memory; a finished handshake leaves a [`Transport`] whose keys are in secret memory
@@ -13,7 +16,7 @@ use snow::{HandshakeState, TransportState};
 
 use super::directory::{Directory, Peer};
 use super::timestamp::{self, ReplayGuard, Tai64n};
-use super::wire::{HELLO_SIZE, MAX_MESSAGE, MSG1_SIZE, MSG2_SIZE, VERSION};
+use super::wire::{HELLO_SIZE, MAX_MESSAGE, MSG1_SIZE, MSG2_SIZE, OLDEST_VERSION, VERSION};
 use crate::crypto::node_key::NodeKey;
 use crate::crypto::noise;
 use crate::secret::{scrubbed, scrubbed_light, SecretBox};
@@ -35,7 +38,7 @@ pub enum HandshakeError {
         /// The ID its key is listed for.
         listed: u32,
     },
-    /// The hello (or the answer's payload) is not a version-2 one.
+    /// The hello (or the answer's payload) is not one this node understands.
     BadPayload {
         /// The node, when its key authenticated it.
         peer: Option<u32>,
@@ -115,10 +118,10 @@ impl Transport {
     }
 }
 
-/// The hello an initiator sends.
-fn hello(own_id: u32, stamp: &Tai64n) -> [u8; HELLO_SIZE] {
+/// The hello an initiator sends in `version`.
+fn hello(own_id: u32, version: u8, stamp: &Tai64n) -> [u8; HELLO_SIZE] {
     let mut out = [0u8; HELLO_SIZE];
-    out[0] = VERSION;
+    out[0] = version;
     out[1..5].copy_from_slice(&own_id.to_le_bytes());
     out[5..].copy_from_slice(stamp);
     out
@@ -134,13 +137,16 @@ fn boxed(state: HandshakeState) -> Result<SecretBox<HandshakeState>, HandshakeEr
 /// The initiator's side, between its message and the responder's answer.
 pub struct Initiation {
     state: SecretBox<HandshakeState>,
+    version: u8,
 }
 
-/// Starts a handshake with `peer` as node `own_id`; writes the first message to `msg1`.
+/// Starts a handshake with `peer` as node `own_id`, speaking `version`; writes the first
+/// message to `msg1`.
 pub fn initiate(
     key: &NodeKey,
     peer: &Peer,
     own_id: u32,
+    version: u8,
     msg1: &mut [u8; MSG1_SIZE],
 ) -> Result<Initiation, HandshakeError> {
     scrubbed(|| {
@@ -149,23 +155,29 @@ pub fn initiate(
             .remote_public_key(&peer.public_key)?
             .build_initiator()?;
         let mut state = boxed(state)?;
-        let n = state.write_message(&hello(own_id, &timestamp::now()), msg1)?;
+        let n = state.write_message(&hello(own_id, version, &timestamp::now()), msg1)?;
         if n != MSG1_SIZE {
             return Err(HandshakeError::Noise);
         }
-        Ok(Initiation { state })
+        Ok(Initiation { state, version })
     })
 }
 
 impl Initiation {
-    /// Takes the responder's answer; returns the session.
+    /// The version it asked for.
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Takes the responder's answer; returns the session. An answer naming an older version
+    /// than the one asked for is a refusal from a node that speaks only that one.
     pub fn finish(self, msg2: &[u8]) -> Result<Transport, HandshakeError> {
         scrubbed(move || {
             let mut state = self.state;
             let mut payload = [0u8; 64];
             let n = state.read_message(msg2, &mut payload)?;
             match payload[..n] {
-                [VERSION] => {}
+                [version] if version == self.version => {}
                 [version] => return Err(HandshakeError::Version { peer: 0, version, reply: None }),
                 _ => return Err(HandshakeError::BadPayload { peer: None }),
             }
@@ -183,6 +195,8 @@ pub struct Response {
     pub peer: Peer,
     /// The answer to send.
     pub msg2: [u8; MSG2_SIZE],
+    /// The version the link speaks (the initiator's).
+    pub version: u8,
 }
 
 /// Answers `msg1`. `expected` is the link's peer for a rekey handshake (any listed node for a
@@ -216,33 +230,34 @@ pub fn respond(
         if expected.is_some_and(|id| id != peer.id) {
             return Err(HandshakeError::NotThePeer { node: peer.id });
         }
-        let stamp = check_hello(&payload[..n], &peer, &mut state)?;
+        let (version, stamp) = check_hello(&payload[..n], &peer, &mut state)?;
         if !replays.accept(peer.id, &stamp) {
             return Err(HandshakeError::Replayed { peer: peer.id });
         }
         let mut msg2 = [0u8; MSG2_SIZE];
-        if state.write_message(&[VERSION], &mut msg2)? != MSG2_SIZE {
+        if state.write_message(&[version], &mut msg2)? != MSG2_SIZE {
             return Err(HandshakeError::Noise);
         }
         let transport = state.into_inner().into_transport_mode()?;
-        Ok(Response { transport: Transport { state: transport }, peer, msg2 })
+        Ok(Response { transport: Transport { state: transport }, peer, msg2, version })
     })
 }
 
-/// Checks the initiator's hello against `peer` (authenticated by its key); returns its
-/// timestamp. An initiator of another version gets an answer that names ours.
+/// Checks the initiator's hello against `peer` (authenticated by its key); returns its version
+/// and timestamp. An initiator of a version this node does not speak gets an answer that names
+/// the newest it does.
 fn check_hello(
     hello: &[u8],
     peer: &Peer,
     state: &mut HandshakeState,
-) -> Result<Tai64n, HandshakeError> {
+) -> Result<(u8, Tai64n), HandshakeError> {
     let version = match hello {
         // Version 1's hello was the node ID alone.
         [_, _, _, _] => 1,
-        [version, ..] if *version != VERSION => *version,
-        _ => 0,
+        [version, ..] => *version,
+        [] => 0,
     };
-    if version != 0 {
+    if version != 0 && !(OLDEST_VERSION..=VERSION).contains(&version) {
         let mut reply = [0u8; MSG2_SIZE];
         let answered = state.write_message(&[VERSION], &mut reply).is_ok();
         return Err(HandshakeError::Version {
@@ -260,7 +275,7 @@ fn check_hello(
     }
     let mut stamp = [0u8; 12];
     stamp.copy_from_slice(&hello[5..]);
-    Ok(stamp)
+    Ok((version, stamp))
 }
 
 #[cfg(test)]
@@ -286,10 +301,22 @@ pub(crate) mod tests {
     }
 
     impl Pair {
+        /// A bare Noise initiator with node 1's key, for hellos this node would not send.
+        fn raw_initiator(&self) -> HandshakeState {
+            noise::builder()
+                .local_private_key(self.initiator.private())
+                .unwrap()
+                .remote_public_key(self.responder.public())
+                .unwrap()
+                .build_initiator()
+                .unwrap()
+        }
+
         fn msg1(&self, claim: u32) -> (Initiation, [u8; MSG1_SIZE]) {
             let mut msg1 = [0u8; MSG1_SIZE];
             let init =
-                initiate(&self.initiator, &peer(2, &self.responder), claim, &mut msg1).unwrap();
+                initiate(&self.initiator, &peer(2, &self.responder), claim, VERSION, &mut msg1)
+                    .unwrap();
             (init, msg1)
         }
 
@@ -324,20 +351,14 @@ pub(crate) mod tests {
         );
         let stranger = NodeKey::generate().unwrap();
         let mut msg1 = [0u8; MSG1_SIZE];
-        initiate(&stranger, &peer(2, &p.responder), 1, &mut msg1).unwrap();
+        initiate(&stranger, &peer(2, &p.responder), 1, VERSION, &mut msg1).unwrap();
         assert_eq!(
             p.respond(&msg1).err(),
             Some(HandshakeError::UnknownKey { key: *stranger.public() })
         );
         assert_eq!(p.respond(&msg1[..50]).err(), Some(HandshakeError::Noise));
         // A version-1 initiator: its hello was the node ID alone.
-        let mut v1 = noise::builder()
-            .local_private_key(p.initiator.private())
-            .unwrap()
-            .remote_public_key(p.responder.public())
-            .unwrap()
-            .build_initiator()
-            .unwrap();
+        let mut v1 = p.raw_initiator();
         let mut old = [0u8; 200];
         let n = v1.write_message(&1u32.to_le_bytes(), &mut old).unwrap();
         let Err(HandshakeError::Version { peer: 1, version: 1, reply: Some(reply) }) =
@@ -348,6 +369,50 @@ pub(crate) mod tests {
         let mut payload = [0u8; 8];
         assert_eq!(v1.read_message(&reply, &mut payload).unwrap(), 1);
         assert_eq!(payload[0], VERSION, "the answer names this node's version");
+    }
+
+    #[test]
+    fn a_version_2_initiator_gets_a_version_2_link() {
+        let p = pair();
+        let mut msg1 = [0u8; MSG1_SIZE];
+        let init = initiate(&p.initiator, &peer(2, &p.responder), 1, 2, &mut msg1).unwrap();
+        let response = p.respond(&msg1).unwrap();
+        assert_eq!(response.version, 2);
+        assert!(init.finish(&response.msg2).is_ok(), "the answer names the version asked for");
+        let (init, msg1) = p.msg1(1);
+        let response = p.respond(&msg1).unwrap();
+        assert_eq!(response.version, VERSION);
+        assert!(init.finish(&response.msg2).is_ok());
+    }
+
+    #[test]
+    fn a_node_that_speaks_only_version_2_makes_the_initiator_dial_in_it() {
+        let p = pair();
+        let (init, msg1) = p.msg1(1);
+        // A version-2 node reads the hello, refuses its version and names its own.
+        let mut old = noise::builder()
+            .local_private_key(p.responder.private())
+            .unwrap()
+            .build_responder()
+            .unwrap();
+        let mut hello = [0u8; 64];
+        old.read_message(&msg1, &mut hello).unwrap();
+        let mut refusal = [0u8; MSG2_SIZE];
+        old.write_message(&[2], &mut refusal).unwrap();
+        let Err(HandshakeError::Version { version: 2, .. }) = init.finish(&refusal) else {
+            panic!("an answer naming an older version was not taken as a refusal")
+        };
+        // A version above any this node speaks is refused, the answer naming the newest.
+        let mut future = p.raw_initiator();
+        let mut hello = [0u8; HELLO_SIZE];
+        hello[0] = VERSION + 1;
+        hello[1] = 1;
+        let mut msg = [0u8; MSG1_SIZE];
+        future.write_message(&hello, &mut msg).unwrap();
+        let refused = p.respond(&msg);
+        assert!(
+            matches!(refused, Err(HandshakeError::Version { version, .. }) if version == VERSION + 1)
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::router::{Arrivals, Context, FdChange, Router, RouterConfig};
 use super::setup::Established;
 use super::status::LinkBook;
 use super::timestamp::ReplayGuard;
-use super::wire::{MSG1_SIZE, MSG2_SIZE};
+use super::wire::{MSG1_SIZE, MSG2_SIZE, VERSION};
 use crate::cmm::audit::Audit;
 use crate::crypto::node_key::NodeKey;
 
@@ -106,7 +106,8 @@ pub fn linked(config: RouterConfig) -> io::Result<(End, End)> {
     let mut socket1 = TcpStream::connect(address)?;
     let (mut socket2, from) = listener.accept()?;
     let mut msg1 = [0u8; MSG1_SIZE];
-    let initiation = handshake::initiate(&k1, &p2, 1, &mut msg1).map_err(handshake_error)?;
+    let initiation =
+        handshake::initiate(&k1, &p2, 1, VERSION, &mut msg1).map_err(handshake_error)?;
     socket1.write_all(&msg1)?;
     socket2.read_exact(&mut msg1)?;
     let response = handshake::respond(&k2, &directory, &ReplayGuard::default(), &msg1, None)
@@ -124,6 +125,7 @@ pub fn linked(config: RouterConfig) -> io::Result<(End, End)> {
         transport: transport1,
         initiator: true,
         remote: address,
+        version: VERSION,
     })
     .map_err(gone)?;
     to_b.send(Established {
@@ -132,6 +134,7 @@ pub fn linked(config: RouterConfig) -> io::Result<(End, End)> {
         transport: response.transport,
         initiator: false,
         remote: from,
+        version: VERSION,
     })
     .map_err(gone)?;
     for end in [&mut a, &mut b] {

@@ -35,8 +35,8 @@ use super::setup::{Ended, Established};
 use super::status::{Counters, LinkBook, LinkState};
 use super::timestamp::ReplayGuard;
 use super::wire::{
-    self, check_block, DataHead, Frame, FrameError, MAX_BLOCK, MAX_RECORD_PAYLOAD, MSG1_SIZE,
-    NOISE_TAG,
+    self, check_block, DataHead, Frame, FrameError, CREDIT_VERSION, MAX_BLOCK, MAX_RECORD_PAYLOAD,
+    MSG1_SIZE, NOISE_TAG,
 };
 use crate::cmm::audit::{Audit, Record};
 use crate::crypto::channel::TAG_SIZE;
@@ -168,6 +168,8 @@ struct Link {
     socket: TcpStream,
     remote: SocketAddr,
     initiator: bool,
+    /// The protocol version the handshake settled on.
+    version: u8,
     sessions: Sessions,
     born: Instant,
     last_rx: Instant,
@@ -244,6 +246,11 @@ impl Router {
         self.by_node.contains_key(&node)
     }
 
+    /// The nodes whose links are up and meter their channels with CREDIT (version 3).
+    pub fn credit_nodes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.links.iter().flatten().filter(|l| l.version >= CREDIT_VERSION).map(|l| l.peer)
+    }
+
     /// Whether any link is up (the device thread then needs its timer).
     pub fn has_links(&self) -> bool {
         !self.by_node.is_empty()
@@ -301,7 +308,7 @@ impl Router {
             token,
             writable: false,
         });
-        context.book.up(peer, link.remote);
+        context.book.up(peer, link.remote, link.version);
         context.audit.record(Record {
             address: Some(link.remote),
             ..Record::link("link_up", "authenticated", Some(peer))
@@ -499,9 +506,16 @@ impl Router {
                     Frame::Rekey(msg1) => actions.push(Action::Rekey(*msg1)),
                     Frame::RekeyReply(msg2) => actions.push(Action::RekeyReply(*msg2)),
                     Frame::RekeyDone => actions.push(Action::RekeyDone),
-                    Frame::Offer { .. } | Frame::OfferReply { .. } | Frame::Close { .. } => {
-                        handler(peer, frame, &mut [])
+                    // Version 2 has no such frame.
+                    Frame::Credit { .. } if link.version < CREDIT_VERSION => {
+                        return Err(Failure::Protocol(
+                            FrameError::UnknownType(frame.kind()).reason(),
+                        ))
                     }
+                    Frame::Offer { .. }
+                    | Frame::OfferReply { .. }
+                    | Frame::Close { .. }
+                    | Frame::Credit { .. } => handler(peer, frame, &mut []),
                 }
             }
         }
@@ -530,6 +544,10 @@ impl Router {
                     Some(link.peer),
                 )
                 .map_err(|e| Failure::Protocol(e.reason()))?;
+                // A rekey does not change what the link speaks.
+                if response.version != link.version {
+                    return Err(Failure::Protocol("unsupported_version"));
+                }
                 link.sessions.install(response.transport);
                 // REKEY_REPLY ends this record; later ones are sealed under the new session.
                 link.stage_last(&Frame::RekeyReply(&response.msg2)).map_err(Failure::Ended)?;
@@ -623,8 +641,9 @@ impl Router {
         let mut msg1 = [0u8; MSG1_SIZE];
         let directory = context.directory.get();
         let peer = directory.by_id(link.peer).ok_or("peer_unknown")?;
-        let initiation = handshake::initiate(&context.key, peer, context.own_id, &mut msg1)
-            .map_err(|e| e.reason())?;
+        let initiation =
+            handshake::initiate(&context.key, peer, context.own_id, link.version, &mut msg1)
+                .map_err(|e| e.reason())?;
         link.sessions.rekey = Some((initiation, now));
         link.make_room(Frame::Rekey(&msg1).size(), 0)?;
         link.push_frame(&Frame::Rekey(&msg1));
@@ -688,6 +707,7 @@ impl Link {
             socket: established.socket,
             remote: established.remote,
             initiator: established.initiator,
+            version: established.version,
             sessions: Sessions::new(established.transport, now),
             born: now,
             last_rx: now,

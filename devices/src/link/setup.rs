@@ -28,7 +28,7 @@ use super::directory::{Directory, Peer, SharedDirectory};
 use super::handshake::{self, HandshakeError, Initiation, Transport};
 use super::status::{LinkBook, LinkState};
 use super::timestamp::ReplayGuard;
-use super::wire::{kind, Frame, MSG1_SIZE, NOISE_TAG};
+use super::wire::{kind, Frame, MSG1_SIZE, NOISE_TAG, OLDEST_VERSION};
 use crate::cmm::audit::{Audit, Record};
 use crate::crypto::node_key::NodeKey;
 
@@ -50,6 +50,8 @@ pub struct Established {
     pub initiator: bool,
     /// The other end's address.
     pub remote: SocketAddr,
+    /// The protocol version the link speaks (docs/PROTOCOL.md, section 10).
+    pub version: u8,
 }
 
 /// A link the router ended, so that the dialer may try again.
@@ -109,7 +111,13 @@ enum Phase {
     /// Reading the initiator's first message.
     Hello { buf: [u8; 2 + MAX_HELLO], have: usize },
     /// Answered; waiting for the initiator to prove it holds the session keys.
-    Confirm { transport: Transport, peer: Peer, buf: [u8; CONFIRM_RECORD], have: usize },
+    Confirm {
+        transport: Transport,
+        peer: Peer,
+        version: u8,
+        buf: [u8; CONFIRM_RECORD],
+        have: usize,
+    },
 }
 
 struct Pending {
@@ -141,11 +149,13 @@ struct Dial {
     peer: Peer,
     state: DialState,
     backoff: Duration,
+    /// The version to dial in: the newest, until the peer says it speaks only an older one.
+    version: u8,
 }
 
 impl Dial {
     fn new(peer: Peer, now: Instant, backoff: Duration) -> Self {
-        Self { peer, state: DialState::Idle(now), backoff }
+        Self { peer, state: DialState::Idle(now), backoff, version: super::wire::VERSION }
     }
 }
 
@@ -292,6 +302,8 @@ impl Setup {
             let backoff_max = self.times.backoff_max;
             let backoff_min = self.times.backoff_min;
             if let Some(dial) = self.dials.get_mut(&ended.peer) {
+                // The peer may have been upgraded meanwhile.
+                dial.version = super::wire::VERSION;
                 // A link that lived a while earns a quick reconnect.
                 if ended.lived > backoff_max {
                     dial.backoff = backoff_min;
@@ -473,7 +485,7 @@ impl Setup {
             Phase::Hello { buf: [0; 2 + MAX_HELLO], have: 0 },
         ) {
             Phase::Hello { buf, have } => self.answer_hello(pending, &buf[2..have]),
-            Phase::Confirm { mut transport, peer, buf, .. } => {
+            Phase::Confirm { mut transport, peer, version, buf, .. } => {
                 let mut plain = [0u8; 1];
                 let confirmed =
                     transport.open(&buf[2..], &mut plain) == Some(1) && plain[0] == kind::CONFIRM;
@@ -487,6 +499,7 @@ impl Setup {
                     transport,
                     initiator: false,
                     remote: pending.from,
+                    version,
                 });
             }
         }
@@ -508,6 +521,7 @@ impl Setup {
                 let phase = Phase::Confirm {
                     transport: response.transport,
                     peer: response.peer,
+                    version: response.version,
                     buf: [0; CONFIRM_RECORD],
                     have: 0,
                 };
@@ -638,6 +652,7 @@ impl Setup {
             &self.shared.key,
             &dial.peer,
             self.shared.own_id,
+            dial.version,
             &mut msg1,
         ) {
             Ok(initiation) => initiation,
@@ -672,12 +687,18 @@ impl Setup {
         msg2: &[u8],
     ) {
         self.drop_socket(&socket);
+        let version = initiation.version();
         let mut transport = match initiation.finish(msg2) {
             Ok(transport) => transport,
+            Err(HandshakeError::Version { version: older, .. })
+                if (OLDEST_VERSION..version).contains(&older) =>
+            {
+                return self.dial_older(peer, older);
+            }
             Err(e) => {
                 if let HandshakeError::Version { version, .. } = e {
                     log::warn!(
-                        "node {peer} speaks link protocol version {version}; this node speaks {}",
+                        "node {peer} speaks link protocol version {version}; this node speaks {OLDEST_VERSION} to {}",
                         super::wire::VERSION
                     );
                 }
@@ -696,9 +717,19 @@ impl Setup {
         let Some(dial) = self.dials.get_mut(&peer) else { return };
         dial.state = DialState::Linked;
         let remote = dial.peer.address;
-        let established =
-            Established { peer: dial.peer.clone(), socket, transport, initiator: true, remote };
+        let peer = dial.peer.clone();
+        let established = Established { peer, socket, transport, initiator: true, remote, version };
         self.hand_over(established);
+    }
+
+    /// The peer refused the version dialled and named an older one it speaks: dial again in
+    /// that one, now. Its answer was authenticated by its key, so this is its own word.
+    fn dial_older(&mut self, peer: u32, version: u8) {
+        log::info!("node {peer} speaks link protocol version {version}; linking in it");
+        if let Some(dial) = self.dials.get_mut(&peer) {
+            dial.version = version;
+            dial.state = DialState::Idle(Instant::now());
+        }
     }
 
     fn drop_socket(&self, socket: &TcpStream) {

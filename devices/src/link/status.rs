@@ -78,6 +78,7 @@ struct PeerState {
     established: u64,
     rekeys: u64,
     remote: Option<SocketAddr>,
+    protocol: Option<u8>,
 }
 
 #[derive(Debug)]
@@ -97,6 +98,7 @@ impl PeerRecord {
             established: 0,
             rekeys: 0,
             remote: None,
+            protocol: None,
         };
         Self { address, state: Mutex::new(state), counters: Arc::default() }
     }
@@ -117,6 +119,8 @@ pub struct LinkStatus {
     pub address: SocketAddr,
     /// The address of the current link's other end, while up.
     pub remote: Option<SocketAddr>,
+    /// The protocol version the current link speaks, while up.
+    pub protocol: Option<u8>,
     /// [`LinkState::name`].
     pub state: &'static str,
     /// When it entered that state.
@@ -181,19 +185,20 @@ impl LinkBook {
         self.update(peer, |s| s.state = LinkState::Connecting);
     }
 
-    /// A link to `peer`, from or at `remote`, is up.
-    pub fn up(&self, peer: u32, remote: SocketAddr) {
+    /// A link to `peer`, from or at `remote`, speaking protocol version `protocol`, is up.
+    pub fn up(&self, peer: u32, remote: SocketAddr, protocol: u8) {
         if let Some(record) = self.read().get(&peer) {
             record.counters.reset();
         }
         self.update(peer, |s| {
             s.state = LinkState::Up;
             s.remote = Some(remote);
+            s.protocol = Some(protocol);
             s.established += 1;
             s.rekeys = 0;
             s.last_handshake = Some(SystemTime::now());
         });
-        log::info!("link to node {peer} up ({remote})");
+        log::info!("link to node {peer} up ({remote}, protocol version {protocol})");
     }
 
     /// The link's session was rekeyed.
@@ -224,6 +229,7 @@ impl LinkBook {
         }
         s.last_failure = Some((reason.to_owned(), SystemTime::now()));
         s.remote = None;
+        s.protocol = None;
         if s.state != next {
             s.state = next;
             s.since = SystemTime::now();
@@ -259,6 +265,7 @@ impl LinkBook {
                     peer,
                     address: record.address,
                     remote: s.remote,
+                    protocol: s.protocol,
                     state: s.state.name(),
                     since: s.since,
                     last_failure: s.last_failure.clone(),

@@ -1,4 +1,4 @@
-//! The host-link wire format, protocol version 2 (docs/PROTOCOL.md).
+//! The host-link wire format, protocol version 3, which also speaks version 2 (docs/PROTOCOL.md).
 //!
 //! During the handshake each message on the TCP stream is a 2-byte big-endian length and a
 //! Noise handshake message. After it the stream is a sequence of **records**:
@@ -19,8 +19,12 @@ use guest_agent::channel::abi::{Endpoint, ENDPOINT_SIZE};
 use crate::cmm::frames::{CloseReason, OfferResult};
 use crate::crypto::channel::{KEY_SIZE, SALT_SIZE, TAG_SIZE};
 
-/// The protocol version this node speaks.
-pub const VERSION: u8 = 2;
+/// The protocol version this node speaks when it dials.
+pub const VERSION: u8 = 3;
+/// The oldest version it still speaks: a link of version 2 carries no CREDIT frames.
+pub const OLDEST_VERSION: u8 = 2;
+/// The first version whose channels are flow-controlled with CREDIT frames.
+pub const CREDIT_VERSION: u8 = 3;
 /// Largest Noise message, handshake or transport.
 pub const MAX_MESSAGE: usize = 65_535;
 /// Bytes of a Noise transport message's tag.
@@ -62,6 +66,8 @@ pub mod kind {
     pub const REKEY_REPLY: u8 = 9;
     /// The initiator's last frame under its old sending key.
     pub const REKEY_DONE: u8 = 10;
+    /// How far the other end of a channel may send (version 3).
+    pub const CREDIT: u8 = 11;
 }
 
 /// Body bytes of each frame type (`None`: no such type).
@@ -74,6 +80,7 @@ pub fn body_len(kind: u8) -> Option<usize> {
         kind::CLOSE => 2 * ENDPOINT_SIZE + 1,
         kind::REKEY => MSG1_SIZE,
         kind::REKEY_REPLY => MSG2_SIZE,
+        kind::CREDIT => 2 * ENDPOINT_SIZE + 8,
         _ => return None,
     })
 }
@@ -178,6 +185,16 @@ pub enum Frame<'a> {
     RekeyReply(&'a [u8; MSG2_SIZE]),
     /// [`kind::REKEY_DONE`].
     RekeyDone,
+    /// [`kind::CREDIT`]: `source` lets `destination` send on their channel every message
+    /// whose `seq` is below `limit`.
+    Credit {
+        /// The receiving end, granting.
+        source: Endpoint,
+        /// The sending end, granted.
+        destination: Endpoint,
+        /// The first `seq` it may not send yet.
+        limit: u64,
+    },
 }
 
 /// Why a record or frame was refused; the link ends.
@@ -222,6 +239,7 @@ impl Frame<'_> {
             Self::Rekey(_) => kind::REKEY,
             Self::RekeyReply(_) => kind::REKEY_REPLY,
             Self::RekeyDone => kind::REKEY_DONE,
+            Self::Credit { .. } => kind::CREDIT,
         }
     }
 
@@ -255,6 +273,11 @@ impl Frame<'_> {
             }
             Self::Rekey(message) => body.copy_from_slice(&message[..]),
             Self::RekeyReply(message) => body.copy_from_slice(&message[..]),
+            Self::Credit { source, destination, limit } => {
+                source.encode(&mut body[..12]);
+                destination.encode(&mut body[12..24]);
+                body[24..32].copy_from_slice(&limit.to_le_bytes());
+            }
         }
     }
 }
@@ -321,6 +344,11 @@ fn decode(kind: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
         },
         kind::REKEY => Frame::Rekey(body.try_into().map_err(|_| FrameError::Truncated)?),
         kind::REKEY_REPLY => Frame::RekeyReply(body.try_into().map_err(|_| FrameError::Truncated)?),
+        kind::CREDIT => Frame::Credit {
+            source: endpoint(0),
+            destination: endpoint(12),
+            limit: u64::from_le_bytes(array(&body[24..32])),
+        },
         other => return Err(FrameError::UnknownType(other)),
     })
 }

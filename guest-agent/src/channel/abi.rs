@@ -62,8 +62,9 @@ pub mod status {
     pub const BUFFER_TOO_SMALL: u32 = 11;
     /// The destination node is not reachable from this node.
     pub const UNREACHABLE: u32 = 12;
-    /// The receiver (a partition of this node) has no room now: nothing was sent; send it
-    /// again later.
+    /// The receiver has no room now (a partition of this node whose device holds a window of
+    /// the channel's messages, or one on another node that has granted no more credit):
+    /// nothing was sent; send it again later.
     pub const NO_ROOM: u32 = 13;
     /// The device failed internally; nothing was done.
     pub const INTERNAL: u32 = 14;

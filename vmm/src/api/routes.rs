@@ -250,6 +250,7 @@ fn link_json(l: &keyhold_devices::link::LinkStatus) -> Value {
         "peer": l.peer,
         "address": l.address.to_string(),
         "remote": l.remote.map(|r| r.to_string()),
+        "protocol": l.protocol,
         "state": l.state,
         "up": l.state == "up",
         "since": epoch_secs(Some(l.since)),

@@ -3,8 +3,9 @@
 //! (another node). With no buffer posted, a message is held (in order) and moved in when the
 //! guest posts one. A sender on this node is told NO_ROOM before the device would hold more
 //! than [`CHANNEL_WINDOW`] messages of its channel or [`MAX_PENDING`] in all, so nothing from
-//! this node is dropped; from another node, past [`MAX_PENDING`] a message is dropped and
-//! counted (its sender's node cannot be told yet: docs/DEVICE.md).
+//! this node is dropped. A sender on another node is held to the credit this node grants
+//! (`cmm::credit`): at most a window of messages per channel, held whatever else is held. Only
+//! a peer of link version 2, which knows no credit, can be dropped past [`MAX_PENDING`].
 
 use guest_agent::channel::abi::RX_HEADER_SIZE;
 
@@ -69,13 +70,15 @@ pub(super) struct Receivers<'a> {
 
 impl Receivers<'_> {
     /// Delivers a message to device `index`: into a posted buffer if the guest has one and
-    /// nothing is held before it, else held.
+    /// nothing is held before it, else held (if `bounded`, only while fewer than
+    /// [`MAX_PENDING`] are; an unbounded one's sender is bounded by its credit).
     fn deliver_to(
         &mut self,
         index: usize,
         channel: ChannelId,
         header: &RxHeader,
         mut source: Source<'_, '_, '_>,
+        bounded: bool,
     ) -> Delivered {
         let device = &mut self.devices[index];
         let len = header.len as usize;
@@ -94,7 +97,7 @@ impl Receivers<'_> {
                 }
             }
         }
-        if device.pending.len() >= MAX_PENDING {
+        if bounded && device.pending.len() >= MAX_PENDING {
             return Delivered::Dropped;
         }
         let mut payload = self.buffers.take(len);
@@ -136,7 +139,13 @@ fn write_now(
 }
 
 impl Deliver for Receivers<'_> {
-    fn deliver(&mut self, partition: u32, header: &RxHeader, payload: &[u8]) -> Delivered {
+    fn deliver(
+        &mut self,
+        partition: u32,
+        header: &RxHeader,
+        payload: &[u8],
+        metered: bool,
+    ) -> Delivered {
         if let Some(delivered) =
             self.vsock.deliver_remote(self.node, partition, header, payload, self.buffers)
         {
@@ -145,7 +154,8 @@ impl Deliver for Receivers<'_> {
         let Some(index) = self.devices.iter().position(|d| d.partition == partition) else {
             return Delivered::Dropped;
         };
-        self.deliver_to(index, ChannelId(header.channel), header, Source::Bytes(payload))
+        let channel = ChannelId(header.channel);
+        self.deliver_to(index, channel, header, Source::Bytes(payload), !metered)
     }
 }
 
@@ -177,7 +187,7 @@ impl ChannelNode {
             return Ok(());
         };
         let (cmm, mut receivers) = self.receivers();
-        match receivers.deliver_to(index, channel, header, Source::Guest(reader)) {
+        match receivers.deliver_to(index, channel, header, Source::Guest(reader), true) {
             Delivered::Written => cmm.delivered(partition, channel, header.len as usize),
             Delivered::Dropped => cmm.dropped_no_room(partition, channel),
             Delivered::Held => {}

@@ -345,6 +345,7 @@ impl ChannelNode {
         let Ok(Opening::Pending(channel)) = self.cmm.open(partition, key.1, to, None) else {
             return self.vsock.answer(index, header);
         };
+        self.cmm.carries_vsock(channel);
         let stream = Stream::new(channel, index, false);
         self.vsock.remote.streams.insert(key, stream);
         self.vsock.remote.by_channel.insert(channel, key);
