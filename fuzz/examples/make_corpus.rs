@@ -218,6 +218,21 @@ fn vsock(dir: &Path) {
     stop.packet(1, &to_peer(RW, 1024, 5000, 20)).notify(1, tx);
     write(dir, "vsock_queue", "stop-and-start-again", &stop.finish());
 
+    // The operator resets CID 3's transport in the middle of a connection: its driver gets an
+    // RST and TRANSPORT_RESET in its event buffer (one of 16 bytes, one of 2), the peer an
+    // RST; the connection is made again; a second reset finds the small event buffer.
+    let mut reset = Ops::set_up(true, 4);
+    reset.buffers(0, &[4096; 4], 0).buffers(1, &[4096; 4], 0).notify(0, rx).notify(1, rx);
+    reset.buffers(0, &[16, 2], 8);
+    reset.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify(1, tx);
+    reset.packet(0, &to_peer(RESPONSE, 5000, 1024, 0)).notify(0, tx);
+    reset.packet(1, &to_peer(RW, 1024, 5000, 500)).notify(1, tx).reset_vsock(0);
+    reset.buffers(0, &[4096; 2], 0).notify(0, rx);
+    reset.packet(1, &to_peer(REQUEST, 1024, 5000, 0)).notify(1, tx);
+    reset.packet(0, &to_peer(RESPONSE, 5000, 1024, 0)).notify(0, tx).reset_vsock(0);
+    reset.reset_vsock(1).packet(0, &to_peer(RW, 5000, 1024, 20)).notify(0, tx);
+    write(dir, "vsock_queue", "operator-resets-the-transport", &reset.finish());
+
     // Queues of two entries, a raw chain and a bad avail index on the transmit queue, an event
     // buffer, a notification of the event queue.
     let mut raw = Ops::set_up(false, 0);

@@ -100,6 +100,8 @@ pub mod op {
     pub const AVAIL_IDX: u8 = 11;
     /// The partition stops (and may start again): vsock target only.
     pub const STOP: u8 = 12;
+    /// The operator resets the partition's vsock transport: vsock target only.
+    pub const RESET_VSOCK: u8 = 13;
 }
 
 /// What one of the operations every device target shares ([`Driver::common`]) did, for the

@@ -8,7 +8,8 @@
 //!
 //! [`VsockWorld::run`] reads operations from the fuzzer's bytes: transmit packets whose header
 //! fields are mostly sane but each one fuzzable ([`Packet`]), receive buffers of any size,
-//! notifications on either path, resets, a partition stopped (and started again), and the raw
+//! notifications on either path, resets (the driver's, and the operator's of the transport),
+//! a partition stopped (and started again), and the raw
 //! operations every device target has (chains, registers, memory, avail indices).
 //!
 //! After every operation it checks what the devices wrote, as far as it knows what its
@@ -16,7 +17,9 @@
 //! driver's back ends the checks that depend on it, for the rest of the input):
 //!
 //! - every used entry names a chain the driver posted and the device still held; transmit
-//!   chains come back with nothing written, the event queue is never used;
+//!   chains come back with nothing written, and an event buffer comes back only after the
+//!   operator reset the transport, once per reset, holding TRANSPORT_RESET (`le32` 0; 4 bytes
+//!   used, or none if the buffer is smaller);
 //! - every receive buffer used holds a whole header (`len >= 44`) and no more than the
 //!   buffer's size, the header's `len` is exactly the bytes after it, its type is stream, its
 //!   operation one of the seven, its `buf_alloc` at most `MAX_CREDIT`, and only RW carries
@@ -338,11 +341,13 @@ struct Track {
     failed: bool,
     /// The partition is stopped.
     stopped: bool,
+    /// Transport resets not yet reported in an event buffer.
+    events_due: u32,
 }
 
 impl Track {
     fn new() -> Self {
-        Self { held: Default::default(), known: true, failed: false, stopped: false }
+        Self { held: Default::default(), known: true, failed: false, stopped: false, events_due: 0 }
     }
 
     /// The regions of the chains held on queue `q`, writable ones or readable ones.
@@ -526,6 +531,13 @@ impl VsockWorld {
                 return false;
             }
             Common::Other(op::STOP) => self.stop(d, input.u8() & 1 != 0),
+            Common::Other(op::RESET_VSOCK) => {
+                let node = &self.thread.node;
+                let mut node = node.lock().unwrap_or_else(|e| e.into_inner());
+                let reset = node.reset_vsock(partition_of(d));
+                assert!(reset.is_some(), "a running partition's transport can be reset");
+                self.tracks[d].events_due += 1;
+            }
             Common::Other(_) => return false,
         }
         true
@@ -757,11 +769,43 @@ impl VsockWorld {
                     TX => {
                         assert_eq!(len, 0, "step {step}: device {e}: a transmit chain written to")
                     }
-                    _ => panic!("step {step}: device {e}: an event buffer used ({len} bytes)"),
+                    _ => {
+                        self.check_event(e, &posted, len);
+                        returned.push((posted, len));
+                    }
                 }
             }
         }
         returned
+    }
+
+    /// Checks the event device `e` wrote into event buffer `posted`, `len` bytes: only a
+    /// transport reset's, once per reset.
+    fn check_event(&mut self, e: usize, posted: &Posted, len: u32) {
+        let step = self.step;
+        let track = &mut self.tracks[e];
+        assert!(track.events_due > 0, "step {step}: device {e}: an event with no reset ({len} B)");
+        track.events_due -= 1;
+        if crate::debugging() {
+            eprintln!("  device {e}: an event of {len} bytes");
+        }
+        let fits = posted.capacity() >= 4;
+        assert_eq!(len, if fits { 4 } else { 0 }, "step {step}: device {e}: event length");
+        if fits {
+            let mut id = [0u8; 4];
+            let mut at = 0;
+            for &(addr, n) in &posted.writable {
+                for i in 0..n.min(4 - at as u64) {
+                    let byte = self.drivers[e].mem.read_obj::<u8>(GuestAddress(addr + i));
+                    id[at] = byte.expect("event buffer in guest RAM");
+                    at += 1;
+                }
+                if at == 4 {
+                    break;
+                }
+            }
+            assert_eq!(u32::from_le_bytes(id), 0, "step {step}: device {e}: not TRANSPORT_RESET");
+        }
     }
 
     /// Checks the packet device `e` wrote into receive chain `posted`, `len` bytes.
@@ -971,6 +1015,12 @@ impl Ops {
         for &len in lens {
             out.u16(len).u8(shape);
         }
+        self
+    }
+
+    /// The operator resets `device`'s transport.
+    pub fn reset_vsock(&mut self, device: usize) -> &mut Self {
+        self.code(device, op::RESET_VSOCK);
         self
     }
 

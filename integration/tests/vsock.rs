@@ -276,7 +276,9 @@ fn the_receiving_nodes_policy_decides_a_connection_across_nodes() {
 }
 
 /// A program's `CONNECT PORT` through `socket`, a few bytes echoed back.
-fn echo_through(socket: &Path, port: u32) -> Vec<u8> {
+/// A program's connection through `socket` to the guest's `port` (Firecracker's hybrid
+/// handshake done): the stream, and a reader of what comes back.
+fn connect(socket: &Path, port: u32) -> (UnixStream, BufReader<UnixStream>) {
     let mut stream = UnixStream::connect(socket).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
@@ -284,6 +286,29 @@ fn echo_through(socket: &Path, port: u32) -> Vec<u8> {
     let mut ok = String::new();
     reader.read_line(&mut ok).unwrap();
     assert!(ok.starts_with("OK "), "{ok:?}");
+    (stream, reader)
+}
+
+/// A node in `dir` with an API socket, partition 1 (CID 3) echoing on port 5000 until `conns`
+/// connections end (programs on the node may connect to it), and partition 2 spinning, which
+/// keeps the node up whatever becomes of partition 1. Returns once partition 1's socket takes
+/// connections: the node, that socket and the API's.
+fn operated_echo(dir: &Path, conns: u32) -> (std::process::Child, PathBuf, PathBuf) {
+    let args = format!("role=echo port=5000 conns={conns}");
+    let config = config(dir, &[("2:*", "3:5000")], &[(1, 3, &args)]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace("[node]\n", "[node]\napi_socket = \"api.sock\"\n");
+    text += &format!("\n[[partition]]\nid = 2\nfirmware = \"{}\"\n", fixture("spin").display());
+    std::fs::write(&config, text).unwrap();
+    let node =
+        spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"]);
+    let (socket, api) = (dir.join("p1.vsock"), dir.join("api.sock"));
+    assert!(wait_until(Duration::from_secs(60), || UnixStream::connect(&socket).is_ok()));
+    (node, socket, api)
+}
+
+fn echo_through(socket: &Path, port: u32) -> Vec<u8> {
+    let (mut stream, mut reader) = connect(socket, port);
     stream.write_all(b"hello").unwrap();
     let mut back = vec![0u8; 5];
     reader.read_exact(&mut back).unwrap();
@@ -294,18 +319,7 @@ fn echo_through(socket: &Path, port: u32) -> Vec<u8> {
 fn a_partition_started_again_has_its_vsock_device_and_socket_back() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
-    let config =
-        config(dir.path(), &[("2:*", "3:5000")], &[(1, 3, "role=echo port=5000 conns=100")]);
-    // A second partition keeps the node up while the first is stopped, and the API socket
-    // lets the operator stop and start it.
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text = text.replace("[node]\n", "[node]\napi_socket = \"api.sock\"\n");
-    text += &format!("\n[[partition]]\nid = 2\nfirmware = \"{}\"\n", fixture("spin").display());
-    std::fs::write(&config, text).unwrap();
-    let node =
-        spawn_keyhold(["node", "--config", &config.display().to_string(), "--timeout", "120"]);
-    let (socket, api) = (dir.path().join("p1.vsock"), dir.path().join("api.sock"));
-    assert!(wait_until(Duration::from_secs(60), || UnixStream::connect(&socket).is_ok()));
+    let (node, socket, api) = operated_echo(dir.path(), 100);
     // Twice, so that the first connection's socket has been closed and its number reused.
     for _ in 0..2 {
         assert_eq!(echo_through(&socket, 5000), b"hello");
@@ -424,4 +438,49 @@ fn a_guest_cannot_fill_another_partitions_table_with_unanswered_requests() {
     // 16 requests wait for an answer; the 4 past them are reset at once, and audited.
     assert!(out.stdout.contains("vsock: asked for 20 connections, 4 reset"), "{out:#?}");
     assert_eq!(audited(dir.path(), "vsock_refused", "too_many_requests").len(), 4);
+}
+
+#[test]
+fn the_operator_resets_a_partitions_vsock_transport_and_every_end_learns_it() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let (node, socket, api) = operated_echo(dir.path(), 2);
+    // A program holds a connection to the guest, and it works.
+    let (mut stream, mut reader) = connect(&socket, 5000);
+    stream.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    reader.read_exact(&mut back).unwrap();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--socket", api.to_str().unwrap()];
+        all.extend_from_slice(args);
+        keyhold(all)
+    };
+    // A partition without a vsock device has no transport to reset.
+    let none = ctl(&["reset-vsock", "2"]);
+    assert_ne!(none.code(), 0, "{none:#?}");
+    assert!(none.stderr.contains("404"), "{none:#?}");
+    let reset = ctl(&["reset-vsock", "1"]);
+    assert_eq!(reset.code(), 0, "{reset:#?}");
+    let answer: serde_json::Value = serde_json::from_str(&reset.stdout).unwrap();
+    assert_eq!(answer["connections"], 1, "{answer}");
+    // The program's end is closed; the guest's driver was told (an RST: this driver posts no
+    // event buffers for TRANSPORT_RESET) and counts the connection ended.
+    let mut rest = Vec::new();
+    assert_eq!(reader.read_to_end(&mut rest).unwrap(), 0, "the program's socket is closed");
+    // The transport works on: a new connection echoes, and ends the guest's second.
+    assert_eq!(echo_through(&socket, 5000), b"hello");
+    let records = audited(dir.path(), "vsock_transport_reset", "operator");
+    assert_eq!(records.len(), 1, "audited once");
+    assert_eq!(records[0]["count"], 1);
+    assert_eq!(records[0]["source"]["partition"], 1);
+    let ended = || {
+        let partitions: serde_json::Value =
+            serde_json::from_str(&ctl(&["partitions"]).stdout).unwrap_or_default();
+        partitions.as_array().into_iter().flatten().any(|p| p["id"] == 1 && p["exit_status"] == 0)
+    };
+    assert!(wait_until(Duration::from_secs(60), ended), "the echo saw both connections end");
+    terminate(&node);
+    let out = finish(node, Duration::from_secs(60));
+    out.assert_no_panic();
+    assert!(out.stdout.contains("vsock: closed 2:"), "{out:#?}");
 }

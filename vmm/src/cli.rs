@@ -195,6 +195,12 @@ pub enum CtlRequest {
         /// The partition.
         partition: u32,
     },
+    /// Reset a partition's vsock transport: every vsock connection it has ends (the other ends
+    /// get an RST), and its driver is told to reset its sockets (TRANSPORT_RESET).
+    ResetVsock {
+        /// The partition.
+        partition: u32,
+    },
     /// Read the node's cluster file again and apply it, as SIGHUP does: new nodes are linked,
     /// removed ones unlinked (their channels close), changed keys re-handshake.
     Reload,
@@ -223,6 +229,9 @@ impl CtlRequest {
             }
             Self::Stop { partition } => ("POST", format!("/v1/partitions/{partition}/stop")),
             Self::Start { partition } => ("POST", format!("/v1/partitions/{partition}/start")),
+            Self::ResetVsock { partition } => {
+                ("POST", format!("/v1/partitions/{partition}/vsock/reset"))
+            }
             Self::Reload => ("POST", "/v1/reload".into()),
         }
     }

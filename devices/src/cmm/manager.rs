@@ -358,6 +358,18 @@ impl Cmm {
         self.core.audit("vsock_refused", reason, source, destination);
     }
 
+    /// Audits the operator's reset of `partition`'s vsock transport, which ended `ended`
+    /// connections.
+    pub fn audit_vsock_reset(&self, partition: u32, ended: usize) {
+        let source = self.core.endpoint(partition, 0);
+        self.core.audit.record(Record {
+            by_node: true,
+            source: Some(&source),
+            count: Some(ended as u64),
+            ..Record::link("vsock_transport_reset", "operator", None)
+        });
+    }
+
     /// LIST: the partition's entries, without keys.
     pub fn list(&self, partition: u32) -> Vec<ChannelInfo> {
         self.core.table.of_partition(partition).map(|(id, e)| e.info(id)).collect()

@@ -29,6 +29,12 @@ pub enum Query {
         /// The partition.
         partition: u32,
     },
+    /// Reset the transport of a partition's vsock device on the operator's word: every
+    /// connection ends, and the driver is told (TRANSPORT_RESET).
+    VsockReset {
+        /// The partition.
+        partition: u32,
+    },
 }
 
 /// An answer.
@@ -42,6 +48,9 @@ pub enum Reply {
     Revoked(Result<(), u32>),
     /// How many channels the stopped partition held.
     PartitionStopped(usize),
+    /// How many connections the reset ended; `None` if the partition has no running vsock
+    /// device.
+    VsockReset(Option<usize>),
 }
 
 type Envelope = (Query, Sender<Reply>);

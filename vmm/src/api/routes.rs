@@ -25,6 +25,7 @@ enum Route<'a> {
     Revoke { partition: &'a str, channel: &'a str },
     Stop { partition: &'a str },
     Start { partition: &'a str },
+    VsockReset { partition: &'a str },
     Reload,
 }
 
@@ -42,6 +43,7 @@ impl<'a> Route<'a> {
             ["v1", "channels", partition, channel, "revoke"] => Self::Revoke { partition, channel },
             ["v1", "partitions", partition, "stop"] => Self::Stop { partition },
             ["v1", "partitions", partition, "start"] => Self::Start { partition },
+            ["v1", "partitions", partition, "vsock", "reset"] => Self::VsockReset { partition },
             ["v1", "reload"] => Self::Reload,
             _ => return None,
         })
@@ -49,7 +51,11 @@ impl<'a> Route<'a> {
 
     fn method(&self) -> &'static str {
         match self {
-            Self::Revoke { .. } | Self::Stop { .. } | Self::Start { .. } | Self::Reload => "POST",
+            Self::Revoke { .. }
+            | Self::Stop { .. }
+            | Self::Start { .. }
+            | Self::VsockReset { .. }
+            | Self::Reload => "POST",
             _ => "GET",
         }
     }
@@ -98,6 +104,12 @@ pub fn answer(state: &ApiState, request: &Request, scope: Scope) -> Response {
             },
             Err(_) => Response::error(400, "expected /v1/partitions/PARTITION/start with a number"),
         },
+        Route::VsockReset { partition } => match partition.parse() {
+            Ok(partition) => ask(state, Query::VsockReset { partition }),
+            Err(_) => {
+                Response::error(400, "expected /v1/partitions/PARTITION/vsock/reset with a number")
+            }
+        },
         Route::Revoke { partition, channel } => match (partition.parse(), parse_channel(channel)) {
             (Ok(partition), Some(channel)) => ask(state, Query::Revoke { partition, channel }),
             _ => {
@@ -143,6 +155,12 @@ fn ask(state: &ApiState, query: Query) -> Response {
         Some(Reply::Revoked(Ok(()))) => Response::json(200, &json!({ "revoked": true })),
         Some(Reply::Revoked(Err(code))) => {
             Response::json(404, &json!({ "error": "no such channel", "status": code }))
+        }
+        Some(Reply::VsockReset(Some(connections))) => {
+            Response::json(200, &json!({ "reset": true, "connections": connections }))
+        }
+        Some(Reply::VsockReset(None)) => {
+            Response::error(404, "no running partition with a vsock device by that ID")
         }
         // No route asks about stopped partitions: that answer never comes here.
         None | Some(Reply::PartitionStopped(_)) => {

@@ -18,6 +18,7 @@ mod transmit;
 mod vsock;
 mod vsock_host;
 mod vsock_remote;
+mod vsock_reset;
 
 pub use inline::Attachment;
 
@@ -255,6 +256,15 @@ impl ChannelNode {
 
     fn device_of(&self, partition: u32) -> Option<usize> {
         self.devices.iter().position(|d| d.partition == partition)
+    }
+
+    /// The operator resets the transport of `partition`'s vsock device: every connection ends
+    /// and the driver is told (docs/VSOCK.md). Returns how many connections ended; `None` if
+    /// the partition has no running vsock device.
+    pub fn reset_vsock(&mut self, partition: u32) -> Option<usize> {
+        let ended = self.vsock_transport_reset(partition);
+        self.cmm.flush();
+        ended
     }
 
     /// Partition `partition` stopped (or crashed): its channels close, their peers learn why,

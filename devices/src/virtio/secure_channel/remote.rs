@@ -31,6 +31,7 @@ impl ChannelNode {
                 Query::PartitionStopped { partition } => {
                     Reply::PartitionStopped(self.partition_stopped(partition))
                 }
+                Query::VsockReset { partition } => Reply::VsockReset(self.reset_vsock(partition)),
             };
             // The asker may have given up waiting; nothing to do then.
             let _ = reply.send(answer);

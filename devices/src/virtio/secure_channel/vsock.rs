@@ -39,7 +39,7 @@ const PACKET_COST: usize = 64;
 pub(super) const MAX_HELD: usize = 2 * MAX_CREDIT as usize;
 
 /// A connection as one of its ends sees it: `(own CID, own port, peer CID, peer port)`.
-type StreamKey = (u32, u32, u32, u32);
+pub(super) type StreamKey = (u32, u32, u32, u32);
 
 /// One end of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +152,13 @@ impl Vsock {
         Self { devices, policy, host, remote, ..Self::default() }
     }
 
-    fn device_of_cid(&self, cid: u32) -> Option<usize> {
+    /// Device `index`'s connections with partitions of this node, as its guest sees them.
+    pub(super) fn local_keys_of(&self, index: usize) -> Vec<StreamKey> {
+        let cid = self.devices[index].cid;
+        self.streams.keys().filter(|k| k.0 == cid).copied().collect()
+    }
+
+    pub(super) fn device_of_cid(&self, cid: u32) -> Option<usize> {
         self.devices.iter().position(|d| d.cid == cid)
     }
 
@@ -508,7 +514,7 @@ impl ChannelNode {
 
     /// Ends connection `key` (an RST from its sender, a reset, a stopped partition): the
     /// other end (`peer`, if it still runs) gets an RST; both table entries are closed.
-    fn vsock_reset(&mut self, key: StreamKey, peer: Option<usize>) {
+    pub(super) fn vsock_reset(&mut self, key: StreamKey, peer: Option<usize>) {
         let (Some(own), theirs) =
             (self.vsock.streams.remove(&key), self.vsock.streams.remove(&mirror(key)))
         else {
@@ -622,27 +628,6 @@ impl ChannelNode {
         Ok(())
     }
 
-    /// If the driver of device `index` reset it since the node last looked, its connections
-    /// end as they would with its partition (the other ends get an RST, the entries close,
-    /// what waited for it goes): the driver that set the device up again knows none of them.
-    fn vsock_check_reset(&mut self, index: usize) {
-        let resets = self.vsock.devices[index].shared.resets();
-        if resets == self.vsock.devices[index].resets_seen {
-            return;
-        }
-        self.vsock.devices[index].resets_seen = resets;
-        let cid = self.vsock.devices[index].cid;
-        let local: Vec<StreamKey> =
-            self.vsock.streams.keys().filter(|k| k.0 == cid).copied().collect();
-        for key in local {
-            let peer = self.vsock.device_of_cid(key.2);
-            self.vsock_reset(key, peer);
-        }
-        self.remote_device_reset(index);
-        self.host_partition_stopped(index);
-        self.vsock_drop_outbox(index);
-    }
-
     /// Partition `partition` stopped (the CMM has closed its entries): the other end of each of
     /// its connections gets an RST and its entry is closed, and the device lets go of what it
     /// held.
@@ -650,10 +635,7 @@ impl ChannelNode {
         let Some(index) = self.vsock.devices.iter().position(|d| d.partition == partition) else {
             return;
         };
-        let cid = self.vsock.devices[index].cid;
-        let ends: Vec<StreamKey> =
-            self.vsock.streams.keys().filter(|k| k.0 == cid).copied().collect();
-        for key in ends {
+        for key in self.vsock.local_keys_of(index) {
             self.vsock.streams.remove(&key);
             let Some(theirs) = self.vsock.streams.remove(&mirror(key)) else { continue };
             if let Some(peer) = self.vsock.device_of_cid(key.2) {
@@ -672,7 +654,7 @@ impl ChannelNode {
     }
 
     /// Lets go of what waits for device `index`.
-    fn vsock_drop_outbox(&mut self, index: usize) {
+    pub(super) fn vsock_drop_outbox(&mut self, index: usize) {
         let dropped: Vec<Outgoing> = self.vsock.devices[index].outbox.drain(..).collect();
         for packet in dropped {
             self.vsock.release(&packet);

@@ -24,6 +24,7 @@ use guest_agent::channel::abi::Endpoint;
 
 use super::chain::Cursor;
 use super::vsock::Refused;
+use super::vsock::StreamKey;
 use super::vsock::MAX_HELD;
 use super::*;
 use crate::virtio::vsock::packet::{op, Header, TYPE_STREAM};
@@ -577,6 +578,12 @@ impl ChannelNode {
     }
 
     /// Partition `partition`'s host connections end with it.
+    /// Device `index`'s connections with programs on the node, as its guest sees them.
+    pub(super) fn host_keys_of(&self, index: usize) -> Vec<StreamKey> {
+        let conns = self.vsock.host.conns.values().filter(|c| c.device == index);
+        conns.map(|c| (c.cid, c.guest_port, HOST_CID, c.host_port)).collect()
+    }
+
     pub(super) fn host_partition_stopped(&mut self, index: usize) {
         let tokens: Vec<u32> = self
             .vsock

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use guest_agent::channel::abi::{Endpoint, RxHeader, TxHeader};
 
 use super::chain::Cursor;
-use super::vsock::{mirror, rst_from, Refused, Stream, Vsock};
+use super::vsock::{mirror, rst_from, Refused, Stream, StreamKey, Vsock};
 use super::*;
 use crate::cmm::{Delivered, Opening, Payload, Sent};
 use crate::virtio::vsock::packet::{op, Header, TYPE_STREAM};
@@ -25,9 +25,6 @@ use crate::virtio::vsock::{MAX_CREDIT, MAX_PAYLOAD};
 
 /// Size of the envelope at the start of every vsock message on a channel.
 pub const ENVELOPE_SIZE: usize = 16;
-
-/// `(own CID, own port, peer CID, peer port)`.
-type StreamKey = (u32, u32, u32, u32);
 
 /// Every connection of this node's partitions to other nodes'.
 #[derive(Default)]
@@ -404,7 +401,7 @@ impl ChannelNode {
     }
 
     /// The connections of device `index` to other nodes.
-    fn remote_keys_of(&self, index: usize) -> Vec<StreamKey> {
+    pub(super) fn remote_keys_of(&self, index: usize) -> Vec<StreamKey> {
         let ends = self.vsock.remote.streams.iter().filter(|(_, s)| s.device == index);
         ends.map(|(k, _)| *k).collect()
     }
