@@ -16,6 +16,13 @@ if [ "$(id -u)" = 0 ] && ! command -v ip >/dev/null; then
     apt-get install -y -q iproute2 >/dev/null || { apt-get update -q && apt-get install -y -q iproute2; }
 fi
 
+# The fleet test runs nodes whose members come from a real etcd (Debian's etcd-server; the
+# package's own service is not started: the test runs its own on loopback).
+if [ "$(id -u)" = 0 ] && ! command -v etcd >/dev/null; then
+    step "installing etcd-server (for the fleet test)"
+    apt-get install -y -q etcd-server >/dev/null || { apt-get update -q && apt-get install -y -q etcd-server; }
+fi
+
 # The metrics test checks the exposition with the Prometheus project's own Python parser.
 if ! python3 -c 'import prometheus_client' 2>/dev/null; then
     step "installing prometheus_client (the metrics test parses with it)"

@@ -4,6 +4,7 @@
 //! The tests launch the real binary, so it must be built first; `scripts/test.sh` (the README's
 //! test command) does that before `cargo test`.
 
+pub mod etcd;
 pub mod nodes;
 
 use std::ffi::OsStr;

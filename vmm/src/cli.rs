@@ -58,6 +58,16 @@ pub enum Command {
     Keygen,
     /// Read a private key on stdin and print its public key, as `wg pubkey` does.
     Pubkey,
+    /// Print a new cluster operator key (base64 Ed25519 seed): it signs each node's
+    /// registration for membership from etcd. Keep it off the nodes.
+    OperatorKeygen,
+    /// Read an operator key on stdin and print its public key, for node.toml's
+    /// `[etcd] operator_public_key`.
+    OperatorPubkey,
+    /// Sign a node's registration with the operator key: prints the signature for the node's
+    /// `[etcd] registration_signature`. It covers the node's ID, address and static public key,
+    /// so etcd write access alone can neither add a node nor swap its key.
+    SignNode(SignNodeArgs),
     /// Print the completion script for SHELL (for example
     /// `keyhold completions bash > /etc/bash_completion.d/keyhold`).
     Completions {
@@ -179,6 +189,9 @@ pub enum CtlRequest {
     Stats,
     /// The host links: state, address, last handshake and failure, bytes and frames.
     Links,
+    /// Where the members come from; from etcd, whether the node follows it now, since when,
+    /// the members and the revision.
+    Membership,
     /// The most recent audit records.
     Audit,
     /// Every counter in the Prometheus text format (GET /metrics).
@@ -222,6 +235,7 @@ impl CtlRequest {
             Self::Channels => ("GET", "/v1/channels".into()),
             Self::Stats => ("GET", "/v1/stats".into()),
             Self::Links => ("GET", "/v1/links".into()),
+            Self::Membership => ("GET", "/v1/membership".into()),
             Self::Audit => ("GET", "/v1/audit".into()),
             Self::Metrics => ("GET", "/metrics".into()),
             Self::Revoke { partition, channel } => {
@@ -235,6 +249,23 @@ impl CtlRequest {
             Self::Reload => ("POST", "/v1/reload".into()),
         }
     }
+}
+
+/// Arguments of `keyhold sign-node`.
+#[derive(Debug, Args)]
+pub struct SignNodeArgs {
+    /// The operator key (from `keyhold operator-keygen`).
+    #[arg(long, value_name = "FILE")]
+    pub operator_key: PathBuf,
+    /// The node's ID.
+    #[arg(long)]
+    pub id: u32,
+    /// Where the node's peers dial it (its `[etcd] advertise`, or its `listen`).
+    #[arg(long, value_name = "IP:PORT")]
+    pub address: std::net::SocketAddr,
+    /// The node's static public key (`keyhold pubkey < node.key`).
+    #[arg(long, value_name = "BASE64")]
+    pub public_key: String,
 }
 
 /// Arguments of `keyhold check`.

@@ -49,11 +49,24 @@ pub struct ClusterLinks {
     pub listen: SocketAddr,
     /// Timing and bounds of the links (node.toml `[links]`).
     pub settings: LinkSettings,
-    /// The cluster file, read again on a reload.
-    pub cluster_file: PathBuf,
+    /// Where the directory comes from.
+    pub source: DirectorySource,
 }
 
-fn invalid(path: &Path, field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+/// Where a node learns the cluster's members.
+#[derive(Debug)]
+pub enum DirectorySource {
+    /// A cluster file, read again on a reload.
+    File(PathBuf),
+    /// etcd: registrations under a prefix, followed as they change.
+    Etcd(Box<crate::membership::EtcdConfig>),
+}
+
+pub(crate) fn invalid(
+    path: &Path,
+    field: impl Into<String>,
+    problem: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid { path: path.to_owned(), field: field.into(), problem: problem.into() }
 }
 
@@ -113,6 +126,34 @@ pub fn cluster_links(
             invalid(node_path, "node.id", format!("node {node} is not in {}", cluster.display()))
         })?
         .clone();
+    let key = node_key(node_path, private_key_file)?;
+    if key.public() != &me.public_key {
+        return Err(invalid(
+            node_path,
+            "node.private_key_file",
+            format!("its public key is not the one {} lists for node {node}", cluster.display()),
+        ));
+    }
+    let listen = match listen {
+        Some(text) => listen_address(node_path, text)?,
+        None => me.address,
+    };
+    Ok(ClusterLinks {
+        key: Arc::new(key),
+        directory,
+        listen,
+        settings,
+        source: DirectorySource::File(cluster.to_owned()),
+    })
+}
+
+/// `node.listen`, parsed.
+pub fn listen_address(node_path: &Path, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| invalid(node_path, "node.listen", format!("{text:?} is not IP:PORT")))
+}
+
+/// The node's key from `node.private_key_file`, which only its owner may read.
+pub fn node_key(node_path: &Path, private_key_file: &Path) -> Result<NodeKey, ConfigError> {
     let field = "node.private_key_file";
     let meta = std::fs::metadata(private_key_file).map_err(|e| {
         invalid(node_path, field, format!("cannot read {}: {e}", private_key_file.display()))
@@ -128,28 +169,8 @@ pub fn cluster_links(
             ),
         ));
     }
-    let key = NodeKey::read_file(private_key_file)
-        .map_err(|e| invalid(node_path, field, format!("{}: {e}", private_key_file.display())))?;
-    if key.public() != &me.public_key {
-        return Err(invalid(
-            node_path,
-            field,
-            format!("its public key is not the one {} lists for node {node}", cluster.display()),
-        ));
-    }
-    let listen = match listen {
-        Some(text) => text
-            .parse()
-            .map_err(|_| invalid(node_path, "node.listen", format!("{text:?} is not IP:PORT")))?,
-        None => me.address,
-    };
-    Ok(ClusterLinks {
-        key: Arc::new(key),
-        directory,
-        listen,
-        settings,
-        cluster_file: cluster.to_owned(),
-    })
+    NodeKey::read_file(private_key_file)
+        .map_err(|e| invalid(node_path, field, format!("{}: {e}", private_key_file.display())))
 }
 
 #[cfg(test)]

@@ -124,6 +124,8 @@ fn show(socket: &Path, json: bool) -> Result<(), Failure> {
     let summary = json!({
         "node": ask_json(socket, "/v1/node")?,
         "links": ask_json(socket, "/v1/links")?,
+        // A node of an older build has no such route: it shows nothing then.
+        "membership": ask_json(socket, "/v1/membership").unwrap_or(Value::Null),
         "partitions": ask_json(socket, "/v1/partitions")?,
         "stats": ask_json(socket, "/v1/stats")?,
         "channels": channel_counts(&ask_json(socket, "/v1/channels")?),
@@ -153,6 +155,20 @@ fn render(s: &Value, now: SystemTime) -> String {
         s["node"]["node"],
         s["node"]["version"].as_str().unwrap_or("?")
     );
+    let membership = &s["membership"];
+    if membership["source"] == "etcd" {
+        out += &format!(
+            "  membership: etcd at {}, {} (since {}), {} members, revision {}\n",
+            membership["endpoint"].as_str().unwrap_or("?"),
+            membership["state"].as_str().unwrap_or("?"),
+            ago(&membership["since"], now),
+            membership["members"],
+            membership["revision"],
+        );
+        if let Some(error) = membership["last_error"].as_str() {
+            out += &format!("  membership's last error: {error}\n");
+        }
+    }
     for link in s["links"].as_array().into_iter().flatten() {
         out += &format!(
             "\nlink: node {}\n  state: {} (since {})\n  address: {}\n",

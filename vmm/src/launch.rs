@@ -18,7 +18,8 @@ use crate::api::{ApiServer, ApiState, PartitionState};
 use crate::claimed_socket::ClaimedSocket;
 
 use crate::cli::{CheckArgs, NodeArgs, RunArgs, SeccompArgs};
-use crate::cluster_config::ClusterLinks;
+use crate::cluster_config::{ClusterLinks, DirectorySource};
+use crate::membership::Membership;
 use crate::node_config::{self, ConfigError};
 use std::sync::{Arc, Mutex};
 
@@ -108,6 +109,9 @@ pub enum LaunchError {
     /// The device thread could not start.
     #[error("starting the device thread: {0}")]
     DeviceThread(io::Error),
+    /// The membership thread (etcd) could not start.
+    #[error("starting the membership thread: {0}")]
+    Membership(io::Error),
     /// The host cannot run partitions.
     #[error(transparent)]
     Host(#[from] HostError),
@@ -130,6 +134,7 @@ impl LaunchError {
             Self::Host(HostError::KvmOpen(_))
             | Self::Supervisor(_)
             | Self::DeviceThread(_)
+            | Self::Membership(_)
             | Self::Seccomp(_)
             | Self::Cmm(_) => STATUS_HOST_FAILURE,
             _ => STATUS_BAD_INPUT,
@@ -249,8 +254,17 @@ pub fn check(args: &CheckArgs) -> Result<String, LaunchError> {
         launch.partitions.len()
     );
     if let Some(links) = &launch.links {
-        let peers = links.directory.peers().len().saturating_sub(1);
-        summary += &format!(", listening on {} for {peers} peers", links.listen);
+        match &links.source {
+            DirectorySource::File(_) => {
+                let peers = links.directory.peers().len().saturating_sub(1);
+                summary += &format!(", listening on {} for {peers} peers", links.listen);
+            }
+            DirectorySource::Etcd(etcd) => {
+                let endpoints = etcd.endpoints.join(", ");
+                summary +=
+                    &format!(", listening on {}, members from etcd at {endpoints}", links.listen);
+            }
+        }
     }
     if let Some(socket) = &launch.api_socket {
         summary += &format!(", API on {}", socket.display());
@@ -301,6 +315,7 @@ pub fn boot(
     let consoles = consoles(launch)?;
     let mut partitions = create_partitions(&kvm, launch, firmware, &consoles)?;
     let (links, router) = start_links(launch, &audit, &containment)?;
+    let membership = start_membership(launch, links.as_ref(), &audit, &containment)?;
     let (queries, query_port) = query::channel().map_err(LaunchError::DeviceThread)?;
     let requests = Requests::new().map_err(LaunchError::DeviceThread)?;
     let api_state = Arc::new(ApiState {
@@ -310,6 +325,7 @@ pub fn boot(
         ),
         queries,
         links: links.as_ref().map(LinkManager::book),
+        membership: membership.as_ref().map(Membership::status),
         audit: audit.clone(),
         requests: Some(requests.clone()),
     });
@@ -355,6 +371,8 @@ pub fn boot(
     drop(api);
     // Devices stop before the links, so nothing is sent over a link being torn down.
     drop(device_thread);
+    // Deregistered before the links say goodbye, so peers unlink at once.
+    drop(membership);
     drop(links);
     // The last records (links going down, channels closing) reach the file before exit.
     flusher.flush(AUDIT_FLUSH);
@@ -403,9 +421,35 @@ fn start_links(
     Ok((Some(manager), router))
 }
 
-/// How SIGHUP and `ctl reload` re-read the cluster file and apply it to the links.
+/// Registers the node in etcd and has its links follow the members there, if its members
+/// come from etcd.
+fn start_membership(
+    launch: &Launch,
+    links: Option<&LinkManager>,
+    audit: &Audit,
+    containment: &Containment,
+) -> Result<Option<Membership>, LaunchError> {
+    let (Some(l), Some(manager)) = (&launch.links, links) else { return Ok(None) };
+    let DirectorySource::Etcd(config) = &l.source else { return Ok(None) };
+    let own = l.directory.by_id(launch.node).cloned().ok_or_else(|| {
+        LaunchError::Membership(io::Error::other("the node is not in its own directory"))
+    })?;
+    let membership = Membership::start(
+        (**config).clone(),
+        own,
+        manager.reloader(),
+        audit.clone(),
+        containment.clone(),
+    )
+    .map_err(LaunchError::Membership)?;
+    Ok(Some(membership))
+}
+
+/// How SIGHUP and `ctl reload` re-read the cluster file and apply it to the links (a node on
+/// etcd has none: its members follow etcd).
 fn reload_fn(launch: &Launch, links: Option<&LinkManager>) -> Option<ReloadFn> {
-    let file = launch.links.as_ref()?.cluster_file.clone();
+    let DirectorySource::File(file) = &launch.links.as_ref()?.source else { return None };
+    let file = file.clone();
     let reloader = links?.reloader();
     Some(Box::new(move || {
         let directory = crate::cluster_config::load_cluster(&file).map_err(|e| e.to_string())?;

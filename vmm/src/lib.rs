@@ -25,6 +25,7 @@ pub mod kick;
 pub mod launch;
 pub mod layout;
 pub mod loader;
+pub mod membership;
 pub mod node_config;
 pub mod page_tables;
 pub mod partition;

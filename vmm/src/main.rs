@@ -24,6 +24,9 @@ fn main() -> ExitCode {
             | Command::Check(_)
             | Command::Keygen
             | Command::Pubkey
+            | Command::OperatorKeygen
+            | Command::OperatorPubkey
+            | Command::SignNode(_)
             | Command::Completions { .. }
     ) {
         restore_sigpipe();
@@ -55,6 +58,18 @@ fn main() -> ExitCode {
         }),
         Command::Keygen => key_command(keygen()),
         Command::Pubkey => key_command(pubkey()),
+        Command::OperatorKeygen => {
+            key_command(keyhold_vmm::membership::operator::generate().inspect(|_| {
+                warn_if_stdout_is_readable_by_others();
+            }))
+        }
+        Command::OperatorPubkey => key_command(operator_pubkey()),
+        Command::SignNode(args) => key_command(keyhold_vmm::membership::operator::sign_node(
+            &args.operator_key,
+            args.id,
+            args.address,
+            &args.public_key,
+        )),
         Command::Completions { shell } => {
             keyhold_vmm::docs_gen::completions(*shell);
             Ok(0)
@@ -125,6 +140,15 @@ fn pubkey() -> Result<String, String> {
     let secret = keys::decode_private(&text).map_err(|e| format!("stdin: {e}"));
     text.zeroize();
     Ok(secret?.public_base64())
+}
+
+fn operator_pubkey() -> Result<String, String> {
+    let mut text = String::new();
+    std::io::stdin().read_line(&mut text).map_err(|e| format!("reading stdin: {e}"))?;
+    let public =
+        keyhold_vmm::membership::operator::public(&text).map_err(|e| format!("stdin: {e}"));
+    text.zeroize();
+    public
 }
 
 /// A log line in `--log-format json`, fields in this order.

@@ -42,6 +42,11 @@
 //! cid = 7
 //! node = 2
 //! partition = 1
+//!
+//! [etcd]                           # optional, instead of node.cluster: members from etcd
+//! endpoints = ["http://10.0.0.10:2379"]   # (crate::membership::config lists every field)
+//! operator_public_key = "..."
+//! registration_signature = "..."
 //! ```
 //! Unknown fields are errors, so a typo is reported rather than ignored.
 
@@ -115,6 +120,7 @@ struct File {
     audit: AuditSection,
     #[serde(default)]
     vsock: VsockSection,
+    etcd: Option<crate::membership::config::EtcdSection>,
     #[serde(default)]
     partition: Vec<PartitionSection>,
 }
@@ -344,6 +350,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Launch, ConfigError> {
     let settings = link_settings(path, &file.links)?;
     let cmm = cmm_config(path, &file.channels)?;
     let links = match (&file.node.cluster, &file.node.private_key_file) {
+        (Some(_), _) if file.etcd.is_some() => {
+            return Err(invalid(
+                "etcd".into(),
+                "a node has a cluster file or etcd, not both (remove node.cluster)",
+            ))
+        }
+        (None, Some(key)) if file.etcd.is_some() => {
+            let section = file.etcd.as_ref().ok_or_else(|| invalid("etcd".into(), "missing"))?;
+            Some(crate::membership::config::etcd_links(
+                path,
+                file.node.id,
+                section,
+                &base.join(key),
+                file.node.listen.as_deref(),
+                settings,
+            )?)
+        }
+        (None, None) if file.etcd.is_some() => {
+            return Err(invalid("node.private_key_file".into(), "a node on etcd needs its key"))
+        }
         (Some(cluster), Some(key)) => Some(cluster_config::cluster_links(
             path,
             file.node.id,

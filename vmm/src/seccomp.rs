@@ -81,6 +81,8 @@ pub enum ThreadKind {
     /// The starter: builds a stopped partition again (`keyhold ctl start`) and starts its
     /// vCPU thread.
     Starter,
+    /// Membership from etcd: its lease, reads and watches.
+    Membership,
 }
 
 /// Whether the threads run under their filters (`--seccomp`).
@@ -119,6 +121,7 @@ struct Filters {
     main: BpfProgram,
     audit: BpfProgram,
     starter: BpfProgram,
+    membership: BpfProgram,
 }
 
 /// The containment of one process: the filters each thread installs (none with
@@ -177,6 +180,7 @@ impl Containment {
             main: compile(main_thread())?,
             audit: compile(audit())?,
             starter: compile(starter(needs))?,
+            membership: compile(membership())?,
         };
         install_sigsys_handler().map_err(SeccompError::Handler)?;
         Ok(Self { filters: Some(Arc::new(filters)), selftest })
@@ -197,6 +201,7 @@ impl Containment {
                 ThreadKind::Main => &filters.main,
                 ThreadKind::Audit => &filters.audit,
                 ThreadKind::Starter => &filters.starter,
+                ThreadKind::Membership => &filters.membership,
             };
             if let Err(e) = seccompiler::apply_filter(program) {
                 let name = std::thread::current().name().unwrap_or("?").to_owned();
@@ -491,6 +496,46 @@ fn link_setup() -> Rules {
     rules
 }
 
+/// The membership threads (etcd, docs/OPERATOR.md): HTTP to etcd's endpoints over TCP (a
+/// connect with a timeout polls), a name in an endpoint looked up as the C library does
+/// (its files read-only, the resolver over UDP), and a thread started for each watch, which
+/// installs this same filter.
+fn membership() -> Rules {
+    let mut rules = base();
+    sockets(&mut rules);
+    let read_only = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    rules
+        .allow(&[
+            libc::SYS_connect,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+            libc::SYS_lseek,
+        ])
+        .allow_if(libc::SYS_openat, &[arg_is(2, read_only)])
+        .allow_if_arg_in(
+            libc::SYS_socket,
+            0,
+            &[libc::AF_INET as u64, libc::AF_INET6 as u64, libc::AF_UNIX as u64],
+        );
+    thread_start(&mut rules);
+    rules
+}
+
+/// Starting a thread that installs its own filter: `clone3`, the new thread's robust futex
+/// list, restartable sequences and name, and its filter (`no_new_privs` first).
+fn thread_start(rules: &mut Rules) {
+    rules
+        .allow(&[libc::SYS_clone3, libc::SYS_set_robust_list, libc::SYS_rseq, libc::SYS_seccomp])
+        .allow_if_arg_in(
+            libc::SYS_prctl,
+            0,
+            &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64],
+        );
+}
+
 /// The control API: accepts on its Unix socket, one bounded request and answer at a time, and
 /// asks the device thread through a channel and an eventfd.
 fn api() -> Rules {
@@ -562,10 +607,6 @@ fn starter(needs: Needs) -> Rules {
             libc::SYS_eventfd2,
             libc::SYS_timerfd_create,
             libc::SYS_timerfd_settime,
-            libc::SYS_clone3,
-            libc::SYS_set_robust_list,
-            libc::SYS_rseq,
-            libc::SYS_seccomp,
         ])
         // The new vCPU thread's stop eventfd is cloned (dup) for the supervisor; the devices'
         // timerfds are made non-blocking.
@@ -573,12 +614,8 @@ fn starter(needs: Needs) -> Rules {
             libc::SYS_fcntl,
             1,
             &[libc::F_DUPFD_CLOEXEC as u64, libc::F_GETFL as u64, libc::F_SETFL as u64],
-        )
-        .allow_if_arg_in(
-            libc::SYS_prctl,
-            0,
-            &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64],
         );
+    thread_start(&mut rules);
     rules
 }
 
@@ -643,6 +680,7 @@ fn remember_thread_name(kind: ThreadKind) {
         ThreadKind::Main => "main",
         ThreadKind::Audit => "audit",
         ThreadKind::Starter => "starter",
+        ThreadKind::Membership => "membership",
     };
     let name = current.name().unwrap_or(fallback).as_bytes();
     let mut padded = [0u8; 16];

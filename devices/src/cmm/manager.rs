@@ -447,16 +447,17 @@ impl Cmm {
     }
 
     /// Counts a message written into `partition`'s receive buffer; its sender may be
-    /// granted more credit.
+    /// granted more credit (staged: it leaves with the next [`Cmm::flush`]).
     pub fn delivered(&mut self, partition: u32, channel: ChannelId, len: usize) {
         self.core.delivered(partition, channel, len);
-        self.send_replies();
+        self.stage_replies();
     }
 
-    /// Counts a verified message dropped because the guest had no receive buffer.
+    /// Counts a verified message dropped because the guest had no receive buffer (staged as
+    /// [`Cmm::delivered`]).
     pub fn dropped_no_room(&mut self, partition: u32, channel: ChannelId) {
         self.core.dropped_no_room(partition, channel);
-        self.send_replies();
+        self.stage_replies();
     }
 
     /// Channel `channel` (just opened) carries a vsock connection, paced by its envelope's
@@ -543,9 +544,13 @@ impl Cmm {
     }
 
     fn send_replies(&mut self) {
-        if self.core.replies.is_empty() {
-            return;
+        if !self.core.replies.is_empty() {
+            self.stage_replies();
+            self.router.flush_all();
         }
+    }
+
+    fn stage_replies(&mut self) {
         for (node, reply) in std::mem::take(&mut self.core.replies) {
             let frame = match reply {
                 Reply::Offer { id, result } => Frame::OfferReply { id, result },
@@ -556,7 +561,6 @@ impl Cmm {
             // A link that broke meanwhile takes its channels with it (below).
             let _ = self.router.stage(node, &frame);
         }
-        self.router.flush_all();
     }
 
     fn handle_downs(&mut self) {

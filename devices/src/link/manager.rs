@@ -71,6 +71,16 @@ impl Reloader {
     /// with a new key have their links ended (`key_changed`) and made again with it, moved
     /// ones are dialled at their new address; every other link stays as it is.
     pub fn reload(&self, new: Directory) -> Result<DirectoryChanges, ReloadError> {
+        self.follow(new, "operator")
+    }
+
+    /// As [`Reloader::reload`], for a new directory from `source` (the audit's reason:
+    /// `operator` for a cluster file, `etcd` for a membership change).
+    pub fn follow(
+        &self,
+        new: Directory,
+        source: &'static str,
+    ) -> Result<DirectoryChanges, ReloadError> {
         let old = self.directory.get();
         match (old.by_id(self.own_id), new.by_id(self.own_id)) {
             (_, None) => return Err(ReloadError::OwnNodeRemoved(self.own_id)),
@@ -96,7 +106,7 @@ impl Reloader {
         self.audit.record(Record {
             count: Some(count),
             by_node: true,
-            ..Record::link("cluster_reloaded", "operator", None)
+            ..Record::link("cluster_reloaded", source, None)
         });
         Ok(changes)
     }

@@ -28,6 +28,7 @@ pub fn answer(state: &ApiState) -> Response {
     partitions(&mut out, state, &stats);
     channels(&mut out, &entries);
     links(&mut out, state);
+    membership(&mut out, state);
     audit(&mut out, state);
     Response { code: 200, content_type: CONTENT_TYPE, body: out.text, allow: None }
 }
@@ -66,6 +67,22 @@ fn node(out: &mut Exposition, state: &ApiState) {
         &[("node", &state.node.to_string()), ("version", crate::VERSION)],
         1,
     );
+}
+
+/// Only on a node whose members come from etcd.
+fn membership(out: &mut Exposition, state: &ApiState) {
+    let Some(status) = &state.membership else { return };
+    let s = lock(status).clone();
+    out.family(
+        "keyhold_membership_synced",
+        "gauge",
+        "1 while the node follows etcd, 0 while etcd cannot be reached or its ID is refused.",
+    );
+    out.sample("keyhold_membership_synced", &[], u64::from(s.state == "synced"));
+    out.family("keyhold_membership_members", "gauge", "Nodes in the directory, this one included.");
+    out.sample("keyhold_membership_members", &[], s.members as u64);
+    out.family("keyhold_membership_revision", "gauge", "The etcd revision the directory reflects.");
+    out.sample("keyhold_membership_revision", &[], u64::try_from(s.revision).unwrap_or(0));
 }
 
 fn partitions(

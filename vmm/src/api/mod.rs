@@ -53,6 +53,8 @@ pub struct ApiState {
     pub queries: QueryHandle,
     /// The host links, if any.
     pub links: Option<Arc<LinkBook>>,
+    /// Where the node stands with etcd, if its members come from there.
+    pub membership: Option<Arc<Mutex<crate::membership::MembershipStatus>>>,
     /// The audit log's recent records.
     pub audit: Audit,
     /// Where the operator's stops, starts and reloads go (`None`: the API only reads).

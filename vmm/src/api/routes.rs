@@ -20,6 +20,7 @@ enum Route<'a> {
     Channels,
     Stats,
     Links,
+    Membership,
     Audit,
     Metrics,
     Revoke { partition: &'a str, channel: &'a str },
@@ -38,6 +39,7 @@ impl<'a> Route<'a> {
             ["v1", "channels"] => Self::Channels,
             ["v1", "stats"] => Self::Stats,
             ["v1", "links"] => Self::Links,
+            ["v1", "membership"] => Self::Membership,
             ["v1", "audit"] => Self::Audit,
             ["metrics"] | ["v1", "metrics"] => Self::Metrics,
             ["v1", "channels", partition, channel, "revoke"] => Self::Revoke { partition, channel },
@@ -84,6 +86,7 @@ pub fn answer(state: &ApiState, request: &Request, scope: Scope) -> Response {
         Route::Channels => ask(state, Query::Channels),
         Route::Stats => ask(state, Query::Stats),
         Route::Links => Response::json(200, &links(state)),
+        Route::Membership => Response::json(200, &membership(state)),
         Route::Audit => Response::json(200, &audit(state)),
         Route::Metrics => metrics::answer(state),
         Route::Reload => match operator(state, requests::Request::Reload) {
@@ -167,6 +170,24 @@ fn ask(state: &ApiState, query: Query) -> Response {
             Response::error(503, "the device thread did not answer")
         }
     }
+}
+
+/// Where the members come from, and, from etcd, how that stands.
+pub fn membership(state: &ApiState) -> Value {
+    let Some(status) = &state.membership else {
+        let source = if state.links.is_some() { "cluster_file" } else { "none" };
+        return json!({ "source": source });
+    };
+    let s = lock(status).clone();
+    json!({
+        "source": "etcd",
+        "state": s.state,
+        "since": epoch_secs(Some(s.since)),
+        "revision": s.revision,
+        "members": s.members,
+        "endpoint": s.endpoint,
+        "last_error": s.last_error,
+    })
 }
 
 fn partitions(state: &ApiState) -> Value {

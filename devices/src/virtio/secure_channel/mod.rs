@@ -308,6 +308,8 @@ impl ChannelNode {
             return;
         }
         self.flush_pending(index);
+        // The credit its guest's new buffers earned the senders on other nodes.
+        self.cmm.flush();
     }
 
     /// Handles up to a budget of chains of queue `q` of device `index`: `handle` gets each

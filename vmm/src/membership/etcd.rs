@@ -1,0 +1,286 @@
+//! A small client of etcd's v3 API through its JSON gateway (`POST /v3/...`, keys and values
+//! in base64, 64-bit integers as decimal strings), enough for a membership directory: leases,
+//! a create-or-own transaction, a prefix read, and a watch. It speaks HTTP/1.1 with `ureq`,
+//! blocking, on the membership thread; no async runtime comes into the VMM for it. Each call
+//! tries the endpoints in turn, starting with the last one that answered.
+
+use std::io::Read;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+use thiserror::Error;
+use ureq::Agent;
+
+/// Longest a single request may take, connection included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why etcd could not be used.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EtcdError {
+    /// No endpoint answered.
+    #[error("no etcd endpoint answered (last: {0})")]
+    Unreachable(String),
+    /// An endpoint answered with something else than the API's answer.
+    #[error("etcd answered unexpectedly: {0}")]
+    Answer(String),
+}
+
+/// The outcome of [`Etcd::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is ours now, under our lease.
+    Ours,
+    /// A live registration holds it that is not ours: its value.
+    Held(Vec<u8>),
+}
+
+/// One change a watch reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A key was written.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// Its value.
+        value: Vec<u8>,
+    },
+    /// A key was deleted, or its lease expired.
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+/// Every key under a prefix, at a revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The store's revision the read saw.
+    pub revision: i64,
+    /// `(key, value)` pairs.
+    pub kvs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// How to reach etcd.
+pub struct Etcd {
+    endpoints: Vec<String>,
+    next: usize,
+    unary: Agent,
+    stream: Agent,
+}
+
+impl Etcd {
+    /// A client of `endpoints` (`http://HOST:PORT` or `https://...`), with `tls` for https.
+    pub fn new(endpoints: Vec<String>, tls: ureq::tls::TlsConfig) -> Self {
+        let unary = Agent::config_builder()
+            .tls_config(tls.clone())
+            .timeout_global(Some(CALL_TIMEOUT))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        // A watch's answer never ends: only the wait for its start is bounded.
+        let stream = Agent::config_builder()
+            .tls_config(tls)
+            .timeout_connect(Some(CALL_TIMEOUT))
+            .timeout_recv_response(Some(CALL_TIMEOUT))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self { endpoints, next: 0, unary, stream }
+    }
+
+    /// The endpoint that answered last (or will be tried first).
+    pub fn endpoint(&self) -> &str {
+        self.endpoints.get(self.next).map_or("", String::as_str)
+    }
+
+    /// Posts `body` to `path` on the first endpoint that answers; its answer.
+    fn call(&mut self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let mut last = String::new();
+        for i in 0..self.endpoints.len() {
+            let at = (self.next + i) % self.endpoints.len();
+            let url = format!("{}{path}", self.endpoints[at].trim_end_matches('/'));
+            match self.unary.post(&url).send_json(body) {
+                Ok(mut response) => {
+                    self.next = at;
+                    let status = response.status();
+                    let answer: Value = response
+                        .body_mut()
+                        .read_json()
+                        .map_err(|e| EtcdError::Answer(format!("{path}: {e}")))?;
+                    if !status.is_success() {
+                        return Err(EtcdError::Answer(format!("{path}: {status}: {answer}")));
+                    }
+                    return Ok(answer);
+                }
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        Err(EtcdError::Unreachable(last))
+    }
+
+    /// A new lease of `ttl` seconds; its ID.
+    pub fn grant(&mut self, ttl: u64) -> Result<i64, EtcdError> {
+        let answer = self.call("/v3/lease/grant", &json!({ "TTL": ttl }))?;
+        int(&answer["ID"]).ok_or_else(|| EtcdError::Answer(format!("lease grant: {answer}")))
+    }
+
+    /// Renews `lease`; the seconds it has left (0: it expired, and its keys are gone).
+    pub fn keep_alive(&mut self, lease: i64) -> Result<i64, EtcdError> {
+        let answer = self.call("/v3/lease/keepalive", &json!({ "ID": lease.to_string() }))?;
+        Ok(int(&answer["result"]["TTL"]).unwrap_or(0))
+    }
+
+    /// Ends `lease` now: its keys go at once.
+    pub fn revoke(&mut self, lease: i64) -> Result<(), EtcdError> {
+        self.call("/v3/lease/revoke", &json!({ "ID": lease.to_string() })).map(drop)
+    }
+
+    /// Writes `value` at `key` under `lease` if no key is there, or if the one there is
+    /// `ours` (this node's own registration, from before a restart); otherwise leaves it and
+    /// returns it. One transaction each way, so two nodes never both think they hold it.
+    pub fn claim(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        ours: impl Fn(&[u8]) -> bool,
+    ) -> Result<Claim, EtcdError> {
+        let put = json!({ "request_put": {
+            "key": STANDARD.encode(key), "value": STANDARD.encode(value), "lease": lease.to_string()
+        }});
+        let absent = json!({ "key": STANDARD.encode(key), "result": "EQUAL", "target": "CREATE",
+                             "create_revision": "0" });
+        let txn = json!({ "compare": [absent], "success": [put],
+                          "failure": [{ "request_range": { "key": STANDARD.encode(key) } }] });
+        let answer = self.call("/v3/kv/txn", &txn)?;
+        if answer["succeeded"].as_bool() == Some(true) {
+            return Ok(Claim::Ours);
+        }
+        let kv = &answer["responses"][0]["response_range"]["kvs"][0];
+        let held = bytes(&kv["value"]);
+        let revision = kv["mod_revision"].clone();
+        if !ours(&held) {
+            return Ok(Claim::Held(held));
+        }
+        // Ours from before: overwrite it, as long as nobody changed it meanwhile.
+        let same = json!({ "key": STANDARD.encode(key), "result": "EQUAL", "target": "MOD",
+                           "mod_revision": revision });
+        let answer = self.call("/v3/kv/txn", &json!({ "compare": [same], "success": [put] }))?;
+        if answer["succeeded"].as_bool() == Some(true) {
+            Ok(Claim::Ours)
+        } else {
+            Err(EtcdError::Answer("the registration changed while it was claimed".into()))
+        }
+    }
+
+    /// Every key under `prefix`.
+    pub fn read(&mut self, prefix: &[u8]) -> Result<Snapshot, EtcdError> {
+        let range = json!({ "key": STANDARD.encode(prefix),
+                            "range_end": STANDARD.encode(prefix_end(prefix)) });
+        let answer = self.call("/v3/kv/range", &range)?;
+        let revision = int(&answer["header"]["revision"])
+            .ok_or_else(|| EtcdError::Answer(format!("range: {answer}")))?;
+        let kvs = answer["kvs"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let kvs = kvs.iter().map(|kv| (bytes(&kv["key"]), bytes(&kv["value"]))).collect();
+        Ok(Snapshot { revision, kvs })
+    }
+
+    /// Watches every key under `prefix` from `revision` on: the changes, in order, until the
+    /// stream ends (etcd went away, or compacted that revision).
+    pub fn watch(&mut self, prefix: &[u8], revision: i64) -> Result<Watch, EtcdError> {
+        let create = json!({ "create_request": {
+            "key": STANDARD.encode(prefix), "range_end": STANDARD.encode(prefix_end(prefix)),
+            "start_revision": revision.to_string() }});
+        let url = format!("{}/v3/watch", self.endpoint().trim_end_matches('/'));
+        let response = self
+            .stream
+            .post(&url)
+            .send_json(&create)
+            .map_err(|e| EtcdError::Unreachable(format!("{url}: {e}")))?;
+        if !response.status().is_success() {
+            return Err(EtcdError::Answer(format!("watch: {}", response.status())));
+        }
+        let reader: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
+        Ok(Watch { answers: serde_json::Deserializer::from_reader(reader).into_iter() })
+    }
+}
+
+/// The changes a watch reports, a batch at a time.
+pub struct Watch {
+    answers: serde_json::StreamDeserializer<
+        'static,
+        serde_json::de::IoRead<Box<dyn Read + Send>>,
+        Value,
+    >,
+}
+
+impl Iterator for Watch {
+    type Item = Result<Vec<Change>, EtcdError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let answer = match self.answers.next()? {
+            Ok(answer) => answer,
+            Err(e) => return Some(Err(EtcdError::Unreachable(format!("watch: {e}")))),
+        };
+        let result = &answer["result"];
+        if result["canceled"].as_bool() == Some(true) || !answer["error"].is_null() {
+            return Some(Err(EtcdError::Answer(format!("watch ended: {answer}"))));
+        }
+        let events = result["events"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let changes = events
+            .iter()
+            .map(|event| {
+                let key = bytes(&event["kv"]["key"]);
+                match event["type"].as_str() {
+                    Some("DELETE") => Change::Delete { key },
+                    _ => Change::Put { key, value: bytes(&event["kv"]["value"]) },
+                }
+            })
+            .collect();
+        Some(Ok(changes))
+    }
+}
+
+/// The end of the range of keys that start with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // A prefix of 0xff bytes only: every key from it on.
+    vec![0]
+}
+
+/// A 64-bit integer the gateway wrote as a decimal string (or a number).
+fn int(value: &Value) -> Option<i64> {
+    value.as_str().and_then(|s| s.parse().ok()).or_else(|| value.as_i64())
+}
+
+/// Bytes the gateway wrote in base64 (empty if absent or not base64).
+fn bytes(value: &Value) -> Vec<u8> {
+    value.as_str().and_then(|s| STANDARD.decode(s).ok()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_past_its_last_key() {
+        assert_eq!(prefix_end(b"/keyhold/nodes/"), b"/keyhold/nodes0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn integers_come_as_strings_or_numbers() {
+        assert_eq!(int(&json!("7587")), Some(7587));
+        assert_eq!(int(&json!(12)), Some(12));
+        assert_eq!(int(&json!(null)), None);
+    }
+}
