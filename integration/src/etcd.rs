@@ -30,20 +30,92 @@ pub struct Etcd {
     dir: PathBuf,
     client: u16,
     peer: u16,
+    tls: Option<Tls>,
+}
+
+/// TLS for an etcd's clients: a CA, etcd's certificate from it (for 127.0.0.1), and a client
+/// certificate from it, which etcd demands. Made with openssl in a directory.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The CA's certificate.
+    pub ca: PathBuf,
+    /// etcd's certificate and key.
+    pub server: (PathBuf, PathBuf),
+    /// A client's certificate and key.
+    pub client: (PathBuf, PathBuf),
+}
+
+impl Tls {
+    /// Makes them in `dir`.
+    pub fn make(dir: &Path) -> Self {
+        let openssl = |args: &[&str]| {
+            let out =
+                Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "openssl {args:?}: {stderr}");
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=keyhold test CA"];
+        ca.extend(ec);
+        ca.extend(["-keyout", "ca-key.pem", "-out", "ca.pem"]);
+        openssl(&ca);
+        let uses =
+            [("etcd", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")];
+        for (name, ext) in uses {
+            let subject = format!("/CN={name}");
+            let (key, csr) = (format!("{name}-key.pem"), format!("{name}.csr"));
+            let mut req = vec!["req", "-subj", &subject];
+            req.extend(ec);
+            req.extend(["-keyout", &key, "-out", &csr]);
+            openssl(&req);
+            let (extfile, cert) = (format!("{name}.ext"), format!("{name}.pem"));
+            std::fs::write(dir.join(&extfile), format!("{ext}\n")).unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-extfile",
+                &extfile,
+                "-out",
+                &cert,
+            ]);
+        }
+        let file = |name: &str| dir.join(name);
+        Self {
+            ca: file("ca.pem"),
+            server: (file("etcd.pem"), file("etcd-key.pem")),
+            client: (file("client.pem"), file("client-key.pem")),
+        }
+    }
 }
 
 impl Etcd {
     /// Starts one in `dir` and waits until it answers.
     pub fn start(dir: &Path) -> Self {
-        let mut etcd =
-            Self { child: None, dir: dir.to_owned(), client: free_port(), peer: free_port() };
+        Self::start_with(dir, None)
+    }
+
+    /// Starts one in `dir`; with `tls`, it speaks only TLS and wants client certificates from
+    /// that CA. Waits until it answers (with TLS: until it listens).
+    pub fn start_with(dir: &Path, tls: Option<Tls>) -> Self {
+        let (client, peer) = (free_port(), free_port());
+        let mut etcd = Self { child: None, dir: dir.to_owned(), client, peer, tls };
         etcd.resume();
         etcd
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https` with TLS).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client)
     }
 
     /// Stops it (SIGKILL): no quorum, nothing answers.
@@ -56,29 +128,26 @@ impl Etcd {
 
     /// Starts it again on its data, and waits until it answers.
     pub fn resume(&mut self) {
-        let (client, peer) = (
-            format!("http://127.0.0.1:{}", self.client),
-            format!("http://127.0.0.1:{}", self.peer),
-        );
+        let (client, peer) = (self.url(), format!("http://127.0.0.1:{}", self.peer));
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "test", "--data-dir"])
             .arg(self.dir.join("etcd-data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("test={peer}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start etcd");
-        self.child = Some(child);
-        assert!(
-            wait_until(Duration::from_secs(30), || self
-                .post("/v3/kv/range", r#"{"key":"AA=="}"#)
-                .is_some()),
-            "etcd did not answer"
-        );
+            .args(["--initial-cluster", &format!("test={peer}")]);
+        if let Some(tls) = &self.tls {
+            command.arg("--cert-file").arg(&tls.server.0).arg("--key-file").arg(&tls.server.1);
+            command.arg("--trusted-ca-file").arg(&tls.ca).arg("--client-cert-auth");
+        }
+        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn();
+        self.child = Some(child.expect("start etcd"));
+        let answers = || match &self.tls {
+            Some(_) => TcpStream::connect(("127.0.0.1", self.client)).is_ok(),
+            None => self.post("/v3/kv/range", r#"{"key":"AA=="}"#).is_some(),
+        };
+        assert!(wait_until(Duration::from_secs(30), answers), "etcd did not answer");
     }
 
     /// Posts `body` to `path`; the answer's body, if it answered 200.

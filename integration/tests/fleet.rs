@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use keyhold_integration::etcd::{etcd_available, Etcd};
+use keyhold_integration::etcd::{etcd_available, Etcd, Tls};
 use keyhold_integration::nodes::{ctl, free_port, keygen, wait_until};
 use keyhold_integration::{
     finish, fixture, keyhold, keyhold_bin, require_kvm, spawn_keyhold, terminate,
@@ -67,13 +67,25 @@ impl Operator {
 /// Writes node `name`'s config: node `id` on `port`, members from `etcd`, one partition
 /// that waits (parked) for a peer that never comes, its API at `<name>.sock`.
 fn node_config(dir: &Path, name: &str, id: u32, etcd: &Etcd, operator: &Operator) -> PathBuf {
+    node_config_with(dir, name, id, etcd, operator, "")
+}
+
+/// As [`node_config`], with `extra` lines in `[etcd]`.
+fn node_config_with(
+    dir: &Path,
+    name: &str,
+    id: u32,
+    etcd: &Etcd,
+    operator: &Operator,
+    extra: &str,
+) -> PathBuf {
     let (key, public) = keygen(dir, &format!("{name}.key"));
     let port = free_port();
     let text = format!(
         "[node]\nid = {id}\nprivate_key_file = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n\
          api_socket = \"{name}.sock\"\naudit_log = \"{name}.audit\"\n\n\
          [etcd]\nendpoints = [\"{}\"]\nlease_ttl_secs = {TTL}\noperator_public_key = \"{}\"\n\
-         registration_signature = \"{}\"\n\n\
+         registration_signature = \"{}\"\n{extra}\n\
          [[partition]]\nid = 1\nfirmware = \"{}\"\nargs = \"peer=99:1:1\"\n",
         key.display(),
         etcd.url(),
@@ -256,4 +268,39 @@ fn nodes_find_each_other_in_etcd_and_follow_it_through_crashes_forgeries_and_out
         out.assert_no_panic();
         assert!(!out.stderr.contains("seccomp"), "{out:#?}");
     }
+}
+
+#[test]
+fn nodes_reach_an_etcd_that_wants_tls_and_their_client_certificate() {
+    require_kvm!();
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tls = Tls::make(d);
+    let etcd = Etcd::start_with(d, Some(tls.clone()));
+    let operator = Operator::new(d);
+    let ca = format!("ca_file = \"{}\"\n", tls.ca.display());
+    let cert = format!(
+        "{ca}cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        tls.client.0.display(),
+        tls.client.1.display()
+    );
+    let configs = [
+        node_config_with(d, "n1", 1, &etcd, &operator, &cert),
+        node_config_with(d, "n2", 2, &etcd, &operator, &cert),
+        // The CA, but no client certificate: etcd refuses it.
+        node_config_with(d, "n3", 3, &etcd, &operator, &ca),
+    ];
+    let _nodes = Nodes(configs.iter().map(|c| Some(start(c))).collect());
+    let pair = [("n1", 1), ("n2", 2)];
+    assert!(wait_linked(d, &pair, &[1, 2], Duration::from_secs(30)), "{:?}", linked(d, "n1"));
+    assert_eq!(api(d, "n1", "membership")["state"], "synced");
+    let refused = || {
+        let membership = api(d, "n3", "membership");
+        membership["state"] == "unavailable" && membership["last_error"].is_string()
+    };
+    assert!(wait_until(Duration::from_secs(30), refused), "{}", api(d, "n3", "membership"));
+    assert!(!peers(d, "n1", false).contains(&3), "node 3 never registered");
 }
