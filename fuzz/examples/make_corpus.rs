@@ -358,6 +358,8 @@ fn api(dir: &Path) {
         ("stop", "POST /v1/partitions/1/stop HTTP/1.1\r\n\r\n"),
         ("head", "HEAD /v1/node HTTP/1.1\r\n\r\n"),
         ("reload", "POST /v1/reload HTTP/1.1\r\n\r\n"),
+        ("membership", "GET /v1/membership HTTP/1.1\r\n\r\n"),
+        ("vsock-reset", "POST /v1/partitions/1/vsock/reset HTTP/1.1\r\n\r\n"),
         ("stop-stopped", "POST /v1/partitions/2/stop HTTP/1.1\r\n\r\n"),
         ("no-route", "GET /v2/%00 HTTP/1.1\r\n\r\n"),
         ("not-http", "GET /v1/node\r\n\r\n"),

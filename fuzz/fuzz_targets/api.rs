@@ -104,6 +104,9 @@ fn server() -> &'static Server {
             ]),
             queries,
             links: Some(Arc::new(LinkBook::new(&directory, 1))),
+            membership: Some(Arc::new(Mutex::new(
+                keyhold_vmm::membership::MembershipStatus::default(),
+            ))),
             audit,
             // No main thread answers the operator's requests here: a stop, a start and a
             // reload are refused at once (503).
