@@ -19,8 +19,12 @@ use crate::port_io::outl;
 use crate::time::{elapsed_nanos, ticks};
 
 /// Longest a single park waits: a second, so that an idle guest costs its host nothing
-/// between device events (the VMM wakes it for each, and for a stop).
+/// between device events (the VMM wakes it for each, and for a stop), while a loop that also
+/// watches a clock of its own sees it at least that often.
 const IDLE_MICROS: u32 = 1_000_000;
+/// Longest a patient park waits (the VMM's own limit): for waits that only a device event can
+/// end, which wakes the vCPU whatever the limit.
+const PATIENT_MICROS: u32 = 60_000_000;
 /// The widest spin window.
 pub const MAX_WINDOW_NS: u32 = 200_000;
 /// Where a window that grows starts from.
@@ -54,19 +58,33 @@ pub fn adapt(window: u32, waited_ns: u64, parked: bool) -> u32 {
 
 /// Spin-then-park for poll loops: call [`Backoff::snooze`] after each poll that found nothing
 /// and [`Backoff::reset`] after one that found something.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     /// TSC at the first empty poll of this wait (0: not waiting).
     started: u64,
     /// Empty polls in this wait.
     polls: u64,
     parked: bool,
+    /// Longest park, in microseconds.
+    limit: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Backoff {
-    /// A fresh backoff.
+    /// A fresh backoff whose parks last at most a second: for loops that also watch a clock.
     pub const fn new() -> Self {
-        Self { started: 0, polls: 0, parked: false }
+        Self { started: 0, polls: 0, parked: false, limit: IDLE_MICROS }
+    }
+
+    /// A fresh backoff for a wait only a device event ends (a message, an answer, a used
+    /// buffer): it parks for up to a minute, so an idle guest wakes its host only for events.
+    pub const fn patient() -> Self {
+        Self { limit: PATIENT_MICROS, ..Self::new() }
     }
 
     /// A poll found nothing: spin while the window lasts, then park.
@@ -85,7 +103,7 @@ impl Backoff {
             core::hint::spin_loop();
         } else {
             self.parked = true;
-            idle(IDLE_MICROS);
+            idle(self.limit);
         }
     }
 
@@ -96,7 +114,7 @@ impl Backoff {
                 WINDOW_NS.store(adapt(window_ns(), waited, self.parked), Ordering::Relaxed);
             }
         }
-        *self = Self::new();
+        *self = Self { limit: self.limit, ..Self::new() };
     }
 }
 

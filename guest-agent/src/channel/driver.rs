@@ -213,7 +213,7 @@ impl SecureChannel {
         }
         self.control.add(&[Buffer::readable(req), Buffer::writable(resp)])?;
         self.control.kick();
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::patient();
         let written = loop {
             if let Some((_, len)) = self.control.poll()? {
                 break len as usize;
@@ -463,7 +463,7 @@ impl SecureChannel {
 
     /// Waits for the next completed send and returns its status.
     fn wait_send(&mut self) -> Result<u32, ChannelError> {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::patient();
         loop {
             if let Some(code) = self.reap_send()? {
                 return Ok(code);
@@ -474,7 +474,7 @@ impl SecureChannel {
 
     /// Waits for the next received message (see [`Self::recv`]).
     pub fn recv_wait(&mut self, out: &mut [u8]) -> Result<Received, ChannelError> {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::patient();
         loop {
             if let Some(message) = self.recv(out)? {
                 return Ok(message);

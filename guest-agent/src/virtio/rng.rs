@@ -32,7 +32,7 @@ impl Rng {
             let rest = &mut buf[done..];
             self.queue.add(&[Buffer::writable(rest)])?;
             self.queue.kick();
-            let mut backoff = crate::idle::Backoff::new();
+            let mut backoff = crate::idle::Backoff::patient();
             let written = loop {
                 if let Some((_, len)) = self.queue.poll()? {
                     break len as usize;

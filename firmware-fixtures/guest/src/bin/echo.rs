@@ -48,7 +48,8 @@ fn main(info: &'static BootInfo) -> u32 {
         None => return 2,
     };
     let mut echoed: u64 = 0;
-    let mut backoff = Backoff::new();
+    // Only a message or a send's verdict ends its waits: it parks until one comes.
+    let mut backoff = Backoff::patient();
     loop {
         let mut posted = 0;
         let mut bye = false;
