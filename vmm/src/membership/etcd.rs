@@ -207,7 +207,7 @@ impl Etcd {
     }
 }
 
-/// The changes a watch reports, a batch at a time.
+/// The changes a watch reports, a batch at a time, each with the store's revision after it.
 pub struct Watch {
     answers: serde_json::StreamDeserializer<
         'static,
@@ -217,7 +217,7 @@ pub struct Watch {
 }
 
 impl Iterator for Watch {
-    type Item = Result<Vec<Change>, EtcdError>;
+    type Item = Result<(i64, Vec<Change>), EtcdError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let answer = match self.answers.next()? {
@@ -228,6 +228,7 @@ impl Iterator for Watch {
         if result["canceled"].as_bool() == Some(true) || !answer["error"].is_null() {
             return Some(Err(EtcdError::Answer(format!("watch ended: {answer}"))));
         }
+        let revision = int(&result["header"]["revision"]).unwrap_or(-1);
         let events = result["events"].as_array().map(Vec::as_slice).unwrap_or_default();
         let changes = events
             .iter()
@@ -239,7 +240,7 @@ impl Iterator for Watch {
                 }
             })
             .collect();
-        Some(Ok(changes))
+        Some(Ok((revision, changes)))
     }
 }
 

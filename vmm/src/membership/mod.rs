@@ -91,8 +91,8 @@ pub struct Membership {
 }
 
 enum Event {
-    /// Changes a watch (of that generation) reported.
-    Changes(u64, Vec<Change>),
+    /// Changes a watch (of that generation) reported, and the revision after them.
+    Changes(u64, i64, Vec<Change>),
     /// The watch of that generation ended.
     WatchEnded(u64, EtcdError),
     Stop,
@@ -179,8 +179,10 @@ impl Worker {
         loop {
             match events.recv_timeout(next.saturating_duration_since(Instant::now())) {
                 Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Event::Changes(generation, changes)) if self.watching == Some(generation) => {
-                    self.apply(changes);
+                Ok(Event::Changes(generation, revision, changes))
+                    if self.watching == Some(generation) =>
+                {
+                    self.apply(changes, revision);
                 }
                 Ok(Event::WatchEnded(generation, why)) if self.watching == Some(generation) => {
                     self.watching = None;
@@ -233,7 +235,9 @@ impl Worker {
                     containment.install(ThreadKind::Membership);
                     for batch in watch {
                         let event = match batch {
-                            Ok(changes) => Event::Changes(generation, changes),
+                            Ok((revision, changes)) => {
+                                Event::Changes(generation, revision, changes)
+                            }
                             Err(why) => Event::WatchEnded(generation, why),
                         };
                         let ended = matches!(event, Event::WatchEnded(..));
@@ -309,7 +313,7 @@ impl Worker {
         self.publish(snapshot.revision);
     }
 
-    fn apply(&mut self, changes: Vec<Change>) {
+    fn apply(&mut self, changes: Vec<Change>, revision: i64) {
         for change in changes {
             match change {
                 Change::Put { key, value } => self.put(key, &value),
@@ -318,7 +322,7 @@ impl Worker {
                 }
             }
         }
-        self.publish(-1);
+        self.publish(revision);
     }
 
     /// Takes the registration at `key` into the view if it is valid; else audits it and
