@@ -217,15 +217,23 @@ impl Worker {
     }
 
     fn step(&mut self) -> Result<(), EtcdError> {
+        // Without a watch, read first: whoever then sees this node's registration and dials
+        // it is in its directory already (or comes in the watch, from just after the read).
+        let read = match self.watching {
+            None => {
+                let snapshot = self.etcd.read(self.config.prefix.as_bytes())?;
+                let revision = snapshot.revision;
+                self.replace_view(snapshot);
+                Some(revision)
+            }
+            Some(_) => None,
+        };
         match self.lease {
             Some(lease) if self.etcd.keep_alive(lease)? > 0 => {}
             // Never registered, or the lease expired while etcd could not be reached.
             _ => self.register()?,
         }
-        if self.watching.is_none() {
-            let snapshot = self.etcd.read(self.config.prefix.as_bytes())?;
-            let revision = snapshot.revision;
-            self.replace_view(snapshot);
+        if let Some(revision) = read {
             let watch = self.etcd.watch(self.config.prefix.as_bytes(), revision + 1)?;
             self.generation += 1;
             let (generation, events) = (self.generation, self.events.clone());
