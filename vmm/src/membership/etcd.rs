@@ -4,7 +4,7 @@
 //! blocking, on the membership thread; no async runtime comes into the VMM for it. Each call
 //! tries the endpoints in turn, starting with the last one that answered.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -15,6 +15,9 @@ use ureq::Agent;
 
 /// Longest a single request may take, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest answer a watch may send at once (one line of its stream): room for thousands of
+/// registrations. An etcd that sends more is not believed: the node reads afresh.
+const MAX_WATCH_LINE: u64 = 16 << 20;
 
 /// Why etcd could not be used.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -203,26 +206,43 @@ impl Etcd {
             return Err(EtcdError::Answer(format!("watch: {}", response.status())));
         }
         let reader: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
-        Ok(Watch { answers: serde_json::Deserializer::from_reader(reader).into_iter() })
+        Ok(Watch { answers: BufReader::new(reader), line: Vec::new() })
     }
 }
 
 /// The changes a watch reports, a batch at a time, each with the store's revision after it.
+/// The gateway writes one JSON answer per line.
 pub struct Watch {
-    answers: serde_json::StreamDeserializer<
-        'static,
-        serde_json::de::IoRead<Box<dyn Read + Send>>,
-        Value,
-    >,
+    answers: BufReader<Box<dyn Read + Send>>,
+    line: Vec<u8>,
+}
+
+impl Watch {
+    /// The next answer: `None` when the stream ended.
+    fn answer(&mut self) -> Option<Result<Value, EtcdError>> {
+        self.line.clear();
+        let read = (&mut self.answers).take(MAX_WATCH_LINE).read_until(b'\n', &mut self.line);
+        match read {
+            Ok(0) => None,
+            Ok(n) if n as u64 == MAX_WATCH_LINE && !self.line.ends_with(b"\n") => {
+                Some(Err(EtcdError::Answer("a watch answer past 16 MiB".into())))
+            }
+            Ok(_) => Some(
+                serde_json::from_slice(&self.line)
+                    .map_err(|e| EtcdError::Answer(format!("watch: {e}"))),
+            ),
+            Err(e) => Some(Err(EtcdError::Unreachable(format!("watch: {e}")))),
+        }
+    }
 }
 
 impl Iterator for Watch {
     type Item = Result<(i64, Vec<Change>), EtcdError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let answer = match self.answers.next()? {
+        let answer = match self.answer()? {
             Ok(answer) => answer,
-            Err(e) => return Some(Err(EtcdError::Unreachable(format!("watch: {e}")))),
+            Err(e) => return Some(Err(e)),
         };
         let result = &answer["result"];
         if result["canceled"].as_bool() == Some(true) || !answer["error"].is_null() {
@@ -276,6 +296,35 @@ mod tests {
         assert_eq!(prefix_end(b"/keyhold/nodes/"), b"/keyhold/nodes0");
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    fn watch_of(bytes: Vec<u8>) -> Watch {
+        Watch { answers: BufReader::new(Box::new(std::io::Cursor::new(bytes))), line: Vec::new() }
+    }
+
+    #[test]
+    fn a_watch_reads_one_answer_a_line_and_refuses_what_it_cannot_believe() {
+        let key = STANDARD.encode("/k/1");
+        let value = STANDARD.encode("v");
+        let stream = format!(
+            "{{\"result\":{{\"header\":{{\"revision\":\"2\"}},\"created\":true}}}}\n\
+             {{\"result\":{{\"header\":{{\"revision\":\"3\"}},\"events\":[{{\"kv\":{{\"key\":\"{key}\",\"value\":\"{value}\"}}}},{{\"type\":\"DELETE\",\"kv\":{{\"key\":\"{key}\"}}}}]}}}}\n"
+        );
+        let mut watch = watch_of(stream.into_bytes());
+        assert_eq!(watch.next(), Some(Ok((2, Vec::new()))));
+        let put = Change::Put { key: b"/k/1".to_vec(), value: b"v".to_vec() };
+        let delete = Change::Delete { key: b"/k/1".to_vec() };
+        assert_eq!(watch.next(), Some(Ok((3, vec![put, delete]))));
+        assert_eq!(watch.next(), None, "the stream ended");
+        // A compacted revision cancels the watch; garbage and endless lines end it too.
+        let canceled = b"{\"result\":{\"canceled\":true,\"compact_revision\":\"9\"}}\n".to_vec();
+        assert!(matches!(watch_of(canceled).next(), Some(Err(EtcdError::Answer(_)))));
+        assert!(matches!(watch_of(b"not json\n".to_vec()).next(), Some(Err(EtcdError::Answer(_)))));
+        let endless = vec![b' '; MAX_WATCH_LINE as usize + 10];
+        let Some(Err(EtcdError::Answer(why))) = watch_of(endless).next() else {
+            panic!("an endless answer was believed")
+        };
+        assert!(why.contains("16 MiB"), "{why}");
     }
 
     #[test]
