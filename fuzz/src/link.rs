@@ -214,7 +214,7 @@ impl Attacker {
                     return;
                 };
                 plain.truncate(n);
-                let Ok(payload) = wire::check_block(&plain) else {
+                let Ok(payload) = wire::check_block(&plain, VERSION) else {
                     self.broken = true;
                     return;
                 };

@@ -166,6 +166,18 @@ impl Etcd {
         head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
     }
 
+    /// Deletes `key`, as anyone with write access could.
+    pub fn delete(&self, key: &str) {
+        let body = format!(r#"{{"key":"{}"}}"#, STANDARD.encode(key));
+        assert!(self.post("/v3/kv/deleterange", &body).is_some(), "etcd refused a delete");
+    }
+
+    /// Whether `key` holds a value.
+    pub fn has(&self, key: &str) -> bool {
+        let body = format!(r#"{{"key":"{}"}}"#, STANDARD.encode(key));
+        self.post("/v3/kv/range", &body).is_some_and(|answer| answer.contains("\"kvs\""))
+    }
+
     /// Writes `value` at `key`, as anyone with write access could.
     pub fn put(&self, key: &str, value: &str) {
         let body =

@@ -207,6 +207,11 @@ fn nodes_find_each_other_in_etcd_and_follow_it_through_crashes_forgeries_and_out
     assert_eq!(linked(d, "n1"), [2, 3], "node 1 still has the real node 2");
     drop(impostor);
 
+    // 3b. A live node whose registration is deleted registers again; its peers keep it.
+    etcd.delete("/keyhold/nodes/1");
+    assert!(wait_until(Duration::from_secs(20), || etcd.has("/keyhold/nodes/1")));
+    assert!(wait_until(Duration::from_secs(20), || linked(d, "n2").contains(&1)));
+
     // 4. A SIGKILLed node is dropped from the others' directories once its lease expires
     // (its links end at once: its sockets close with it).
     let killed = Instant::now();

@@ -255,9 +255,9 @@ fn check_hello(
         // Version 1's hello was the node ID alone.
         [_, _, _, _] => 1,
         [version, ..] => *version,
-        [] => 0,
+        [] => return Err(HandshakeError::BadPayload { peer: Some(peer.id) }),
     };
-    if version != 0 && !(OLDEST_VERSION..=VERSION).contains(&version) {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         let mut reply = [0u8; MSG2_SIZE];
         let answered = state.write_message(&[VERSION], &mut reply).is_ok();
         return Err(HandshakeError::Version {
@@ -410,6 +410,12 @@ pub(crate) mod tests {
         let mut msg = [0u8; MSG1_SIZE];
         future.write_message(&hello, &mut msg).unwrap();
         let refused = p.respond(&msg);
+        // Version 0 is no version either.
+        let mut zero = p.raw_initiator();
+        hello[0] = 0;
+        let mut msg0 = [0u8; MSG1_SIZE];
+        zero.write_message(&hello, &mut msg0).unwrap();
+        assert!(matches!(p.respond(&msg0), Err(HandshakeError::Version { version: 0, .. })));
         assert!(
             matches!(refused, Err(HandshakeError::Version { version, .. }) if version == VERSION + 1)
         );

@@ -506,12 +506,7 @@ impl Router {
                     Frame::Rekey(msg1) => actions.push(Action::Rekey(*msg1)),
                     Frame::RekeyReply(msg2) => actions.push(Action::RekeyReply(*msg2)),
                     Frame::RekeyDone => actions.push(Action::RekeyDone),
-                    // Version 2 has no such frame.
-                    Frame::Credit { .. } if link.version < CREDIT_VERSION => {
-                        return Err(Failure::Protocol(
-                            FrameError::UnknownType(frame.kind()).reason(),
-                        ))
-                    }
+                    // (On a link of version 2, check_block refused CREDIT already.)
                     Frame::Offer { .. }
                     | Frame::OfferReply { .. }
                     | Frame::Close { .. }
@@ -899,7 +894,7 @@ impl Link {
             let block_len = transport
                 .open(&self.rx[at + 2..at + 2 + len], &mut self.plain[..])
                 .ok_or(Failure::Protocol("bad_link_authentication"))?;
-            let payload = check_block(&self.plain[..block_len])?;
+            let payload = check_block(&self.plain[..block_len], self.version)?;
             self.rx_start += 2 + len;
             self.open_block = Some((block_len, payload));
         }

@@ -356,7 +356,7 @@ fn decode(kind: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
 /// Checks a decrypted header block as a whole: it holds at least one frame, every frame
 /// decodes, REKEY_REPLY and REKEY_DONE come last, and its DATA payloads add up to at most
 /// [`MAX_RECORD_PAYLOAD`]; returns that sum.
-pub fn check_block(block: &[u8]) -> Result<usize, FrameError> {
+pub fn check_block(block: &[u8], version: u8) -> Result<usize, FrameError> {
     if block.is_empty() {
         return Err(FrameError::Truncated);
     }
@@ -370,6 +370,10 @@ pub fn check_block(block: &[u8]) -> Result<usize, FrameError> {
         match frame {
             Frame::Data(head) => payload += head.len as usize,
             Frame::RekeyReply(_) | Frame::RekeyDone => ended = Some(frame.kind()),
+            // Version 2 has no such frame: refused before any frame of the block is acted on.
+            Frame::Credit { .. } if version < CREDIT_VERSION => {
+                return Err(FrameError::UnknownType(frame.kind()))
+            }
             _ => {}
         }
         if payload > MAX_RECORD_PAYLOAD {
@@ -416,7 +420,7 @@ mod tests {
             Frame::RekeyDone,
         ];
         let bytes = block(&sent);
-        assert_eq!(check_block(&bytes), Ok(100));
+        assert_eq!(check_block(&bytes, VERSION), Ok(100));
         let back: Vec<Frame<'_>> = frames(&bytes).map(Result::unwrap).collect();
         assert_eq!(back.len(), sent.len());
         for (a, b) in sent.iter().zip(&back) {
@@ -432,32 +436,39 @@ mod tests {
 
     #[test]
     fn blocks_are_checked_strictly() {
-        assert_eq!(check_block(&[]), Err(FrameError::Truncated));
-        assert_eq!(check_block(&[99]), Err(FrameError::UnknownType(99)));
-        assert_eq!(check_block(&[kind::OFFER, 0, 0]), Err(FrameError::Truncated));
+        assert_eq!(check_block(&[], VERSION), Err(FrameError::Truncated));
+        assert_eq!(check_block(&[99], VERSION), Err(FrameError::UnknownType(99)));
+        assert_eq!(check_block(&[kind::OFFER, 0, 0], VERSION), Err(FrameError::Truncated));
         assert_eq!(
-            check_block(&[kind::OFFER_REPLY, 0, 0, 0, 0, 9]),
+            check_block(&[kind::OFFER_REPLY, 0, 0, 0, 0, 9], VERSION),
             Err(FrameError::Malformed(kind::OFFER_REPLY))
         );
         let close =
             block(&[Frame::Close { source: A, destination: B, reason: CloseReason::Closed }]);
         let mut bad = close.clone();
         *bad.last_mut().unwrap() = 200;
-        assert_eq!(check_block(&bad), Err(FrameError::Malformed(kind::CLOSE)));
+        assert_eq!(check_block(&bad, VERSION), Err(FrameError::Malformed(kind::CLOSE)));
         let head = |len| {
             Frame::Data(DataHead { source: A, destination: B, epoch: 0, seq: 0, len, tag: [0; 16] })
         };
         assert_eq!(
-            check_block(&block(&[head(MAX_PAYLOAD as u32 + 1)])),
+            check_block(&block(&[head(MAX_PAYLOAD as u32 + 1)]), VERSION),
             Err(FrameError::Malformed(kind::DATA))
         );
         let many: Vec<Frame<'_>> = (0..5).map(|_| head(MAX_PAYLOAD as u32)).collect();
-        assert_eq!(check_block(&block(&many)), Err(FrameError::RecordTooLong));
+        assert_eq!(check_block(&block(&many), VERSION), Err(FrameError::RecordTooLong));
         assert_eq!(
-            check_block(&block(&[Frame::RekeyDone, Frame::Keepalive])),
+            check_block(&block(&[Frame::RekeyDone, Frame::Keepalive]), VERSION),
             Err(FrameError::NotLast(kind::REKEY_DONE))
         );
-        assert_eq!(check_block(&block(&[Frame::Keepalive, Frame::RekeyDone])), Ok(0));
+        assert_eq!(check_block(&block(&[Frame::Keepalive, Frame::RekeyDone]), VERSION), Ok(0));
+        // CREDIT is a version-3 frame: refused on a version-2 link before anything is done.
+        let credit = Frame::Credit { source: A, destination: B, limit: 64 };
+        assert_eq!(check_block(&block(&[credit]), VERSION), Ok(0));
+        assert_eq!(
+            check_block(&block(&[Frame::Keepalive, credit]), 2),
+            Err(FrameError::UnknownType(kind::CREDIT))
+        );
     }
 
     /// A small deterministic generator, so the random test below is reproducible.
@@ -477,7 +488,7 @@ mod tests {
             if len > 0 && xorshift(&mut state).is_multiple_of(2) {
                 bytes[0] = (xorshift(&mut state) % 12) as u8;
             }
-            let _ = check_block(&bytes);
+            let _ = check_block(&bytes, VERSION);
             for frame in frames(&bytes) {
                 let _ = frame;
             }

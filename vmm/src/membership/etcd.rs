@@ -104,19 +104,17 @@ impl Etcd {
         for i in 0..self.endpoints.len() {
             let at = (self.next + i) % self.endpoints.len();
             let url = format!("{}{path}", self.endpoints[at].trim_end_matches('/'));
+            // An endpoint that answers an error (a member without a leader, a proxy with no
+            // backend) is passed over like one that does not answer.
             match self.unary.post(&url).send_json(body) {
-                Ok(mut response) => {
+                Ok(mut response) if response.status().is_success() => {
                     self.next = at;
-                    let status = response.status();
-                    let answer: Value = response
+                    return response
                         .body_mut()
                         .read_json()
-                        .map_err(|e| EtcdError::Answer(format!("{path}: {e}")))?;
-                    if !status.is_success() {
-                        return Err(EtcdError::Answer(format!("{path}: {status}: {answer}")));
-                    }
-                    return Ok(answer);
+                        .map_err(|e| EtcdError::Answer(format!("{path}: {e}")));
                 }
+                Ok(response) => last = format!("{url}: {}", response.status()),
                 Err(e) => last = format!("{url}: {e}"),
             }
         }
@@ -141,7 +139,8 @@ impl Etcd {
     }
 
     /// Writes `value` at `key` under `lease` if no key is there, or if the one there is
-    /// `ours` (this node's own registration, from before a restart); otherwise leaves it and
+    /// `ours` (this node's own registration, from before a restart, or nothing a live node
+    /// holds) or is under no lease at all (nothing live holds it); otherwise leaves it and
     /// returns it. One transaction each way, so two nodes never both think they hold it.
     pub fn claim(
         &mut self,
@@ -164,7 +163,8 @@ impl Etcd {
         let kv = &answer["responses"][0]["response_range"]["kvs"][0];
         let held = bytes(&kv["value"]);
         let revision = kv["mod_revision"].clone();
-        if !ours(&held) {
+        let leased = int(&kv["lease"]).is_some_and(|lease| lease != 0);
+        if leased && !ours(&held) {
             return Ok(Claim::Held(held));
         }
         // Ours from before: overwrite it, as long as nobody changed it meanwhile.

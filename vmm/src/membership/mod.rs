@@ -17,7 +17,7 @@ pub mod operator;
 pub mod registration;
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -34,6 +34,13 @@ use registration::{Registration, RegistrationError};
 /// Shortest and longest wait before etcd is tried again after a failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// How long one watch is trusted: then the node reads afresh and watches anew, so that a
+/// stream that went silent (its member cut off, a connection half-open) is not followed
+/// for ever.
+const WATCH_REFRESH: Duration = Duration::from_secs(300);
+/// Batches of changes that may wait for the membership thread: past that the watch waits
+/// (and a flood of changes cannot grow memory or starve the lease's renewal).
+const QUEUED_BATCHES: usize = 64;
 
 /// How a node finds its peers in etcd (node.toml `[etcd]`).
 #[derive(Debug, Clone)]
@@ -85,7 +92,7 @@ impl Default for MembershipStatus {
 
 /// The running membership: dropping it deregisters the node (revokes its lease) and stops.
 pub struct Membership {
-    events: Sender<Event>,
+    events: SyncSender<Event>,
     thread: Option<JoinHandle<()>>,
     status: Arc<Mutex<MembershipStatus>>,
 }
@@ -109,7 +116,7 @@ impl Membership {
         containment: Containment,
     ) -> std::io::Result<Self> {
         let status = Arc::new(Mutex::new(MembershipStatus::default()));
-        let (events, receiver) = mpsc::channel();
+        let (events, receiver) = mpsc::sync_channel(QUEUED_BATCHES);
         let etcd = Etcd::new(config.endpoints.clone(), config.tls.clone());
         let worker = Worker {
             etcd,
@@ -124,6 +131,7 @@ impl Membership {
             view: BTreeMap::new(),
             published: None,
             watching: None,
+            watch_since: Instant::now(),
             generation: 0,
             backoff: BACKOFF_MIN,
             refused: None,
@@ -158,7 +166,7 @@ struct Worker {
     audit: Audit,
     status: Arc<Mutex<MembershipStatus>>,
     containment: Containment,
-    events: Sender<Event>,
+    events: SyncSender<Event>,
     /// Our registration's lease, once registered.
     lease: Option<i64>,
     /// Verified registrations, by key.
@@ -167,6 +175,8 @@ struct Worker {
     published: Option<Directory>,
     /// The generation of the watch running, if one is.
     watching: Option<u64>,
+    /// When it started.
+    watch_since: Instant,
     generation: u64,
     backoff: Duration,
     /// The registration that holds our ID, while one does (audited once per value).
@@ -177,6 +187,10 @@ impl Worker {
     fn run(mut self, events: &Receiver<Event>) {
         let mut next = Instant::now();
         loop {
+            // The lease is renewed on time however many changes wait.
+            if Instant::now() >= next {
+                next = Instant::now() + self.tick();
+            }
             match events.recv_timeout(next.saturating_duration_since(Instant::now())) {
                 Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(Event::Changes(generation, revision, changes))
@@ -191,7 +205,7 @@ impl Worker {
                 }
                 // From a watch given up on already.
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => next = Instant::now() + self.tick(),
+                Err(RecvTimeoutError::Timeout) => {}
             }
         }
         // A clean leave: peers unlink at once instead of after the lease's time to live.
@@ -208,6 +222,9 @@ impl Worker {
                 Duration::from_secs(self.config.lease_ttl_secs).div_f64(3.0).max(BACKOFF_MIN)
             }
             Err(why) => {
+                // Whatever the watch says from now on may have missed something: once etcd
+                // answers again, read afresh.
+                self.watching = None;
                 self.unavailable(&why);
                 let wait = self.backoff;
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
@@ -217,6 +234,9 @@ impl Worker {
     }
 
     fn step(&mut self) -> Result<(), EtcdError> {
+        if self.watching.is_some() && self.watch_since.elapsed() >= WATCH_REFRESH {
+            self.watching = None;
+        }
         // Without a watch, read first: whoever then sees this node's registration and dials
         // it is in its directory already (or comes in the watch, from just after the read).
         let read = match self.watching {
@@ -258,6 +278,7 @@ impl Worker {
                 });
             started.map_err(|e| EtcdError::Unreachable(format!("starting the watch: {e}")))?;
             self.watching = Some(generation);
+            self.watch_since = Instant::now();
             lock(&self.status).revision = revision;
         }
         let state = if self.refused.is_some() { "refused" } else { "synced" };
@@ -271,11 +292,12 @@ impl Worker {
         self.lease = None;
         let lease = self.etcd.grant(self.config.lease_ttl_secs)?;
         let key = self.key_of(self.own.id);
-        let own_key = self.own.public_key;
+        let (own_id, own_key) = (self.own.id, self.own.public_key);
         let operator = self.config.operator_key;
-        // Ours from before a restart, or something that is no valid registration at all.
+        // Ours from before a restart, or no valid registration of this ID at all.
         let replaceable = |held: &[u8]| {
-            Registration::verified(held, &operator).map_or(true, |r| r.public_key == own_key)
+            Registration::verified(held, &operator)
+                .map_or(true, |r| r.public_key == own_key || r.id != own_id)
         };
         match self.etcd.claim(&key, self.config.own.to_json().as_bytes(), lease, replaceable)? {
             Claim::Ours => {
@@ -318,7 +340,18 @@ impl Worker {
         for (key, value) in snapshot.kvs {
             self.put(key, &value);
         }
+        self.check_own();
         self.publish(snapshot.revision);
+    }
+
+    /// If this node's registration is gone from etcd (deleted) or replaced while its lease
+    /// lives, it registers again at the next tick; the old lease is left to expire.
+    fn check_own(&mut self) {
+        let own = self.view.get(&self.key_of(self.own.id));
+        if self.lease.is_some() && own.is_none_or(|r| *r != self.config.own) {
+            log::warn!("this node's registration in etcd is gone or replaced; registering again");
+            self.lease = None;
+        }
     }
 
     fn apply(&mut self, changes: Vec<Change>, revision: i64) {
@@ -330,6 +363,7 @@ impl Worker {
                 }
             }
         }
+        self.check_own();
         self.publish(revision);
     }
 
