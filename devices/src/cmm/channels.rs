@@ -368,6 +368,7 @@ impl Core {
     }
 
     pub(super) fn remove(&mut self, id: ChannelId) -> Option<Entry> {
+        self.release_credit(id);
         let entry = self.table.remove(id)?;
         if let Some(slot) = entry.key {
             self.keys.remove(slot);
@@ -376,6 +377,7 @@ impl Core {
     }
 
     fn forget_key(&mut self, id: ChannelId) {
+        self.release_credit(id);
         let slot: Option<KeySlot> = self.table.get_mut(id).and_then(|e| e.key.take());
         if let Some(slot) = slot {
             self.keys.remove(slot);

@@ -5,6 +5,11 @@
 //! its own sender and never makes its node drop a message. Channels within one node need no
 //! frames (the device sees the receiver's room itself), and vsock connections carry their own
 //! credit in their envelope.
+//!
+//! A grant is a promise to hold what it lets in, so what a partition's senders on other nodes
+//! were granted and its guest has not taken is bounded by [`BUDGET`] messages, whatever they
+//! do: a channel that closes gives back what it will never use and keeps charged what its
+//! guest has still to take. Channels the budget cannot serve wait for it, oldest first.
 
 use guest_agent::channel::abi::Endpoint;
 
@@ -13,6 +18,9 @@ use super::manager::{Core, Reply};
 
 /// Messages a sender may have sent beyond what its receiver has taken.
 pub const WINDOW: u64 = 64;
+/// Messages all of a partition's metered channels together may have been granted and not
+/// taken: the most its device holds from other nodes (at most 64 MiB at 64 KiB a message).
+pub const BUDGET: u64 = 1024;
 
 /// How a channel's messages are paced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,7 +47,7 @@ pub struct Credit {
 
 impl Core {
     /// Channel `id` just opened with `node`: over a link of version 3 it becomes metered and
-    /// the peer is granted its first window.
+    /// the peer is granted its first window, as far as the budget allows.
     pub(super) fn meter(&mut self, node: u32, id: ChannelId) {
         if !self.credit_links.contains(&node) {
             return;
@@ -48,9 +56,10 @@ impl Core {
         if entry.flow != Flow::Unmetered {
             return;
         }
-        entry.flow = Flow::Metered(Credit { tx_limit: 0, rx_granted: WINDOW, rx_taken: 0 });
-        let (source, destination) = (entry.local, entry.remote);
-        self.replies.push((node, Reply::Credit { source, destination, limit: WINDOW }));
+        entry.flow = Flow::Metered(Credit { tx_limit: 0, rx_granted: 0, rx_taken: 0 });
+        let partition = entry.local.partition;
+        self.wanting.push_back(id);
+        self.serve_wanting(partition);
     }
 
     /// Channel `id` carries a vsock connection: its envelope paces it.
@@ -97,20 +106,77 @@ impl Core {
         }
     }
 
-    /// The guest took a message of channel `id`: once it has taken half the window since the
-    /// last grant, the peer is granted a whole window beyond what it took.
-    pub(super) fn taken(&mut self, id: ChannelId) {
+    /// The guest of `partition` took a message of channel `id`: once it has taken half the
+    /// window since the last grant, the channel asks for a whole window beyond what it took.
+    pub(super) fn taken(&mut self, partition: u32, id: ChannelId) {
+        if let Some((owner, held)) = self.closed_held.get_mut(&id) {
+            *held -= 1;
+            let owner = *owner;
+            if *held == 0 {
+                self.closed_held.remove(&id);
+            }
+            self.unpromise(owner, 1);
+            return self.serve_wanting(owner);
+        }
         let Some(entry) = self.table.get_mut(id) else { return };
         let Flow::Metered(credit) = &mut entry.flow else { return };
         credit.rx_taken += 1;
-        if credit.rx_granted.saturating_sub(credit.rx_taken) > WINDOW / 2 {
-            return;
+        let low = credit.rx_granted.saturating_sub(credit.rx_taken) <= WINDOW / 2;
+        self.unpromise(partition, 1);
+        if low && !self.wanting.contains(&id) {
+            self.wanting.push_back(id);
         }
-        credit.rx_granted = credit.rx_taken + WINDOW;
-        let limit = credit.rx_granted;
-        let (source, destination) = (entry.local, entry.remote);
-        if entry.state == ChannelState::Open {
-            self.replies.push((destination.node, Reply::Credit { source, destination, limit }));
+        self.serve_wanting(partition);
+    }
+
+    /// Grants the channels of `partition` that wait for credit, oldest first, as far as its
+    /// budget goes: each up to a window beyond what its guest took.
+    fn serve_wanting(&mut self, partition: u32) {
+        let mut waiting = std::mem::take(&mut self.wanting);
+        waiting.retain(|&id| {
+            let Some(entry) = self.table.get_mut(id) else { return false };
+            let Flow::Metered(credit) = &mut entry.flow else { return false };
+            if entry.local.partition != partition {
+                return true;
+            }
+            let promised = self.promised.get(&partition).copied().unwrap_or(0);
+            let want = (credit.rx_taken + WINDOW).saturating_sub(credit.rx_granted);
+            let grant = want.min(BUDGET.saturating_sub(promised));
+            if grant > 0 && entry.state == ChannelState::Open {
+                credit.rx_granted += grant;
+                *self.promised.entry(partition).or_default() += grant;
+                let (source, destination) = (entry.local, entry.remote);
+                let limit = credit.rx_granted;
+                self.replies.push((destination.node, Reply::Credit { source, destination, limit }));
+            }
+            grant < want
+        });
+        // Channels that asked meanwhile (none do while this runs) keep their turn after these.
+        waiting.extend(self.wanting.drain(..));
+        self.wanting = waiting;
+    }
+
+    /// A metered channel `id` ends: what it was granted and will never receive goes back to
+    /// its partition's budget; what it received and its guest has not taken stays charged
+    /// until taken.
+    pub(super) fn release_credit(&mut self, id: ChannelId) {
+        let Some(entry) = self.table.get_mut(id) else { return };
+        let Flow::Metered(credit) = entry.flow else { return };
+        entry.flow = Flow::Unmetered;
+        let partition = entry.local.partition;
+        let unused = credit.rx_granted.saturating_sub(entry.rx_seq);
+        let held = entry.rx_seq.saturating_sub(credit.rx_taken);
+        self.unpromise(partition, unused);
+        if held > 0 {
+            self.closed_held.insert(id, (partition, held));
+        }
+        self.wanting.retain(|&w| w != id);
+        self.serve_wanting(partition);
+    }
+
+    fn unpromise(&mut self, partition: u32, count: u64) {
+        if let Some(promised) = self.promised.get_mut(&partition) {
+            *promised = promised.saturating_sub(count);
         }
     }
 }

@@ -167,6 +167,12 @@ pub(super) struct Core {
     pub(super) implicit_listen: Option<ImplicitListen>,
     /// Nodes whose links meter channels with CREDIT frames (version 3).
     pub(super) credit_links: HashSet<u32>,
+    /// Credit this node has granted, not yet taken, to each partition's senders.
+    pub(super) promised: HashMap<u32, u64>,
+    /// Metered channels waiting for credit the budget did not have, oldest first.
+    pub(super) wanting: VecDeque<ChannelId>,
+    /// Messages still held for channels that closed while they waited: `(partition, count)`.
+    pub(super) closed_held: HashMap<ChannelId, (u32, u64)>,
 }
 
 /// Says whether an offer from `source` to `destination` that finds no LISTEN entry may have one
@@ -259,6 +265,9 @@ impl Cmm {
                 replies: Vec::new(),
                 implicit_listen: None,
                 credit_links: router.credit_nodes().collect(),
+                promised: HashMap::new(),
+                wanting: VecDeque::new(),
+                closed_held: HashMap::new(),
             },
             router,
         })

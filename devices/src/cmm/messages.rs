@@ -277,7 +277,7 @@ impl Core {
         if let Some(entry) = self.table.get_mut(channel) {
             entry.received += 1;
         }
-        self.taken(channel);
+        self.taken(partition, channel);
         let stats = self.stats(partition);
         stats.received += 1;
         stats.received_bytes += len as u64;
@@ -288,7 +288,7 @@ impl Core {
         if let Some(entry) = self.table.get_mut(channel) {
             entry.dropped += 1;
         }
-        self.taken(channel);
+        self.taken(partition, channel);
         self.stats(partition).dropped_no_room += 1;
     }
 }

@@ -169,6 +169,11 @@ fn limits_hold() {
     assert_eq!(cmm.listen(2, 20, ep(1, 1, 10)), Err(status::EXISTS));
 }
 
+/// The process of node 2's entry `listener`.
+fn listener_process(b: &Cmm, listener: ChannelId) -> u32 {
+    b.list(1).iter().find(|e| e.channel == listener.0).map(|e| e.process).unwrap()
+}
+
 /// Two nodes' CMMs, linked.
 struct Two {
     a: Cmm,
@@ -207,9 +212,20 @@ impl Two {
 
     /// Node 2 process 10 listens for node 1 process 20, which opens with `key`.
     fn open(&mut self, key: [u8; 32]) -> (ChannelId, ChannelId) {
-        let listener = self.b.listen(1, 10, ep(1, 1, 20)).unwrap();
+        self.open_between(10, 20, key)
+    }
+
+    /// Node 2 process `listener` listens for node 1 process `opener`, which opens with `key`.
+    fn open_between(
+        &mut self,
+        listener: u32,
+        opener: u32,
+        key: [u8; 32],
+    ) -> (ChannelId, ChannelId) {
+        let listener = self.b.listen(1, listener, ep(1, 1, opener)).unwrap();
         let mut guest = GuestKey(key);
-        let Ok(Opening::Pending(opener)) = self.a.open(1, 20, ep(2, 1, 10), Some(&mut guest))
+        let Ok(Opening::Pending(opener)) =
+            self.a.open(1, opener, ep(2, 1, listener_process(&self.b, listener)), Some(&mut guest))
         else {
             panic!()
         };
@@ -475,4 +491,49 @@ fn a_message_beyond_the_granted_credit_is_refused() {
     two.b.core.receive(1, crate::link::wire::Frame::Data(head), &mut [0; 4], &mut deaf);
     assert!(two.audited_b("over_credit"), "refused and audited");
     assert_eq!(deaf.0.len(), window as usize, "and not delivered");
+}
+
+#[test]
+fn what_a_partitions_remote_senders_may_send_it_is_bounded_however_often_they_reopen() {
+    use super::credit::{BUDGET, WINDOW};
+    let mut two = Two::new(1 << 30);
+    let mut deaf = Deaf::default();
+    let pump = |two: &mut Two, deaf: &mut Deaf| {
+        for _ in 0..20 {
+            two.a.flush();
+            two.b.link_readable(two.b_token, deaf);
+            two.b.flush();
+            two.a.link_readable(two.a_token, deaf);
+        }
+    };
+    // Each cycle: a new channel, filled as far as its credit goes into a guest that takes
+    // nothing, then closed by its sender. What was held stays held (and charged).
+    let mut sent_per_cycle = Vec::new();
+    for cycle in 0..(BUDGET / WINDOW + 2) as u32 {
+        let (_, opener) = two.open_between(10 + cycle, 100 + cycle, [7; 32]);
+        pump(&mut two, &mut deaf);
+        let mut sent = 0;
+        while two.a.send(1, &tx(opener, ep(1, 1, 100 + cycle), 4), &mut Bytes(b"four")).is_ok() {
+            sent += 1;
+        }
+        pump(&mut two, &mut deaf);
+        two.a.close(1, 100 + cycle, opener.0).unwrap();
+        pump(&mut two, &mut deaf);
+        sent_per_cycle.push(sent);
+    }
+    let held: u64 = sent_per_cycle.iter().sum();
+    assert_eq!(held, BUDGET, "{sent_per_cycle:?}: the budget, and no more, whatever the cycles");
+    assert_eq!(deaf.0.len() as u64, BUDGET);
+    assert_eq!(*sent_per_cycle.last().unwrap(), 0, "the budget spent, a new channel waits");
+    // The guest takes what was held: a channel waiting for credit gets it.
+    let (_, opener) = two.open_between(90, 190, [7; 32]);
+    pump(&mut two, &mut deaf);
+    let send = |two: &mut Two| two.a.send(1, &tx(opener, ep(1, 1, 190), 4), &mut Bytes(b"four"));
+    assert_eq!(send(&mut two), Err(status::NO_ROOM));
+    for header in std::mem::take(&mut deaf.0) {
+        two.b.delivered(1, ChannelId(header.channel), 4);
+    }
+    two.b.flush();
+    pump(&mut two, &mut deaf);
+    assert_eq!(send(&mut two), Ok(Sent::Remote), "credit came once the guest took its messages");
 }
