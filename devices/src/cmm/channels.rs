@@ -183,6 +183,7 @@ impl Core {
         for &id in &ids {
             self.end(router, id, CloseReason::PartitionStopped);
         }
+        self.forget_credit(partition);
         let source = self.endpoint(partition, 0);
         self.audit.record(Record {
             source: Some(&source),

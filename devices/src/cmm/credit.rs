@@ -151,8 +151,6 @@ impl Core {
             }
             grant < want
         });
-        // Channels that asked meanwhile (none do while this runs) keep their turn after these.
-        waiting.extend(self.wanting.drain(..));
         self.wanting = waiting;
     }
 
@@ -172,6 +170,13 @@ impl Core {
         }
         self.wanting.retain(|&w| w != id);
         self.serve_wanting(partition);
+    }
+
+    /// Partition `partition` stopped (its channels ended already): what its device held went
+    /// with it, so nothing stays charged to it, and a run started again has its whole budget.
+    pub(super) fn forget_credit(&mut self, partition: u32) {
+        self.promised.remove(&partition);
+        self.closed_held.retain(|_, (owner, _)| *owner != partition);
     }
 
     fn unpromise(&mut self, partition: u32, count: u64) {

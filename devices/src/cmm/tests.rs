@@ -493,34 +493,42 @@ fn a_message_beyond_the_granted_credit_is_refused() {
     assert_eq!(deaf.0.len(), window as usize, "and not delivered");
 }
 
+/// Lets the two nodes exchange what they staged, a few rounds.
+fn pump(two: &mut Two, deaf: &mut Deaf) {
+    for _ in 0..20 {
+        two.a.flush();
+        two.b.link_readable(two.b_token, deaf);
+        two.b.flush();
+        two.a.link_readable(two.a_token, deaf);
+    }
+}
+
+/// Cycles of a new channel into node 2's partition 1, filled as far as its credit goes into
+/// a guest that takes nothing, then closed by its sender: what was held stays held (and
+/// charged). Returns what each cycle could send.
+fn fill_and_close(two: &mut Two, deaf: &mut Deaf, cycles: u32) -> Vec<u64> {
+    let mut sent_per_cycle = Vec::new();
+    for cycle in 0..cycles {
+        let (_, opener) = two.open_between(10 + cycle, 100 + cycle, [7; 32]);
+        pump(two, deaf);
+        let mut sent = 0;
+        while two.a.send(1, &tx(opener, ep(1, 1, 100 + cycle), 4), &mut Bytes(b"four")).is_ok() {
+            sent += 1;
+        }
+        pump(two, deaf);
+        two.a.close(1, 100 + cycle, opener.0).unwrap();
+        pump(two, deaf);
+        sent_per_cycle.push(sent);
+    }
+    sent_per_cycle
+}
+
 #[test]
 fn what_a_partitions_remote_senders_may_send_it_is_bounded_however_often_they_reopen() {
     use super::credit::{BUDGET, WINDOW};
     let mut two = Two::new(1 << 30);
     let mut deaf = Deaf::default();
-    let pump = |two: &mut Two, deaf: &mut Deaf| {
-        for _ in 0..20 {
-            two.a.flush();
-            two.b.link_readable(two.b_token, deaf);
-            two.b.flush();
-            two.a.link_readable(two.a_token, deaf);
-        }
-    };
-    // Each cycle: a new channel, filled as far as its credit goes into a guest that takes
-    // nothing, then closed by its sender. What was held stays held (and charged).
-    let mut sent_per_cycle = Vec::new();
-    for cycle in 0..(BUDGET / WINDOW + 2) as u32 {
-        let (_, opener) = two.open_between(10 + cycle, 100 + cycle, [7; 32]);
-        pump(&mut two, &mut deaf);
-        let mut sent = 0;
-        while two.a.send(1, &tx(opener, ep(1, 1, 100 + cycle), 4), &mut Bytes(b"four")).is_ok() {
-            sent += 1;
-        }
-        pump(&mut two, &mut deaf);
-        two.a.close(1, 100 + cycle, opener.0).unwrap();
-        pump(&mut two, &mut deaf);
-        sent_per_cycle.push(sent);
-    }
+    let sent_per_cycle = fill_and_close(&mut two, &mut deaf, (BUDGET / WINDOW + 2) as u32);
     let held: u64 = sent_per_cycle.iter().sum();
     assert_eq!(held, BUDGET, "{sent_per_cycle:?}: the budget, and no more, whatever the cycles");
     assert_eq!(deaf.0.len() as u64, BUDGET);
@@ -536,4 +544,17 @@ fn what_a_partitions_remote_senders_may_send_it_is_bounded_however_often_they_re
     two.b.flush();
     pump(&mut two, &mut deaf);
     assert_eq!(send(&mut two), Ok(Sent::Remote), "credit came once the guest took its messages");
+}
+
+#[test]
+fn a_partition_started_again_has_its_whole_budget() {
+    use super::credit::{BUDGET, WINDOW};
+    let mut two = Two::new(1 << 30);
+    let mut deaf = Deaf::default();
+    fill_and_close(&mut two, &mut deaf, (BUDGET / WINDOW) as u32);
+    // What its device held goes with the partition; the next run owes nothing.
+    two.b.partition_stopped(1);
+    two.b.add_partition(1);
+    let sent_per_cycle = fill_and_close(&mut two, &mut deaf, 1);
+    assert_eq!(sent_per_cycle, [WINDOW], "a whole window for the new run's first channel");
 }

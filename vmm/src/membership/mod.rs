@@ -282,7 +282,7 @@ impl Worker {
             lock(&self.status).revision = revision;
         }
         let state = if self.refused.is_some() { "refused" } else { "synced" };
-        self.set_state(state, None, -1);
+        self.set_state(state, None);
         Ok(())
     }
 
@@ -320,11 +320,7 @@ impl Worker {
                     ));
                     self.refused = Some(held);
                 }
-                self.set_state(
-                    "refused",
-                    Some("another live registration holds this node's ID"),
-                    -1,
-                );
+                self.set_state("refused", Some("another live registration holds this node's ID"));
             }
         }
         Ok(())
@@ -456,10 +452,10 @@ impl Worker {
             log::warn!("etcd unavailable, keeping the links and the last view: {why}");
             self.audit.record(Record::link("membership_unavailable", "etcd_unreachable", None));
         }
-        self.set_state("unavailable", Some(&why.to_string()), -1);
+        self.set_state("unavailable", Some(&why.to_string()));
     }
 
-    fn set_state(&mut self, state: &'static str, error: Option<&str>, revision: i64) {
+    fn set_state(&mut self, state: &'static str, error: Option<&str>) {
         let mut status = lock(&self.status);
         if status.state == "unavailable" && state == "synced" {
             log::info!("etcd available again; membership read afresh");
@@ -471,9 +467,6 @@ impl Worker {
         }
         if let Some(error) = error {
             status.last_error = Some(error.to_owned());
-        }
-        if revision >= 0 {
-            status.revision = revision;
         }
         status.endpoint = self.etcd.endpoint().to_owned();
     }
