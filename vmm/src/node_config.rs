@@ -12,6 +12,8 @@
 //!
 //! [links]                         # optional: timing and bounds of the host links
 //! rekey_after_secs = 120           # (docs/OPERATOR.md lists every field and its default)
+//! on_demand = true                 # link a peer only while channels need it (fleets)
+//! idle_secs = 30                   # close a link on demand unused this long
 //!
 //! [audit]                          # optional: bounds on the audit log
 //! max_file_mib = 64                # rotated to audit.jsonl.1 (and .2, ...) past this size
@@ -176,6 +178,9 @@ struct LinksSection {
     max_unauthenticated_per_address: Option<usize>,
     handshakes_per_second: Option<f64>,
     handshakes_per_second_per_address: Option<f64>,
+    #[serde(default)]
+    on_demand: bool,
+    idle_secs: Option<f64>,
 }
 
 /// `[channels]`: every field optional.
@@ -574,8 +579,22 @@ fn link_settings(path: &Path, l: &LinksSection) -> Result<LinkSettings, ConfigEr
         1e6,
         s.admission.handshakes_per_address,
     )?;
+    s.router.idle_after = match (l.on_demand, l.idle_secs) {
+        (true, idle) => Some(secs(path, "links.idle_secs", idle, DEFAULT_IDLE)?),
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                field: "links.idle_secs".into(),
+                problem: "applies to links on demand only: set on_demand = true too".into(),
+            })
+        }
+    };
     Ok(s)
 }
+
+/// How long a link on demand stays up with no channel over it, by default.
+const DEFAULT_IDLE: Duration = Duration::from_secs(30);
 
 fn audit_config(
     path: &Path,
@@ -654,6 +673,17 @@ mod tests {
     }
 
     #[test]
+    fn links_on_demand_are_chosen_with_an_idle_time() {
+        let idle = |text: &str| {
+            let section: LinksSection = toml::from_str(text).unwrap();
+            link_settings(Path::new("node.toml"), &section).unwrap().router.idle_after
+        };
+        assert_eq!(idle(""), None, "a full mesh by default");
+        assert_eq!(idle("on_demand = true"), Some(DEFAULT_IDLE));
+        assert_eq!(idle("on_demand = true\nidle_secs = 2.5"), Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
     fn bad_configs_name_the_file_and_field() {
         let cases = [
             ("[node]\nid = 1\n", "partition: a node needs at least one"),
@@ -665,6 +695,8 @@ mod tests {
             ("[node]\nid = 1\n[audit]\nburst = 0\n[[partition]]\nid = 1\nfirmware = \"a\"\n", "audit.burst: 0 is not between 1 and 1000000"),
             ("[node]\nid = 1\n[channels]\nopen_timeout_secs = -2\n[[partition]]\nid = 1\nfirmware = \"a\"\n", "channels.open_timeout_secs"),
             ("[node]\nid = 1\n[[partition]]\nid = 1\nfirmware = \"a\"\nrng_bytes_per_sec = 1\n", "partition[0].rng_bytes_per_sec: 1 is not between 64"),
+            ("[node]\nid = 1\n[links]\nidle_secs = 5\n[[partition]]\nid = 1\nfirmware = \"a\"\n", "links.idle_secs: applies to links on demand only"),
+            ("[node]\nid = 1\n[links]\non_demand = true\nidle_secs = 0\n[[partition]]\nid = 1\nfirmware = \"a\"\n", "links.idle_secs: 0 is not a number of seconds"),
         ];
         for (text, want) in cases {
             let err = parse_str(text).unwrap_err().to_string();

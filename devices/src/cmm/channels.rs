@@ -123,7 +123,8 @@ impl Core {
         local: Endpoint,
         remote: Endpoint,
     ) -> Result<(), Status> {
-        if !router.is_up(remote.node) {
+        let on_demand = self.demand.on();
+        if !on_demand && !router.is_up(remote.node) {
             self.table.remove(id);
             return Err(self.refuse(local.partition, status::UNREACHABLE));
         }
@@ -136,20 +137,27 @@ impl Core {
             self.table.remove(id);
             return Err(self.refuse(local.partition, status::TABLE_FULL));
         };
-        let key: &[u8; KEY_SIZE] = self.keys.scratch_key();
-        let frame = Frame::Offer { id: id.0, source: local, destination: remote, salt, key };
-        if router.stage(remote.node, &frame).is_err() {
-            self.keys.remove(slot);
-            self.table.remove(id);
-            return Err(self.refuse(local.partition, status::UNREACHABLE));
-        }
         let now = self.now();
         if let Some(entry) = self.table.get_mut(id) {
             entry.key = Some(slot);
             entry.salt = salt;
             entry.epoch_since = now;
         }
+        if !self.hold_offer_key(id) {
+            self.remove(id);
+            return Err(self.refuse(local.partition, status::TABLE_FULL));
+        }
+        if router.is_up(remote.node) && self.stage_offer(router, id) {
+            self.offers.push_back((id, std::time::Instant::now()));
+            return Ok(());
+        }
+        if !on_demand {
+            self.remove(id);
+            return Err(self.refuse(local.partition, status::UNREACHABLE));
+        }
+        // Links on demand: the offer waits for a link, within the same timeout.
         self.offers.push_back((id, std::time::Instant::now()));
+        self.await_link(router, remote.node, id);
         Ok(())
     }
 
@@ -170,6 +178,7 @@ impl Core {
                 peer: Some(remote.node),
                 ..Record::endpoints("offer_timed_out", "no_answer", &local, &remote)
             });
+            self.unwait(remote.node, id);
             self.end(router, id, CloseReason::Closed);
             let code = self.refuse(local.partition, status::TIMED_OUT);
             self.answers.push((id, Err(code)));
@@ -285,6 +294,7 @@ impl Core {
         let partition = entry.local.partition;
         let outcome = match result {
             OfferResult::Accepted => {
+                self.release_offer_key(id);
                 let now = self.now();
                 if let Some(entry) = self.table.get_mut(id) {
                     entry.state = ChannelState::Open;
@@ -370,6 +380,7 @@ impl Core {
 
     pub(super) fn remove(&mut self, id: ChannelId) -> Option<Entry> {
         self.release_credit(id);
+        self.release_offer_key(id);
         let entry = self.table.remove(id)?;
         if let Some(slot) = entry.key {
             self.keys.remove(slot);
@@ -379,6 +390,7 @@ impl Core {
 
     fn forget_key(&mut self, id: ChannelId) {
         self.release_credit(id);
+        self.release_offer_key(id);
         let slot: Option<KeySlot> = self.table.get_mut(id).and_then(|e| e.key.take());
         if let Some(slot) = slot {
             self.keys.remove(slot);
@@ -410,7 +422,7 @@ impl Core {
 
     /// The link to `node` is gone: its open channels are closed (keys erased) and offers
     /// pending with it fail UNREACHABLE.
-    pub(super) fn link_down(&mut self, node: u32) {
+    pub(super) fn link_down(&mut self, router: &mut Router, node: u32) {
         let affected: Vec<(ChannelId, ChannelState)> = self
             .table
             .all()
@@ -423,13 +435,7 @@ impl Core {
             .collect();
         for (id, state) in affected {
             if state == ChannelState::Offering {
-                let partition = self.table.get(id).map(|e| e.local.partition);
-                self.remove(id);
-                let code = match partition {
-                    Some(p) => self.refuse(p, status::UNREACHABLE),
-                    None => status::UNREACHABLE,
-                };
-                self.answers.push((id, Err(code)));
+                self.offer_again(router, node, id);
             } else {
                 self.forget_key(id);
                 if let Some(entry) = self.table.get_mut(id) {

@@ -7,9 +7,10 @@
 //! credit in their envelope.
 //!
 //! A grant is a promise to hold what it lets in, so what a partition's senders on other nodes
-//! were granted and its guest has not taken is bounded by [`BUDGET`] messages, whatever they
-//! do: a channel that closes gives back what it will never use and keeps charged what its
-//! guest has still to take. Channels the budget cannot serve wait for it, oldest first.
+//! were granted and its guest has not taken is bounded by [`BUDGET`] messages, plus a
+//! [`FLOOR`] that every channel gets whatever the others hold, whatever they do: a channel that
+//! closes gives back what it will never use and keeps charged what its guest has still to take.
+//! Channels the budget cannot serve beyond their floor wait for it, oldest first.
 
 use guest_agent::channel::abi::Endpoint;
 
@@ -19,8 +20,13 @@ use super::manager::{Core, Reply};
 /// Messages a sender may have sent beyond what its receiver has taken.
 pub const WINDOW: u64 = 64;
 /// Messages all of a partition's metered channels together may have been granted and not
-/// taken: the most its device holds from other nodes (at most 64 MiB at 64 KiB a message).
+/// taken beyond their floors (at most 64 MiB at 64 KiB a message).
 pub const BUDGET: u64 = 1024;
+/// Messages each open metered channel may have granted and not taken, budget or not, so that
+/// a partition's channels beyond the first `BUDGET / WINDOW` still move while the first hold
+/// the budget. What all of a partition's channels hold is bounded by `BUDGET + FLOOR *` its
+/// channel limit (1,280 messages with the default 64 channels).
+pub const FLOOR: u64 = 4;
 
 /// How a channel's messages are paced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -141,7 +147,12 @@ impl Core {
             }
             let promised = self.promised.get(&partition).copied().unwrap_or(0);
             let want = (credit.rx_taken + WINDOW).saturating_sub(credit.rx_granted);
-            let grant = want.min(BUDGET.saturating_sub(promised));
+            let outstanding = credit.rx_granted.saturating_sub(credit.rx_taken);
+            // Up to its floor, any channel is served while the hard bound has room; beyond
+            // it, from the budget.
+            let hard = BUDGET + FLOOR * u64::from(self.limits.max_channels);
+            let floor = FLOOR.saturating_sub(outstanding).min(hard.saturating_sub(promised));
+            let grant = want.min(floor.max(BUDGET.saturating_sub(promised)));
             if grant > 0 && entry.state == ChannelState::Open {
                 credit.rx_granted += grant;
                 *self.promised.entry(partition).or_default() += grant;

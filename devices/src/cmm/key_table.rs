@@ -34,8 +34,15 @@ struct Scratch {
 pub struct KeyTable {
     local: Slab<[u8; KEY_SIZE]>,
     remote: Slab<ChannelCiphers>,
+    /// Keys of offers to other nodes not answered yet, kept so that an offer whose link was
+    /// lost can be made again on the next one (links on demand).
+    held: Slab<[u8; KEY_SIZE]>,
     scratch: SecretBox<Scratch>,
 }
+
+/// A key kept for an offer until its answer comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldKey(u32);
 
 impl KeyTable {
     /// A table of at most `capacity` keys of each kind; secret memory is mapped as it fills.
@@ -43,13 +50,23 @@ impl KeyTable {
         let scratch = SecretBox::new_with(|slot| {
             slot.write(Scratch { key: [0; KEY_SIZE], candidate: MaybeUninit::uninit() });
         })?;
-        Ok(Self { local: Slab::new(capacity), remote: Slab::new(capacity), scratch })
+        Ok(Self {
+            local: Slab::new(capacity),
+            remote: Slab::new(capacity),
+            held: Slab::new(capacity),
+            scratch,
+        })
     }
 
     /// Where a new channel key is written (from the guest or the entropy source) before it is
     /// stored; [`KeyTable::wipe_scratch`] erases it.
     pub fn scratch_key(&mut self) -> &mut [u8; KEY_SIZE] {
         &mut self.scratch.key
+    }
+
+    /// The scratch key, to read.
+    pub fn scratch(&self) -> &[u8; KEY_SIZE] {
+        &self.scratch.key
     }
 
     /// Erases the scratch key.
@@ -100,6 +117,44 @@ impl KeyTable {
         self.remote
             .insert_with(|slot| ChannelCiphers::init(slot, key, salt, local, remote))
             .map(KeySlot::Remote)
+    }
+
+    /// Keeps the scratch key for an offer until it is answered.
+    pub fn hold_scratch(&mut self) -> Result<HeldKey, SlabError> {
+        let key = &self.scratch.key;
+        self.held
+            .insert_with(|slot| {
+                slot.write(*key);
+            })
+            .map(HeldKey)
+    }
+
+    /// A held offer key.
+    pub fn held(&self, held: HeldKey) -> Option<&[u8; KEY_SIZE]> {
+        self.held.get(held.0)
+    }
+
+    /// Zeroes and frees a held offer key (its offer was answered or ended).
+    pub fn release(&mut self, held: HeldKey) {
+        self.held.remove(held.0);
+    }
+
+    /// Replaces cross-node `slot` with ciphers built from `held` and a new `salt` (`None` if no slot
+    /// could be had): an offer
+    /// made again must not reuse the derived keys of one its peer may have used.
+    pub fn rebuild_remote(
+        &mut self,
+        slot: KeySlot,
+        held: HeldKey,
+        salt: &[u8; SALT_SIZE],
+        local: &Endpoint,
+        remote: &Endpoint,
+    ) -> Option<KeySlot> {
+        self.remove(slot);
+        let key = self.held.get(held.0)?;
+        let index =
+            self.remote.insert_with(|slot| ChannelCiphers::init(slot, key, salt, local, remote));
+        index.ok().map(KeySlot::Remote)
     }
 
     /// Whether two on-node slots hold the same key (in constant time).

@@ -173,6 +173,8 @@ pub(super) struct Core {
     pub(super) wanting: VecDeque<ChannelId>,
     /// Messages still held for channels that closed while they waited: `(partition, count)`.
     pub(super) closed_held: HashMap<ChannelId, (u32, u64)>,
+    /// Links on demand: offers waiting for links, and links going unused.
+    pub(super) demand: super::demand::Demand,
 }
 
 /// Says whether an offer from `source` to `destination` that finds no LISTEN entry may have one
@@ -268,6 +270,7 @@ impl Cmm {
                 promised: HashMap::new(),
                 wanting: VecDeque::new(),
                 closed_held: HashMap::new(),
+                demand: super::demand::Demand::new(router.idle_after()),
             },
             router,
         })
@@ -336,9 +339,10 @@ impl Cmm {
         Some((entry.remote.partition, peer))
     }
 
-    /// Whether the link to `node` is up.
-    pub fn is_linked(&self, node: u32) -> bool {
-        self.router.is_up(node)
+    /// Whether an OPEN to `node` can be offered now: its link is up, or links are made on
+    /// demand (the offer then waits for one).
+    pub fn can_offer(&self, node: u32) -> bool {
+        self.core.demand.on() || self.router.is_up(node)
     }
 
     /// Whether channel `id` is open (its peer has not closed it, its link has not gone).
@@ -493,16 +497,21 @@ impl Cmm {
         self.router.arrivals_fd()
     }
 
-    /// Whether the node has links up (the device thread then runs the link timer).
+    /// Whether the node has links up.
     pub fn has_links(&self) -> bool {
         self.router.has_links()
+    }
+
+    /// Whether the link timer must run: links are up, or offers wait for an answer or a link.
+    pub fn needs_timer(&self) -> bool {
+        self.router.has_links() || !self.core.offers.is_empty()
     }
 
     /// Takes links the setup thread handed over.
     pub fn links_arrived(&mut self) {
         self.router.accept_arrivals();
         self.handle_downs();
-        self.core.credit_links = self.router.credit_nodes().collect();
+        self.router.flush_all();
     }
 
     /// Whether the links have epoll changes waiting for the device thread.
@@ -532,9 +541,12 @@ impl Cmm {
 
     /// Keepalives, dead links, rekeys; OPENs that waited too long for an answer.
     pub fn tick(&mut self) {
+        let now = Instant::now();
         self.router.tick();
         self.handle_downs();
-        self.core.expire_offers(&mut self.router, Instant::now());
+        self.core.expire_offers(&mut self.router, now);
+        self.core.close_idle_links(&mut self.router, now);
+        self.handle_downs();
         self.router.flush_all();
     }
 
@@ -572,10 +584,26 @@ impl Cmm {
         }
     }
 
+    /// Follows the links' changes: channels over links that went down close (offers are made
+    /// again, on demand), offers waiting for links that came up go, and OPENs waiting for
+    /// links that could not be had fail.
     fn handle_downs(&mut self) {
-        for node in self.router.take_downs() {
-            self.core.credit_links.remove(&node);
-            self.core.link_down(node);
+        loop {
+            let downs = self.router.take_downs();
+            for &node in &downs {
+                self.core.credit_links.remove(&node);
+                self.core.link_down(&mut self.router, node);
+            }
+            let ups = self.router.take_ups();
+            if !ups.is_empty() {
+                self.core.credit_links = self.router.credit_nodes().collect();
+                self.core.links_up(&mut self.router, &ups);
+            }
+            let unreachable = self.router.take_unreachable();
+            self.core.links_unreachable(&unreachable);
+            if downs.is_empty() && ups.is_empty() && unreachable.is_empty() {
+                return;
+            }
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod audit;
 mod channels;
 pub mod connection_table;
 pub mod credit;
+mod demand;
 pub mod frames;
 pub mod key_table;
 pub mod manager;

@@ -504,12 +504,12 @@ fn pump(two: &mut Two, deaf: &mut Deaf) {
 }
 
 /// Cycles of a new channel into node 2's partition 1, filled as far as its credit goes into
-/// a guest that takes nothing, then closed by its sender: what was held stays held (and
-/// charged). Returns what each cycle could send.
+/// a guest that takes nothing, then closed by its sender, and by the guest, which listens
+/// again: what was held stays held (and charged). Returns what each cycle could send.
 fn fill_and_close(two: &mut Two, deaf: &mut Deaf, cycles: u32) -> Vec<u64> {
     let mut sent_per_cycle = Vec::new();
     for cycle in 0..cycles {
-        let (_, opener) = two.open_between(10 + cycle, 100 + cycle, [7; 32]);
+        let (listener, opener) = two.open_between(10 + cycle, 100 + cycle, [7; 32]);
         pump(two, deaf);
         let mut sent = 0;
         while two.a.send(1, &tx(opener, ep(1, 1, 100 + cycle), 4), &mut Bytes(b"four")).is_ok() {
@@ -518,6 +518,7 @@ fn fill_and_close(two: &mut Two, deaf: &mut Deaf, cycles: u32) -> Vec<u64> {
         pump(two, deaf);
         two.a.close(1, 100 + cycle, opener.0).unwrap();
         pump(two, deaf);
+        two.b.close(1, 10 + cycle, listener.0).unwrap();
         sent_per_cycle.push(sent);
     }
     sent_per_cycle
@@ -525,14 +526,20 @@ fn fill_and_close(two: &mut Two, deaf: &mut Deaf, cycles: u32) -> Vec<u64> {
 
 #[test]
 fn what_a_partitions_remote_senders_may_send_it_is_bounded_however_often_they_reopen() {
-    use super::credit::{BUDGET, WINDOW};
+    use super::credit::{BUDGET, FLOOR, WINDOW};
     let mut two = Two::new(1 << 30);
     let mut deaf = Deaf::default();
-    let sent_per_cycle = fill_and_close(&mut two, &mut deaf, (BUDGET / WINDOW + 2) as u32);
+    let channels = u64::from(two.b.limits().max_channels);
+    let cycles = BUDGET / WINDOW + channels + 2;
+    let sent_per_cycle = fill_and_close(&mut two, &mut deaf, cycles as u32);
+    let (first, rest) = sent_per_cycle.split_at((BUDGET / WINDOW) as usize);
+    assert!(first.iter().all(|&n| n == WINDOW), "whole windows from the budget: {first:?}");
+    let floors = &rest[..channels as usize];
+    assert!(floors.iter().all(|&n| n == FLOOR), "then each channel its floor: {rest:?}");
     let held: u64 = sent_per_cycle.iter().sum();
-    assert_eq!(held, BUDGET, "{sent_per_cycle:?}: the budget, and no more, whatever the cycles");
-    assert_eq!(deaf.0.len() as u64, BUDGET);
-    assert_eq!(*sent_per_cycle.last().unwrap(), 0, "the budget spent, a new channel waits");
+    assert_eq!(held, BUDGET + FLOOR * channels, "and no more, whatever the cycles");
+    assert_eq!(deaf.0.len() as u64, held);
+    assert_eq!(*sent_per_cycle.last().unwrap(), 0, "all spent, a new channel waits");
     // The guest takes what was held: a channel waiting for credit gets it.
     let (_, opener) = two.open_between(90, 190, [7; 32]);
     pump(&mut two, &mut deaf);

@@ -73,6 +73,8 @@ fn end(
         ended,
         setup_wake: EventFd::new(libc::EFD_NONBLOCK)?,
         closes,
+        wants: mpsc::channel().0,
+        unreachable: mpsc::channel().1,
     };
     let context = Context {
         own_id: id,

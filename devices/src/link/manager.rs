@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::admission::Limits;
 use super::directory::{Directory, DirectoryChanges, SharedDirectory};
 use super::router::{Arrivals, Context, Router, RouterConfig};
-use super::setup::{Setup, SetupShared, SetupTimes};
+use super::setup::{RouterPipes, Setup, SetupShared, SetupTimes};
 use super::status::LinkBook;
 use super::timestamp::ReplayGuard;
 use crate::cmm::audit::{Audit, Record};
@@ -130,7 +130,12 @@ impl LinkManager {
     ) -> io::Result<(Self, Router)> {
         let listener = TcpListener::bind(listen)?;
         let local_addr = listener.local_addr()?;
-        let book = Arc::new(LinkBook::new(&directory, own_id));
+        let on_demand = settings.router.idle_after.is_some();
+        let book = Arc::new(if on_demand {
+            LinkBook::on_demand(&directory, own_id)
+        } else {
+            LinkBook::new(&directory, own_id)
+        });
         let directory = Arc::new(SharedDirectory::new(directory));
         let replays = Arc::new(ReplayGuard::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -140,6 +145,8 @@ impl LinkManager {
         let (ended, from_router) = mpsc::channel();
         let (to_setup, reloads) = mpsc::channel();
         let (to_close, closes) = mpsc::channel();
+        let (wants, wanted) = mpsc::channel();
+        let (unreachable, unreachables) = mpsc::channel();
         let shared = SetupShared {
             own_id,
             key: key.clone(),
@@ -148,6 +155,14 @@ impl LinkManager {
             audit: audit.clone(),
             book: book.clone(),
             stop: stop.clone(),
+            on_demand,
+        };
+        let pipes = RouterPipes {
+            to_router,
+            router_wake: router_wake.try_clone()?,
+            ended: from_router,
+            wants: wanted,
+            unreachable,
         };
         let setup = Setup::new(
             shared,
@@ -155,9 +170,7 @@ impl LinkManager {
             settings.admission,
             listener,
             wake.try_clone()?,
-            to_router,
-            router_wake.try_clone()?,
-            from_router,
+            pipes,
             reloads,
         )?;
         let thread = std::thread::Builder::new().name("link-setup".into()).spawn(move || {
@@ -174,8 +187,15 @@ impl LinkManager {
             router: to_close,
             router_wake: Arc::new(router_wake.try_clone()?),
         };
-        let arrivals =
-            Arrivals { links, wake: router_wake, ended, setup_wake: wake.try_clone()?, closes };
+        let arrivals = Arrivals {
+            links,
+            wake: router_wake,
+            ended,
+            setup_wake: wake.try_clone()?,
+            closes,
+            wants,
+            unreachable: unreachables,
+        };
         let config = settings.router;
         let context =
             Context { own_id, key, directory, replays, audit, book: book.clone(), config };
@@ -205,6 +225,118 @@ impl Drop for LinkManager {
         let _ = self.wake.write(1);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::link::directory::Peer;
+    use crate::link::router::FdChange;
+
+    /// A node's links driven from the test thread, as the device thread would.
+    struct Node {
+        router: Router,
+        tokens: HashSet<usize>,
+        audit: Audit,
+        _manager: LinkManager,
+    }
+
+    impl Node {
+        fn drive(&mut self) {
+            self.router.accept_arrivals();
+            for change in self.router.take_fd_changes() {
+                match change {
+                    FdChange::Watch { token, .. } => self.tokens.insert(token),
+                    FdChange::Forget(_) => false,
+                };
+            }
+            for &token in &self.tokens {
+                self.router.readable(token, &mut |_, _, _| {});
+            }
+            self.router.tick();
+            let _ = self.router.take_downs();
+        }
+
+        fn links_up(&self) -> usize {
+            let up = "\"event\":\"link_up\"";
+            self.audit.recent().iter().filter(|r| r.contains(up)).count()
+        }
+    }
+
+    fn on_demand_pair() -> (Node, Node) {
+        let keys = [NodeKey::generate().unwrap(), NodeKey::generate().unwrap()];
+        let listeners = [0, 1].map(|_| TcpListener::bind("127.0.0.1:0").unwrap());
+        let peers: Vec<Peer> = (0..2)
+            .map(|i| Peer {
+                id: i as u32 + 1,
+                address: listeners[i].local_addr().unwrap(),
+                public_key: *keys[i].public(),
+            })
+            .collect();
+        let settings = LinkSettings {
+            router: RouterConfig {
+                keepalive: Duration::from_millis(500),
+                dead_after: Duration::from_secs(2),
+                idle_after: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let [k1, k2] = keys;
+        let [l1, l2] = listeners;
+        let make = |id: u32, key: NodeKey, listener: TcpListener| {
+            let address = listener.local_addr().unwrap();
+            drop(listener); // its port, for the manager to bind again
+            let audit = Audit::to_log(id).unwrap();
+            let directory = Directory::new(peers.clone());
+            let (manager, router) = LinkManager::start(
+                id,
+                Arc::new(key),
+                directory,
+                address,
+                audit.clone(),
+                settings,
+                || {},
+            )
+            .unwrap();
+            Node { router, tokens: HashSet::new(), audit, _manager: manager }
+        };
+        (make(1, k1, l1), make(2, k2, l2))
+    }
+
+    #[test]
+    fn links_on_demand_that_cross_settle_on_one_link() {
+        for _ in 0..3 {
+            let (mut a, mut b) = on_demand_pair();
+            // Both nodes need the link at once: both dial.
+            a.router.want(2);
+            b.router.want(1);
+            let until = Instant::now() + Duration::from_secs(10);
+            while !(a.router.is_up(2) && b.router.is_up(1)) && Instant::now() < until {
+                a.drive();
+                b.drive();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(a.router.is_up(2) && b.router.is_up(1), "no link in 10 s");
+            // Had each kept a different link, each would see its link closed by the other:
+            // the one they keep outlives the dead-peer timeout, with no new link made.
+            let settled = (a.links_up(), b.links_up());
+            let until = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < until {
+                a.drive();
+                b.drive();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(a.router.is_up(2) && b.router.is_up(1), "the link did not last");
+            assert_eq!((a.links_up(), b.links_up()), settled, "links kept being made");
+            assert!(
+                a.router.take_unreachable().is_empty() && b.router.take_unreachable().is_empty()
+            );
         }
     }
 }

@@ -18,7 +18,7 @@
 //! dead after [`RouterConfig::dead_after`] without an authenticated record) and rekeys their
 //! sessions (`session.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
@@ -68,6 +68,9 @@ pub struct RouterConfig {
     pub rekey_timeout: Duration,
     /// Bytes that may wait for a slow peer's socket.
     pub backlog: usize,
+    /// Links on demand: a link is made when a channel needs it and closed after this long
+    /// with no channel over it. `None`: every peer is linked all the time (a full mesh).
+    pub idle_after: Option<Duration>,
 }
 
 impl RouterConfig {
@@ -92,6 +95,7 @@ impl Default for RouterConfig {
             rekey_after_records: 1 << 40,
             rekey_timeout: Duration::from_secs(5),
             backlog: 64 << 20,
+            idle_after: None,
         }
     }
 }
@@ -151,6 +155,10 @@ pub struct Arrivals {
     /// Links to end on the operator's word (a reloaded cluster file), with the reason;
     /// `wake` is written with each.
     pub closes: Receiver<(u32, &'static str)>,
+    /// Asks the setup thread for a link (links on demand).
+    pub wants: Sender<u32>,
+    /// Peers the setup thread could not link with, as asked; `wake` is written with each.
+    pub unreachable: Receiver<u32>,
 }
 
 /// Every established link of the node.
@@ -161,6 +169,10 @@ pub struct Router {
     by_node: HashMap<u32, usize>,
     fd_changes: Vec<FdChange>,
     downs: Vec<u32>,
+    /// Peers asked of the setup thread and not linked or refused yet.
+    wanted: HashSet<u32>,
+    ups: Vec<u32>,
+    unreachable: Vec<u32>,
 }
 
 struct Link {
@@ -213,6 +225,9 @@ impl Router {
             by_node: HashMap::new(),
             fd_changes: Vec::new(),
             downs: Vec::new(),
+            wanted: HashSet::new(),
+            ups: Vec::new(),
+            unreachable: Vec::new(),
         }
     }
 
@@ -246,6 +261,48 @@ impl Router {
         self.by_node.contains_key(&node)
     }
 
+    /// The peers with a link up.
+    pub fn up_nodes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_node.keys().copied()
+    }
+
+    /// How long a link on demand may go unused (`None`: links are a full mesh).
+    pub fn idle_after(&self) -> Option<Duration> {
+        self.context.as_ref().and_then(|c| c.config.idle_after)
+    }
+
+    /// Asks for a link to `node` (links on demand): [`Router::take_ups`] or
+    /// [`Router::take_unreachable`] says later how it went.
+    pub fn want(&mut self, node: u32) {
+        if self.is_up(node) || !self.wanted.insert(node) {
+            return;
+        }
+        let Some(arrivals) = &self.arrivals else {
+            self.wanted.remove(&node);
+            return self.unreachable.push(node);
+        };
+        if arrivals.wants.send(node).is_ok() {
+            let _ = arrivals.setup_wake.write(1);
+        }
+    }
+
+    /// Peers whose links came up since the last call.
+    pub fn take_ups(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.ups)
+    }
+
+    /// Peers asked for that could not be linked with, since the last call.
+    pub fn take_unreachable(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.unreachable)
+    }
+
+    /// Ends the link to `node`, unused for its idle time, with a GOODBYE.
+    pub fn close_idle(&mut self, node: u32) {
+        let Some(&token) = self.by_node.get(&node) else { return };
+        self.say_goodbye(token);
+        self.end(token, "idle");
+    }
+
     /// The nodes whose links are up and meter their channels with CREDIT (version 3).
     pub fn credit_nodes(&self) -> impl Iterator<Item = u32> + '_ {
         self.links.iter().flatten().filter(|l| l.version >= CREDIT_VERSION).map(|l| l.peer)
@@ -268,6 +325,11 @@ impl Router {
         let _ = arrivals.wake.read();
         let new: Vec<Established> = arrivals.links.try_iter().collect();
         let closes: Vec<(u32, &'static str)> = arrivals.closes.try_iter().collect();
+        for node in arrivals.unreachable.try_iter() {
+            if self.wanted.remove(&node) {
+                self.unreachable.push(node);
+            }
+        }
         for (peer, reason) in closes {
             if let Some(&token) = self.by_node.get(&peer) {
                 self.end(token, reason);
@@ -315,6 +377,8 @@ impl Router {
         });
         self.by_node.insert(peer, token);
         self.links[token] = Some(link);
+        self.wanted.remove(&peer);
+        self.ups.push(peer);
     }
 
     /// Ends link `token` for `reason`: audited, its channels gone, the setup thread told.
@@ -331,7 +395,11 @@ impl Router {
         self.fd_changes.push(FdChange::Forget(socket));
         let Some(context) = &self.context else { return };
         context.audit.record(Record::link("link_down", reason, Some(peer)));
-        let next = if peer > context.own_id { LinkState::Backoff } else { LinkState::Waiting };
+        let next = match context.config.idle_after {
+            Some(_) => LinkState::Idle,
+            None if peer > context.own_id => LinkState::Backoff,
+            None => LinkState::Waiting,
+        };
         context.book.failed(peer, reason, next);
         // A replaced link's successor is already here: there is nothing to dial.
         if reason != "replaced" {
@@ -648,13 +716,18 @@ impl Router {
     /// Says goodbye on every link and closes them (the node is stopping).
     pub fn shut_down(&mut self) {
         for token in 0..self.links.len() {
-            let Some(Some(link)) = self.links.get_mut(token) else { continue };
-            if link.make_room(1, 0).is_ok() {
-                link.push_frame(&Frame::Goodbye);
-                let _ = link.flush();
-                let _ = link.write_backlog_blocking(Duration::from_millis(500));
-            }
+            self.say_goodbye(token);
             self.end(token, "shutdown");
+        }
+    }
+
+    /// Sends GOODBYE on link `token`, after what is staged, waiting a little for a slow socket.
+    fn say_goodbye(&mut self, token: usize) {
+        let Some(Some(link)) = self.links.get_mut(token) else { return };
+        if link.make_room(1, 0).is_ok() {
+            link.push_frame(&Frame::Goodbye);
+            let _ = link.flush();
+            let _ = link.write_backlog_blocking(Duration::from_millis(500));
         }
     }
 }

@@ -100,6 +100,9 @@ pub struct SetupShared {
     pub book: Arc<LinkBook>,
     /// Set to stop the thread (then `wake` is written).
     pub stop: Arc<AtomicBool>,
+    /// Links on demand: peers are dialled only when the router asks, by either side.
+    /// Otherwise every peer with a higher ID is dialled, all the time.
+    pub on_demand: bool,
 }
 
 const LISTENER: u64 = 1;
@@ -151,12 +154,33 @@ struct Dial {
     backoff: Duration,
     /// The version to dial in: the newest, until the peer says it speaks only an older one.
     version: u8,
+    /// Links on demand: the router asked for this link and has not heard how it went.
+    wanted: bool,
 }
 
 impl Dial {
     fn new(peer: Peer, now: Instant, backoff: Duration) -> Self {
-        Self { peer, state: DialState::Idle(now), backoff, version: super::wire::VERSION }
+        let version = super::wire::VERSION;
+        Self { peer, state: DialState::Idle(now), backoff, version, wanted: false }
     }
+
+    fn in_progress(&self) -> bool {
+        matches!(self.state, DialState::Connecting { .. } | DialState::Awaiting { .. })
+    }
+}
+
+/// The setup thread's ends of its channels to the router.
+pub struct RouterPipes {
+    /// New links.
+    pub to_router: Sender<Established>,
+    /// Written with each new link or unreachable peer.
+    pub router_wake: EventFd,
+    /// Links the router ended.
+    pub ended: Receiver<Ended>,
+    /// Links the router asks for (links on demand).
+    pub wants: Receiver<u32>,
+    /// Peers asked for that could not be linked with.
+    pub unreachable: Sender<u32>,
 }
 
 /// The loop's state.
@@ -173,9 +197,7 @@ pub struct Setup {
     dials: HashMap<u32, Dial>,
     admission: Admission,
     refusals: Refusals,
-    to_router: Sender<Established>,
-    router_wake: EventFd,
-    ended: Receiver<Ended>,
+    router: RouterPipes,
     reloads: Receiver<Arc<Directory>>,
 }
 
@@ -210,17 +232,15 @@ impl Refusals {
 }
 
 impl Setup {
-    /// The loop, listening on `listener`, dialing every peer with a higher ID.
-    #[allow(clippy::too_many_arguments)]
+    /// The loop, listening on `listener`, dialing every peer with a higher ID (or, for links
+    /// on demand, the peers the router asks for).
     pub fn new(
         shared: SetupShared,
         times: SetupTimes,
         limits: Limits,
         listener: TcpListener,
         wake: EventFd,
-        to_router: Sender<Established>,
-        router_wake: EventFd,
-        ended: Receiver<Ended>,
+        router: RouterPipes,
         reloads: Receiver<Arc<Directory>>,
     ) -> io::Result<Self> {
         let epoll = Epoll::new()?;
@@ -237,7 +257,7 @@ impl Setup {
             .get()
             .peers()
             .iter()
-            .filter(|p| p.id > shared.own_id)
+            .filter(|p| p.id > shared.own_id && !shared.on_demand)
             .map(|p| (p.id, Dial::new(p.clone(), now, times.backoff_min)))
             .collect();
         Ok(Self {
@@ -253,9 +273,7 @@ impl Setup {
             dials,
             admission: Admission::new(limits, now),
             refusals: Refusals::default(),
-            to_router,
-            router_wake,
-            ended,
+            router,
             reloads,
         })
     }
@@ -298,7 +316,7 @@ impl Setup {
         while let Ok(directory) = self.reloads.try_recv() {
             self.follow(&directory);
         }
-        while let Ok(ended) = self.ended.try_recv() {
+        while let Ok(ended) = self.router.ended.try_recv() {
             let backoff_max = self.times.backoff_max;
             let backoff_min = self.times.backoff_min;
             if let Some(dial) = self.dials.get_mut(&ended.peer) {
@@ -312,6 +330,34 @@ impl Setup {
                 dial.backoff = (dial.backoff * 2).min(backoff_max);
             }
         }
+        while let Ok(peer) = self.router.wants.try_recv() {
+            self.want(peer);
+        }
+    }
+
+    /// The router needs a link to `peer` (links on demand): it is dialled now, or when its
+    /// backoff ends; the router hears of the link, or that there is none to be had.
+    fn want(&mut self, peer: u32) {
+        if !self.dials.contains_key(&peer) {
+            let Some(p) = self.shared.directory.get().by_id(peer).cloned() else {
+                return self.tell_unreachable(peer);
+            };
+            self.dials.insert(peer, Dial::new(p, Instant::now(), self.times.backoff_min));
+        }
+        if let Some(dial) = self.dials.get_mut(&peer) {
+            dial.wanted = true;
+        }
+    }
+
+    fn tell_unreachable(&self, peer: u32) {
+        if self.router.unreachable.send(peer).is_ok() {
+            let _ = self.router.router_wake.write(1);
+        }
+    }
+
+    /// Whether a peer whose dial is idle should be dialled when its time comes.
+    fn dials_when_due(&self, dial: &Dial) -> bool {
+        !self.shared.on_demand || dial.wanted
     }
 
     /// Dials as a reloaded cluster file says: new nodes (with higher IDs) are dialled now,
@@ -319,9 +365,19 @@ impl Setup {
     /// Established links to removed or rekeyed nodes are the router's to end.
     fn follow(&mut self, directory: &Directory) {
         let now = Instant::now();
+        let gone: Vec<u32> = self
+            .dials
+            .iter()
+            .filter(|(id, d)| d.wanted && directory.by_id(**id).is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in gone {
+            self.tell_unreachable(peer);
+        }
         self.dials.retain(|id, _| directory.by_id(*id).is_some());
-        for p in directory.peers().iter().filter(|p| p.id > self.shared.own_id) {
+        for p in directory.peers().iter().filter(|p| p.id != self.shared.own_id) {
             match self.dials.get_mut(&p.id) {
+                None if self.shared.on_demand || p.id < self.shared.own_id => {}
                 None => {
                     self.dials.insert(p.id, Dial::new(p.clone(), now, self.times.backoff_min));
                 }
@@ -341,7 +397,8 @@ impl Setup {
     fn next_deadline(&self) -> Option<Instant> {
         let pending = self.pending.iter().flatten().map(|p| p.deadline);
         let dials = self.dials.values().filter_map(|d| match &d.state {
-            DialState::Idle(at) => Some(*at),
+            DialState::Idle(at) if self.dials_when_due(d) => Some(*at),
+            DialState::Idle(_) => None,
             DialState::Connecting { deadline, .. } | DialState::Awaiting { deadline, .. } => {
                 Some(*deadline)
             }
@@ -493,6 +550,10 @@ impl Setup {
                     self.audit_rejected("bad_confirmation", Some(peer.id), pending.from);
                     return;
                 }
+                if !self.take_incoming(peer.id) {
+                    log::debug!("link from node {} crossed this node's own; dropped", peer.id);
+                    return;
+                }
                 self.hand_over(Established {
                     peer,
                     socket: pending.socket,
@@ -563,9 +624,40 @@ impl Setup {
             .record(Record { address: Some(from), ..Record::link("link_rejected", reason, peer) });
     }
 
+    /// Whether a confirmed link from `peer` is taken. Links on demand may be dialled by both
+    /// sides at once; then the link dialled by the node with the lower ID is the one kept,
+    /// on both nodes, whichever finishes first (docs/PROTOCOL.md, section 2).
+    fn take_incoming(&mut self, peer: u32) -> bool {
+        let own = self.shared.own_id;
+        let Some(dial) = self.dials.get_mut(&peer) else {
+            if self.shared.on_demand {
+                let p = self.shared.directory.get().by_id(peer).cloned();
+                if let Some(p) = p {
+                    let mut dial = Dial::new(p, Instant::now(), self.times.backoff_min);
+                    dial.state = DialState::Linked;
+                    self.dials.insert(peer, dial);
+                }
+            }
+            return true;
+        };
+        let own_link = dial.in_progress() || matches!(dial.state, DialState::Linked);
+        if own < peer && own_link {
+            return false;
+        }
+        if let DialState::Connecting { socket, .. } | DialState::Awaiting { socket, .. } =
+            &dial.state
+        {
+            let _ =
+                self.epoll.ctl(ControlOperation::Delete, socket.as_raw_fd(), EpollEvent::default());
+        }
+        dial.state = DialState::Linked;
+        dial.wanted = false;
+        true
+    }
+
     fn hand_over(&mut self, link: Established) {
-        if self.to_router.send(link).is_ok() {
-            if let Err(e) = self.router_wake.write(1) {
+        if self.router.to_router.send(link).is_ok() {
+            if let Err(e) = self.router.router_wake.write(1) {
                 log::error!("waking the device thread for a new link: {e}");
             }
         }
@@ -577,7 +669,9 @@ impl Setup {
         let due: Vec<u32> = self
             .dials
             .iter()
-            .filter(|(_, d)| matches!(d.state, DialState::Idle(at) if at <= now))
+            .filter(|(_, d)| {
+                matches!(d.state, DialState::Idle(at) if at <= now) && self.dials_when_due(d)
+            })
             .map(|(id, _)| *id)
             .collect();
         for peer in due {
@@ -716,6 +810,7 @@ impl Setup {
         }
         let Some(dial) = self.dials.get_mut(&peer) else { return };
         dial.state = DialState::Linked;
+        dial.wanted = false;
         let remote = dial.peer.address;
         let peer = dial.peer.clone();
         let established = Established { peer, socket, transport, initiator: true, remote, version };
@@ -746,12 +841,17 @@ impl Setup {
         }
         dial.state = DialState::Idle(Instant::now() + dial.backoff);
         dial.backoff = (dial.backoff * 2).min(self.times.backoff_max);
-        let fresh = self.shared.book.failed(peer, reason, LinkState::Backoff);
+        let wanted = std::mem::take(&mut dial.wanted);
+        let next = if self.shared.on_demand { LinkState::Idle } else { LinkState::Backoff };
+        let fresh = self.shared.book.failed(peer, reason, next);
         if fresh {
             self.shared.audit.record(Record {
                 address: Some(dial.peer.address),
                 ..Record::link("link_failed", reason, Some(peer))
             });
+        }
+        if wanted {
+            self.tell_unreachable(peer);
         }
     }
 }

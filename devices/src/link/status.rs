@@ -25,6 +25,8 @@ pub enum LinkState {
     Up,
     /// The last attempt failed; the next one waits for the backoff.
     Backoff,
+    /// Links on demand: no channel needs a link to this peer now.
+    Idle,
 }
 
 impl LinkState {
@@ -35,6 +37,7 @@ impl LinkState {
             Self::Connecting => "connecting",
             Self::Up => "up",
             Self::Backoff => "backoff",
+            Self::Idle => "idle",
         }
     }
 }
@@ -89,9 +92,9 @@ struct PeerRecord {
 }
 
 impl PeerRecord {
-    fn new(address: SocketAddr) -> Self {
+    fn new(address: SocketAddr, state: LinkState) -> Self {
         let state = PeerState {
-            state: LinkState::Waiting,
+            state,
             since: SystemTime::now(),
             last_failure: None,
             last_handshake: None,
@@ -108,6 +111,8 @@ impl PeerRecord {
 #[derive(Debug)]
 pub struct LinkBook {
     peers: RwLock<BTreeMap<u32, PeerRecord>>,
+    /// The state of a peer with no link yet: `Waiting`, or `Idle` for links on demand.
+    initial: LinkState,
 }
 
 /// One peer's link, as the API shows it.
@@ -146,15 +151,24 @@ pub struct LinkStatus {
 }
 
 impl LinkBook {
-    /// A book for every node of `directory` but `own_id`.
+    /// A book for every node of `directory` but `own_id`, linked all the time.
     pub fn new(directory: &Directory, own_id: u32) -> Self {
+        Self::with_initial(directory, own_id, LinkState::Waiting)
+    }
+
+    /// A book for every node of `directory` but `own_id`, linked when channels need it.
+    pub fn on_demand(directory: &Directory, own_id: u32) -> Self {
+        Self::with_initial(directory, own_id, LinkState::Idle)
+    }
+
+    fn with_initial(directory: &Directory, own_id: u32, initial: LinkState) -> Self {
         let peers = directory
             .peers()
             .iter()
             .filter(|p| p.id != own_id)
-            .map(|p| (p.id, PeerRecord::new(p.address)))
+            .map(|p| (p.id, PeerRecord::new(p.address, initial)))
             .collect();
-        Self { peers: RwLock::new(peers) }
+        Self { peers: RwLock::new(peers), initial }
     }
 
     /// Follows a reloaded cluster file: new nodes get a record, removed ones lose theirs,
@@ -163,7 +177,9 @@ impl LinkBook {
         let mut peers = self.write();
         peers.retain(|id, _| directory.by_id(*id).is_some());
         for p in directory.peers().iter().filter(|p| p.id != own_id) {
-            peers.entry(p.id).or_insert_with(|| PeerRecord::new(p.address)).address = p.address;
+            let record =
+                peers.entry(p.id).or_insert_with(|| PeerRecord::new(p.address, self.initial));
+            record.address = p.address;
         }
     }
 
@@ -221,6 +237,9 @@ impl LinkBook {
         if !repeated {
             let addr = record.address;
             match s.state {
+                LinkState::Up if next == LinkState::Idle => {
+                    log::info!("link to node {peer} ({addr}) closed: {reason}")
+                }
                 LinkState::Up => log::warn!("link to node {peer} ({addr}) down: {reason}"),
                 _ => {
                     log::warn!("link to node {peer} ({addr}) failing: {reason} (retrying quietly)")

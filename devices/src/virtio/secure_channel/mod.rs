@@ -379,10 +379,10 @@ impl ChannelNode {
         self.run_timer(ops);
     }
 
-    /// Runs the link timer while there are links, and stops it when there are none.
+    /// Runs the link timer while links are up or offers wait, and stops it otherwise.
     fn run_timer(&mut self, ops: &mut EventOps) {
         let Some(timer) = &mut self.timer else { return };
-        let wanted = self.cmm.has_links();
+        let wanted = self.cmm.needs_timer();
         if wanted == self.timer_running {
             return;
         }

@@ -330,7 +330,7 @@ impl ChannelNode {
     ) {
         let partition = self.vsock.devices[index].partition;
         let to = Endpoint { node: place.0, partition: place.1, process: key.3 };
-        if !self.cmm.is_linked(place.0) && Instant::now() < deadline {
+        if !self.cmm.can_offer(place.0) && Instant::now() < deadline {
             let waiting = &self.vsock.remote.waiting;
             let mine = waiting.iter().filter(|w| w.0 == index).count();
             if mine < MAX_WAITING && !waiting.iter().any(|w| w.2 == key) {
