@@ -12,7 +12,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use keyhold_integration::etcd::{etcd_available, Etcd, Tls};
-use keyhold_integration::nodes::{ctl, free_port, keygen, wait_until};
+use keyhold_integration::nodes::{ctl, free_port, keygen, public_key, wait_until};
 use keyhold_integration::{
     finish, fixture, keyhold, keyhold_bin, require_kvm, spawn_keyhold, terminate,
 };
@@ -62,6 +62,16 @@ impl Operator {
         assert_eq!(out.code(), 0, "{out:#?}");
         out.stdout.trim().to_owned()
     }
+}
+
+/// A registration of node `id` with `public_key`, signed by `operator`, at an address where
+/// nothing listens.
+fn registration(operator: &Operator, id: u32, public_key: &str) -> String {
+    let port = free_port();
+    let signature = operator.sign(id, port, public_key);
+    format!(
+        r#"{{"id":{id},"address":"127.0.0.1:{port}","public_key":"{public_key}","signature":"{signature}"}}"#
+    )
 }
 
 /// Writes node `name`'s config: node `id` on `port`, members from `etcd`, one partition
@@ -235,6 +245,25 @@ fn nodes_find_each_other_in_etcd_and_follow_it_through_crashes_forgeries_and_out
     let with_four = [("n1", 1), ("n2", 2), ("n4", 4)];
     assert!(wait_linked(d, &with_four, &[1, 2, 4], Duration::from_secs(30)));
 
+    // 5b. More registrations than one read takes at once: signed nodes that are not running
+    // (under no lease, as an operator may list them ahead). And one claiming node 2's key,
+    // registered after node 2 under an etcd key that sorts first: the first registered keeps
+    // the key, the later one is refused.
+    for id in 100..140 {
+        let (_, public) = keygen(d, &format!("listed-{id}.key"));
+        etcd.put(&format!("/keyhold/nodes/{id}"), &registration(&operator, id, &public));
+    }
+    let two_key = public_key(&std::fs::read_to_string(d.join("n2.key")).unwrap());
+    etcd.put("/keyhold/nodes/10", &registration(&operator, 10, &two_key));
+    assert!(wait_until(Duration::from_secs(20), || audited(
+        d,
+        "n1",
+        "registration_rejected",
+        "duplicate_key"
+    )));
+    assert!(wait_until(Duration::from_secs(20), || api(d, "n1", "membership")["members"] == 43));
+    assert!(linked(d, "n1").contains(&2), "node 2 kept its place");
+
     // 6. etcd gone: the links stay, and the nodes say so.
     etcd.kill();
     assert!(wait_until(Duration::from_secs(30), || api(d, "n1", "membership")["state"]
@@ -256,6 +285,11 @@ fn nodes_find_each_other_in_etcd_and_follow_it_through_crashes_forgeries_and_out
     assert!(wait_linked(d, &after, &[1, 2, 5], Duration::from_secs(40)), "{:?}", linked(d, "n1"));
     assert_eq!(api(d, "n1", "membership")["state"], "synced");
     assert!(audited(d, "n1", "membership_restored", "etcd_reachable"));
+    // The fresh read, a page at a time, found all the listed nodes (node 4's lease, which it
+    // could not revoke while etcd was away, expires meanwhile).
+    let members = || api(d, "n1", "membership")["members"].clone();
+    assert!(wait_until(Duration::from_secs(20), || members() == 43), "{}", members());
+    assert!(!peers(d, "n1", false).contains(&10), "the duplicate key stays refused");
 
     // 8. A node that stops cleanly deregisters: its peers drop it at once, not after the TTL.
     let mut five = nodes.0[4].take().unwrap();

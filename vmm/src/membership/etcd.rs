@@ -15,6 +15,11 @@ use ureq::Agent;
 
 /// Longest a single request may take, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keys read per request of a prefix read. etcd takes values of up to 1.5 MiB (2 MiB in
+/// base64), so a page stays within [`MAX_ANSWER`] whatever has been written under the prefix.
+const PAGE: u64 = 16;
+/// Largest answer read from one request.
+const MAX_ANSWER: u64 = 40 << 20;
 /// Longest answer a watch may send at once (one line of its stream): room for thousands of
 /// registrations. An etcd that sends more is not believed: the node reads afresh.
 const MAX_WATCH_LINE: u64 = 16 << 20;
@@ -43,12 +48,7 @@ pub enum Claim {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A key was written.
-    Put {
-        /// The key.
-        key: Vec<u8>,
-        /// Its value.
-        value: Vec<u8>,
-    },
+    Put(Kv),
     /// A key was deleted, or its lease expired.
     Delete {
         /// The key.
@@ -56,13 +56,35 @@ pub enum Change {
     },
 }
 
+/// A key and its value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Kv {
+    /// The key.
+    pub key: Vec<u8>,
+    /// Its value.
+    pub value: Vec<u8>,
+    /// The revision that created the key (kept through later writes; a key deleted and
+    /// written again is created anew).
+    pub created: i64,
+}
+
+impl Kv {
+    fn from_json(kv: &Value) -> Self {
+        Self {
+            key: bytes(&kv["key"]),
+            value: bytes(&kv["value"]),
+            created: int(&kv["create_revision"]).unwrap_or(i64::MAX),
+        }
+    }
+}
+
 /// Every key under a prefix, at a revision.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// The store's revision the read saw.
     pub revision: i64,
-    /// `(key, value)` pairs.
-    pub kvs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The keys, in key order.
+    pub kvs: Vec<Kv>,
 }
 
 /// How to reach etcd.
@@ -111,6 +133,8 @@ impl Etcd {
                     self.next = at;
                     return response
                         .body_mut()
+                        .with_config()
+                        .limit(MAX_ANSWER)
                         .read_json()
                         .map_err(|e| EtcdError::Answer(format!("{path}: {e}")));
                 }
@@ -178,16 +202,36 @@ impl Etcd {
         }
     }
 
-    /// Every key under `prefix`.
+    /// Every key under `prefix`, read a page at a time, every page at the revision of the
+    /// first (so the whole is one consistent view, however many keys there are).
     pub fn read(&mut self, prefix: &[u8]) -> Result<Snapshot, EtcdError> {
-        let range = json!({ "key": STANDARD.encode(prefix),
-                            "range_end": STANDARD.encode(prefix_end(prefix)) });
-        let answer = self.call("/v3/kv/range", &range)?;
-        let revision = int(&answer["header"]["revision"])
-            .ok_or_else(|| EtcdError::Answer(format!("range: {answer}")))?;
-        let kvs = answer["kvs"].as_array().map(Vec::as_slice).unwrap_or_default();
-        let kvs = kvs.iter().map(|kv| (bytes(&kv["key"]), bytes(&kv["value"]))).collect();
-        Ok(Snapshot { revision, kvs })
+        let end = STANDARD.encode(prefix_end(prefix));
+        let mut from = prefix.to_vec();
+        let mut snapshot = Snapshot { revision: 0, kvs: Vec::new() };
+        loop {
+            let mut range = json!({ "key": STANDARD.encode(&from), "range_end": end,
+                                    "limit": PAGE.to_string() });
+            if snapshot.revision > 0 {
+                range["revision"] = json!(snapshot.revision.to_string());
+            }
+            let answer = self.call("/v3/kv/range", &range)?;
+            let revision = int(&answer["header"]["revision"])
+                .ok_or_else(|| EtcdError::Answer(format!("range: {answer}")))?;
+            if snapshot.revision == 0 {
+                snapshot.revision = revision;
+            }
+            let page = answer["kvs"].as_array().map(Vec::as_slice).unwrap_or_default();
+            snapshot.kvs.extend(page.iter().map(Kv::from_json));
+            let more = answer["more"].as_bool() == Some(true);
+            match snapshot.kvs.last() {
+                // The next page starts just after the last key read.
+                Some(last) if more && !page.is_empty() => {
+                    from = last.key.clone();
+                    from.push(0);
+                }
+                _ => return Ok(snapshot),
+            }
+        }
     }
 
     /// Watches every key under `prefix` from `revision` on: the changes, in order, until the
@@ -253,10 +297,10 @@ impl Iterator for Watch {
         let changes = events
             .iter()
             .map(|event| {
-                let key = bytes(&event["kv"]["key"]);
+                let kv = Kv::from_json(&event["kv"]);
                 match event["type"].as_str() {
-                    Some("DELETE") => Change::Delete { key },
-                    _ => Change::Put { key, value: bytes(&event["kv"]["value"]) },
+                    Some("DELETE") => Change::Delete { key: kv.key },
+                    _ => Change::Put(kv),
                 }
             })
             .collect();
@@ -308,11 +352,11 @@ mod tests {
         let value = STANDARD.encode("v");
         let stream = format!(
             "{{\"result\":{{\"header\":{{\"revision\":\"2\"}},\"created\":true}}}}\n\
-             {{\"result\":{{\"header\":{{\"revision\":\"3\"}},\"events\":[{{\"kv\":{{\"key\":\"{key}\",\"value\":\"{value}\"}}}},{{\"type\":\"DELETE\",\"kv\":{{\"key\":\"{key}\"}}}}]}}}}\n"
+             {{\"result\":{{\"header\":{{\"revision\":\"3\"}},\"events\":[{{\"kv\":{{\"key\":\"{key}\",\"value\":\"{value}\",\"create_revision\":\"3\"}}}},{{\"type\":\"DELETE\",\"kv\":{{\"key\":\"{key}\"}}}}]}}}}\n"
         );
         let mut watch = watch_of(stream.into_bytes());
         assert_eq!(watch.next(), Some(Ok((2, Vec::new()))));
-        let put = Change::Put { key: b"/k/1".to_vec(), value: b"v".to_vec() };
+        let put = Change::Put(Kv { key: b"/k/1".to_vec(), value: b"v".to_vec(), created: 3 });
         let delete = Change::Delete { key: b"/k/1".to_vec() };
         assert_eq!(watch.next(), Some(Ok((3, vec![put, delete]))));
         assert_eq!(watch.next(), None, "the stream ended");

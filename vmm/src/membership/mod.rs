@@ -28,7 +28,7 @@ use keyhold_devices::cmm::audit::{Audit, Record};
 use keyhold_devices::link::{Directory, Peer, Reloader};
 
 use crate::seccomp::{Containment, ThreadKind};
-use etcd::{Change, Claim, Etcd, EtcdError, Snapshot};
+use etcd::{Change, Claim, Etcd, EtcdError, Kv, Snapshot};
 use registration::{Registration, RegistrationError};
 
 /// Shortest and longest wait before etcd is tried again after a failure.
@@ -170,7 +170,8 @@ struct Worker {
     /// Our registration's lease, once registered.
     lease: Option<i64>,
     /// Verified registrations, by key.
-    view: BTreeMap<Vec<u8>, Registration>,
+    /// Valid registrations by etcd key, each with the revision that created it.
+    view: BTreeMap<Vec<u8>, (i64, Registration)>,
     /// The directory last handed to the links.
     published: Option<Directory>,
     /// The generation of the watch running, if one is.
@@ -333,8 +334,8 @@ impl Worker {
     /// A fresh read: the view is what it holds.
     fn replace_view(&mut self, snapshot: Snapshot) {
         self.view.clear();
-        for (key, value) in snapshot.kvs {
-            self.put(key, &value);
+        for kv in snapshot.kvs {
+            self.put(kv);
         }
         self.check_own();
         self.publish(snapshot.revision);
@@ -344,7 +345,7 @@ impl Worker {
     /// lives, it registers again at the next tick; the old lease is left to expire.
     fn check_own(&mut self) {
         let own = self.view.get(&self.key_of(self.own.id));
-        if self.lease.is_some() && own.is_none_or(|r| *r != self.config.own) {
+        if self.lease.is_some() && own.is_none_or(|(_, r)| *r != self.config.own) {
             log::warn!("this node's registration in etcd is gone or replaced; registering again");
             self.lease = None;
         }
@@ -353,7 +354,7 @@ impl Worker {
     fn apply(&mut self, changes: Vec<Change>, revision: i64) {
         for change in changes {
             match change {
-                Change::Put { key, value } => self.put(key, &value),
+                Change::Put(kv) => self.put(kv),
                 Change::Delete { key } => {
                     self.view.remove(&key);
                 }
@@ -365,8 +366,9 @@ impl Worker {
 
     /// Takes the registration at `key` into the view if it is valid; else audits it and
     /// drops any earlier one there.
-    fn put(&mut self, key: Vec<u8>, value: &[u8]) {
-        let checked = Registration::verified(value, &self.config.operator_key).and_then(|r| {
+    fn put(&mut self, kv: Kv) {
+        let Kv { key, value, created } = kv;
+        let checked = Registration::verified(&value, &self.config.operator_key).and_then(|r| {
             if key != self.key_of(r.id) {
                 return Err(RegistrationError::Malformed("its key names another node ID".into()));
             }
@@ -374,7 +376,7 @@ impl Worker {
         });
         match checked {
             Ok(registration) => {
-                self.view.insert(key, registration);
+                self.view.insert(key, (created, registration));
             }
             Err(why) => {
                 self.view.remove(&key);
@@ -387,10 +389,13 @@ impl Worker {
     }
 
     /// The directory the view makes: this node as configured, and every other registered
-    /// node whose key no earlier node has. Handed to the links when it changed.
+    /// node whose ID and key no node registered earlier (by creation revision) has. Handed to
+    /// the links when it changed.
     fn publish(&mut self, revision: i64) {
         let mut peers = vec![self.own.clone()];
-        for registration in self.view.values() {
+        let mut registered: Vec<&(i64, Registration)> = self.view.values().collect();
+        registered.sort_by_key(|(created, r)| (*created, r.id));
+        for (_, registration) in registered {
             let duplicate = peers
                 .iter()
                 .any(|p| p.id == registration.id || p.public_key == registration.public_key);
