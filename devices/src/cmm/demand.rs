@@ -199,3 +199,156 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::net::TcpListener;
+    use std::sync::Arc;
+
+    use guest_agent::channel::abi::{Endpoint, RxHeader};
+
+    use super::*;
+    use crate::cmm::audit::Audit;
+    use crate::cmm::{Cmm, CmmConfig, Deliver, Delivered, KeySource, Opening};
+    use crate::crypto::node_key::NodeKey;
+    use crate::link::router::{FdChange, RouterConfig};
+    use crate::link::{Directory, LinkManager, LinkSettings, Peer};
+
+    /// A node's CMM and links on demand, driven from the test thread as the device thread
+    /// would drive them.
+    struct Node {
+        cmm: Cmm,
+        tokens: HashSet<usize>,
+        audit: Audit,
+        _links: LinkManager,
+    }
+
+    struct Sink;
+
+    impl Deliver for Sink {
+        fn deliver(&mut self, _: u32, _: &RxHeader, _: &[u8], _: bool) -> Delivered {
+            Delivered::Written
+        }
+    }
+
+    struct GuestKey;
+
+    impl KeySource for GuestKey {
+        fn read_key(&mut self, out: &mut [u8; 32]) -> bool {
+            out.fill(7);
+            true
+        }
+    }
+
+    impl Node {
+        /// Takes new links; reads their sockets only if `read`.
+        fn drive(&mut self, read: bool) {
+            self.cmm.links_arrived();
+            for change in self.cmm.take_fd_changes() {
+                if let FdChange::Watch { token, .. } = change {
+                    self.tokens.insert(token);
+                }
+            }
+            if read {
+                for &token in &self.tokens {
+                    self.cmm.link_readable(token, &mut Sink);
+                }
+                self.cmm.tick();
+            }
+        }
+
+        fn salt(&self, partition: u32) -> Option<[u8; 16]> {
+            self.cmm.list_all().iter().find(|c| c.partition == partition).map(|c| c.salt)
+        }
+
+        fn audited(&self, event: &str) -> usize {
+            let event = format!("\"event\":\"{event}\"");
+            self.audit.recent().iter().filter(|r| r.contains(&event)).count()
+        }
+    }
+
+    fn pair() -> (Node, Node) {
+        let keys = [NodeKey::generate().unwrap(), NodeKey::generate().unwrap()];
+        let addresses = [0, 1].map(|_| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap() // dropped: its port, for the node to bind again
+        });
+        let peers: Vec<Peer> = (0..2)
+            .map(|i| Peer {
+                id: i as u32 + 1,
+                address: addresses[i],
+                public_key: *keys[i].public(),
+            })
+            .collect();
+        let settings = LinkSettings {
+            router: RouterConfig {
+                idle_after: Some(Duration::from_secs(60)),
+                ..RouterConfig::default()
+            },
+            ..LinkSettings::default()
+        };
+        let mut nodes = keys.into_iter().zip(addresses).enumerate().map(|(i, (key, address))| {
+            let id = i as u32 + 1;
+            let audit = Audit::to_log(id).unwrap();
+            let directory = Directory::new(peers.clone());
+            let (links, router) = LinkManager::start(
+                id,
+                Arc::new(key),
+                directory,
+                address,
+                audit.clone(),
+                settings,
+                || {},
+            )
+            .unwrap();
+            let mut cmm = Cmm::new(id, CmmConfig::default(), audit.clone(), router).unwrap();
+            cmm.add_partition(1);
+            Node { cmm, tokens: HashSet::new(), audit, _links: links }
+        });
+        let a = nodes.next().unwrap();
+        (a, nodes.next().unwrap())
+    }
+
+    fn ep(node: u32, process: u32) -> Endpoint {
+        Endpoint { node, partition: 1, process }
+    }
+
+    #[test]
+    fn an_offer_crossed_by_an_idle_close_is_made_again_on_the_next_link_with_a_new_salt() {
+        let (mut a, mut b) = pair();
+        b.cmm.listen(1, 10, ep(1, 20)).unwrap();
+        assert!(!a.cmm.has_links(), "no channel yet, no link");
+        let opening = a.cmm.open(1, 20, ep(2, 10), Some(&mut GuestKey)).unwrap();
+        let Opening::Pending(id) = opening else { panic!("{opening:?}") };
+        let first_salt = a.salt(1).unwrap();
+
+        // The OPEN brought a link, and its offer went out on it; node 2 has the link but has
+        // not read the offer when it closes the link for idleness.
+        let until = Instant::now() + Duration::from_secs(10);
+        while !(a.cmm.router.is_up(2) && b.cmm.router.is_up(1)) && Instant::now() < until {
+            a.drive(false);
+            b.drive(false);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(a.cmm.router.is_up(2) && b.cmm.router.is_up(1), "the OPEN brought no link");
+        b.cmm.router.close_idle(1);
+        b.cmm.flush();
+
+        // Node 1 sees the link go before the offer's answer: it offers again on a new link.
+        let mut answers = Vec::new();
+        while answers.is_empty() && Instant::now() < until + Duration::from_secs(10) {
+            a.drive(true);
+            b.drive(true);
+            answers.extend(a.cmm.take_answers());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(answers, [(id, Ok(id))], "the OPEN completes");
+        let second_salt = a.salt(1).unwrap();
+        assert_ne!(first_salt, second_salt, "the offer made again is keyed afresh");
+        assert_eq!(b.salt(1), Some(second_salt), "node 2 took the second offer");
+        assert_eq!(b.audited("offer_accepted"), 1);
+        assert_eq!(a.audited("link_up"), 2, "a link, closed idle, and the next");
+        assert!(a.cmm.core.demand.held.is_empty(), "the held key went with the answer");
+    }
+}

@@ -20,6 +20,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const PAGE: u64 = 16;
 /// Largest answer read from one request.
 const MAX_ANSWER: u64 = 40 << 20;
+/// Most keys a prefix read takes: far more nodes than a fleet has, and a bound on what an etcd
+/// that answers `more` without end can make the node hold.
+const MAX_KEYS: usize = 100_000;
 /// Longest answer a watch may send at once (one line of its stream): room for thousands of
 /// registrations. An etcd that sends more is not believed: the node reads afresh.
 const MAX_WATCH_LINE: u64 = 16 << 20;
@@ -224,8 +227,18 @@ impl Etcd {
             snapshot.kvs.extend(page.iter().map(Kv::from_json));
             let more = answer["more"].as_bool() == Some(true);
             match snapshot.kvs.last() {
-                // The next page starts just after the last key read.
+                // The next page starts just after the last key read. Keys come in order, so
+                // an answer that does not move past the last page is not believed (an etcd
+                // that said `more` for ever would hold the node here).
                 Some(last) if more && !page.is_empty() => {
+                    if last.key < from {
+                        return Err(EtcdError::Answer("range: a page went backwards".into()));
+                    }
+                    if snapshot.kvs.len() > MAX_KEYS {
+                        return Err(EtcdError::Answer(format!(
+                            "range: more than {MAX_KEYS} keys under the prefix"
+                        )));
+                    }
                     from = last.key.clone();
                     from.push(0);
                 }
