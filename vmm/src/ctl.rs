@@ -169,7 +169,17 @@ fn render(s: &Value, now: SystemTime) -> String {
             out += &format!("  membership's last error: {error}\n");
         }
     }
-    for link in s["links"].as_array().into_iter().flatten() {
+    let links = s["links"].as_array().map(Vec::as_slice).unwrap_or_default();
+    // Links on demand: a fleet lists every peer, most of them idle; those are counted, not
+    // shown one by one.
+    let idle = links.iter().filter(|l| l["state"] == "idle").count();
+    if idle > 0 {
+        let up = links.iter().filter(|l| l["state"] == "up").count();
+        out += &format!(
+            "  links: {up} up, {idle} idle on demand (not shown; `keyhold ctl links` lists all)\n"
+        );
+    }
+    for link in links.iter().filter(|l| l["state"] != "idle") {
         out += &format!(
             "\nlink: node {}\n  state: {} (since {})\n  address: {}\n",
             link["peer"],
@@ -284,6 +294,12 @@ mod tests {
             "channels": { "open": 2, "listening": 1, "offering": 0, "peer_closed": 0 },
         });
         let text = render(&s, now);
+        assert!(!text.contains("idle on demand"), "no idle links, no count of them");
+        let mut on_demand = s.clone();
+        on_demand["links"].as_array_mut().unwrap().push(json!({ "peer": 3, "state": "idle" }));
+        let quiet = render(&on_demand, now);
+        assert!(quiet.contains("  links: 1 up, 1 idle on demand (not shown;"), "{quiet}");
+        assert!(!quiet.contains("link: node 3"), "{quiet}");
         for line in [
             "node: 1\n",
             "link: node 2\n  state: up (since 10 seconds ago)\n  address: 10.0.0.2:7000\n",
