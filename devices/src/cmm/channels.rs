@@ -143,7 +143,7 @@ impl Core {
             entry.salt = salt;
             entry.epoch_since = now;
         }
-        if !self.hold_offer_key(id) {
+        if !self.hold_offer_key(router, id, remote.node) {
             self.remove(id);
             return Err(self.refuse(local.partition, status::TABLE_FULL));
         }
@@ -178,7 +178,6 @@ impl Core {
                 peer: Some(remote.node),
                 ..Record::endpoints("offer_timed_out", "no_answer", &local, &remote)
             });
-            self.unwait(remote.node, id);
             self.end(router, id, CloseReason::Closed);
             let code = self.refuse(local.partition, status::TIMED_OUT);
             self.answers.push((id, Err(code)));
@@ -294,7 +293,7 @@ impl Core {
         let partition = entry.local.partition;
         let outcome = match result {
             OfferResult::Accepted => {
-                self.release_offer_key(id);
+                self.release_offer_key(id, node);
                 let now = self.now();
                 if let Some(entry) = self.table.get_mut(id) {
                     entry.state = ChannelState::Open;
@@ -380,8 +379,8 @@ impl Core {
 
     pub(super) fn remove(&mut self, id: ChannelId) -> Option<Entry> {
         self.release_credit(id);
-        self.release_offer_key(id);
         let entry = self.table.remove(id)?;
+        self.release_offer_key(id, entry.remote.node);
         if let Some(slot) = entry.key {
             self.keys.remove(slot);
         }
@@ -390,7 +389,9 @@ impl Core {
 
     fn forget_key(&mut self, id: ChannelId) {
         self.release_credit(id);
-        self.release_offer_key(id);
+        if let Some(node) = self.table.get(id).map(|e| e.remote.node) {
+            self.release_offer_key(id, node);
+        }
         let slot: Option<KeySlot> = self.table.get_mut(id).and_then(|e| e.key.take());
         if let Some(slot) = slot {
             self.keys.remove(slot);

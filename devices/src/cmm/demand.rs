@@ -28,8 +28,9 @@ pub(super) struct Demand {
     pub(super) idle_after: Option<Duration>,
     /// Offers waiting for a link, per node.
     waiting: std::collections::HashMap<u32, Vec<ChannelId>>,
-    /// Keys of offers not answered yet.
-    held: std::collections::HashMap<ChannelId, super::key_table::HeldKey>,
+    /// Keys of offers not answered yet, with the peer's static key when the OPEN was made:
+    /// an offer is never made to a node that has since changed its key.
+    held: std::collections::HashMap<ChannelId, (super::key_table::HeldKey, Option<[u8; 32]>)>,
     /// When each linked node last had a channel.
     last_used: std::collections::HashMap<u32, Instant>,
     last_scan: Option<Instant>,
@@ -49,24 +50,25 @@ impl Demand {
 impl Core {
     /// Keeps the scratch key of offer `id` until it is answered (links on demand only);
     /// false if secret memory is full.
-    pub(super) fn hold_offer_key(&mut self, id: ChannelId) -> bool {
+    pub(super) fn hold_offer_key(&mut self, router: &Router, id: ChannelId, node: u32) -> bool {
         if !self.demand.on() {
             return true;
         }
         match self.keys.hold_scratch() {
             Ok(held) => {
-                self.demand.held.insert(id, held);
+                self.demand.held.insert(id, (held, router.peer_key(node)));
                 true
             }
             Err(_) => false,
         }
     }
 
-    /// Offer `id` is answered or ended: its held key goes.
-    pub(super) fn release_offer_key(&mut self, id: ChannelId) {
-        if let Some(held) = self.demand.held.remove(&id) {
+    /// Offer `id` is answered or ended: its held key goes, and it waits no more.
+    pub(super) fn release_offer_key(&mut self, id: ChannelId, node: u32) {
+        if let Some((held, _)) = self.demand.held.remove(&id) {
             self.keys.release(held);
         }
+        self.unwait(node, id);
     }
 
     /// Stages offer `id` on its node's link: `(key, source, destination)` with the held key,
@@ -76,7 +78,9 @@ impl Core {
             return true; // ended meanwhile: nothing to send
         };
         let key = match self.demand.held.get(&id) {
-            Some(held) => self.keys.held(*held),
+            // A node whose key changed since the OPEN is not the node the guest opened to.
+            Some((_, peer)) if *peer != router.peer_key(entry.remote.node) => None,
+            Some((held, _)) => self.keys.held(*held),
             None => Some(self.keys.scratch()),
         };
         let Some(key) = key else { return false };
@@ -90,9 +94,13 @@ impl Core {
         router.stage(entry.remote.node, &frame).is_ok()
     }
 
-    /// Offer `id` waits for a link to `node`; the router is asked for one.
+    /// Offer `id` waits for a link to `node` (once, however often it is asked); the router is
+    /// asked for one.
     pub(super) fn await_link(&mut self, router: &mut Router, node: u32, id: ChannelId) {
-        self.demand.waiting.entry(node).or_default().push(id);
+        let waiting = self.demand.waiting.entry(node).or_default();
+        if !waiting.contains(&id) {
+            waiting.push(id);
+        }
         if router.is_up(node) {
             self.links_up(router, &[node]);
         } else {
@@ -107,21 +115,18 @@ impl Core {
         }
     }
 
-    /// Links to `nodes` came up: the offers waiting for them go.
+    /// Links to `nodes` came up: the offers waiting for them go. One the link does not take
+    /// (it broke as it came) is made again when its going down is handled; one for a node
+    /// whose key changed since its OPEN fails UNREACHABLE.
     pub(super) fn links_up(&mut self, router: &mut Router, nodes: &[u32]) {
         let now = Instant::now();
         for &node in nodes {
             self.demand.last_used.insert(node, now);
             let ids = self.demand.waiting.remove(&node).unwrap_or_default();
-            let mut unsent = Vec::new();
             for id in ids {
-                if !self.stage_offer(router, id) {
-                    unsent.push(id);
+                if !self.stage_offer(router, id) && router.is_up(node) {
+                    self.fail_offer(id, status::UNREACHABLE);
                 }
-            }
-            if !unsent.is_empty() {
-                // The link broke as it came: its going down asks for another.
-                self.demand.waiting.entry(node).or_default().extend(unsent);
             }
         }
     }
@@ -149,18 +154,18 @@ impl Core {
     /// The link to `node` went down before offer `id` was answered: with its key held, the
     /// offer is made again on the next link, keyed afresh; otherwise its OPEN fails.
     pub(super) fn offer_again(&mut self, router: &mut Router, node: u32, id: ChannelId) {
-        let Some(&held) = self.demand.held.get(&id) else {
+        let Some(&(held, _)) = self.demand.held.get(&id) else {
             return self.fail_offer(id, status::UNREACHABLE);
         };
         let mut salt = [0u8; SALT_SIZE];
-        let rebuilt = crate::entropy::fill(&mut salt).ok().and_then(|()| {
-            let entry = self.table.get(id)?;
-            let (slot, local, remote) = (entry.key?, entry.local, entry.remote);
-            self.keys.rebuild_remote(slot, held, &salt, &local, &remote)
-        });
-        let Some(slot) = rebuilt else {
+        let entry = self.table.get(id).and_then(|e| Some((e.key?, e.local, e.remote)));
+        let Some((slot, local, remote)) = entry else { return };
+        if crate::entropy::fill(&mut salt).is_err() {
+            return self.fail_offer(id, status::INTERNAL);
+        }
+        let Some(slot) = self.keys.rebuild_remote(slot, held, &salt, &local, &remote) else {
             if let Some(entry) = self.table.get_mut(id) {
-                entry.key = None; // the old ciphers are gone
+                entry.key = None; // the old ciphers went with the rebuild
             }
             return self.fail_offer(id, status::INTERNAL);
         };
@@ -186,7 +191,7 @@ impl Core {
             .map(|(_, e)| e.remote.node)
             .collect();
         used.extend(self.demand.waiting.iter().filter(|(_, ids)| !ids.is_empty()).map(|(n, _)| n));
-        let up: Vec<u32> = router.up_nodes().collect();
+        let up: HashSet<u32> = router.up_nodes().collect();
         self.demand.last_used.retain(|node, _| up.contains(node));
         for node in up {
             let since = *self.demand.last_used.entry(node).or_insert(now);
@@ -269,6 +274,12 @@ mod tests {
     }
 
     fn pair() -> (Node, Node) {
+        let (a, b, _) = pair_with_peers();
+        (a, b)
+    }
+
+    /// Nodes 1 and 2, and the directory they share.
+    fn pair_with_peers() -> (Node, Node, Vec<Peer>) {
         let keys = [NodeKey::generate().unwrap(), NodeKey::generate().unwrap()];
         let addresses = [0, 1].map(|_| {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -288,14 +299,14 @@ mod tests {
             },
             ..LinkSettings::default()
         };
+        let directory = Directory::new(peers.clone());
         let mut nodes = keys.into_iter().zip(addresses).enumerate().map(|(i, (key, address))| {
             let id = i as u32 + 1;
             let audit = Audit::to_log(id).unwrap();
-            let directory = Directory::new(peers.clone());
             let (links, router) = LinkManager::start(
                 id,
                 Arc::new(key),
-                directory,
+                directory.clone(),
                 address,
                 audit.clone(),
                 settings,
@@ -307,7 +318,21 @@ mod tests {
             Node { cmm, tokens: HashSet::new(), audit, _links: links }
         });
         let a = nodes.next().unwrap();
-        (a, nodes.next().unwrap())
+        (a, nodes.next().unwrap(), peers)
+    }
+
+    /// Drives both nodes, reading their links, until `done` holds or `secs` pass; the answers
+    /// node 1 got meanwhile.
+    fn settle(a: &mut Node, b: &mut Node, secs: u64) -> Vec<(ChannelId, Result<ChannelId, u32>)> {
+        let mut answers = Vec::new();
+        let until = Instant::now() + Duration::from_secs(secs);
+        while answers.is_empty() && Instant::now() < until {
+            a.drive(true);
+            b.drive(true);
+            answers.extend(a.cmm.take_answers());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        answers
     }
 
     fn ep(node: u32, process: u32) -> Endpoint {
@@ -350,5 +375,57 @@ mod tests {
         assert_eq!(b.audited("offer_accepted"), 1);
         assert_eq!(a.audited("link_up"), 2, "a link, closed idle, and the next");
         assert!(a.cmm.core.demand.held.is_empty(), "the held key went with the answer");
+        assert!(a.cmm.core.demand.waiting.values().all(Vec::is_empty), "nothing waits");
+    }
+
+    #[test]
+    fn an_offer_waits_once_however_often_its_link_is_lost() {
+        let (mut a, mut b) = pair();
+        b.cmm.listen(1, 10, ep(1, 20)).unwrap();
+        a.cmm.open(1, 20, ep(2, 10), Some(&mut GuestKey)).unwrap();
+        assert!(matches!(settle(&mut a, &mut b, 10)[..], [(_, Ok(_))]));
+        // The link ends inside a batch (its going down not yet handled), then an OPEN that
+        // finds no link, then the going down: the offer waits once, and goes once.
+        b.cmm.listen(1, 11, ep(1, 21)).unwrap();
+        a.cmm.router.close_idle(2);
+        let Ok(Opening::Pending(id)) = a.cmm.open(1, 21, ep(2, 11), Some(&mut GuestKey)) else {
+            panic!("the OPEN waits for a link")
+        };
+        a.cmm.flush();
+        let copies =
+            a.cmm.core.demand.waiting.get(&2).map_or(0, |w| w.iter().filter(|w| **w == id).count());
+        assert_eq!(copies, 1);
+        assert_eq!(settle(&mut a, &mut b, 10), [(id, Ok(id))]);
+        assert_eq!(b.audited("offer_rejected"), 0, "no offer came twice");
+    }
+
+    #[test]
+    fn a_link_refused_as_it_arrives_does_not_stop_the_node_from_linking_again() {
+        let (mut a, mut b, peers) = pair_with_peers();
+        let reloader = a._links.reloader();
+        b.cmm.listen(1, 10, ep(1, 20)).unwrap();
+        a.cmm.open(1, 20, ep(2, 10), Some(&mut GuestKey)).unwrap();
+        // Node 2 takes the link; before node 1's router takes it, node 2's key changes in the
+        // directory, so node 1's router refuses the link; then the key is put back.
+        let until = Instant::now() + Duration::from_secs(10);
+        while !b.cmm.router.is_up(1) && Instant::now() < until {
+            b.drive(false);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(b.cmm.router.is_up(1));
+        let mut changed = peers.clone();
+        changed[1].public_key = *NodeKey::generate().unwrap().public();
+        reloader.reload(Directory::new(changed)).unwrap();
+        a.drive(false);
+        assert!(!a.cmm.router.is_up(2), "the link was refused");
+        reloader.reload(Directory::new(peers)).unwrap();
+        let first = settle(&mut a, &mut b, 10);
+        assert!(matches!(first[..], [(_, Err(_))]), "the first OPEN fails: {first:?}");
+        // The next OPEN is not left waiting for a dial nobody makes.
+        b.cmm.listen(1, 11, ep(1, 21)).unwrap();
+        a.cmm.open(1, 21, ep(2, 11), Some(&mut GuestKey)).unwrap();
+        let second = settle(&mut a, &mut b, 10);
+        assert!(matches!(second[..], [(_, Ok(_))]), "{second:?}");
+        assert!(a.cmm.router.is_up(2));
     }
 }

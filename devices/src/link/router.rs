@@ -296,11 +296,18 @@ impl Router {
         std::mem::take(&mut self.unreachable)
     }
 
-    /// Ends the link to `node`, unused for its idle time, with a GOODBYE.
+    /// Ends the link to `node`, unused for its idle time, with a GOODBYE if its socket takes
+    /// it at once (the device thread does not wait on a peer that stopped reading).
     pub fn close_idle(&mut self, node: u32) {
         let Some(&token) = self.by_node.get(&node) else { return };
-        self.say_goodbye(token);
+        self.say_goodbye(token, None);
         self.end(token, "idle");
+    }
+
+    /// The static public key the directory names for `node` now.
+    pub fn peer_key(&self, node: u32) -> Option<[u8; 32]> {
+        let context = self.context.as_ref()?;
+        context.directory.get().by_id(node).map(|p| p.public_key)
     }
 
     /// The nodes whose links are up and meter their channels with CREDIT (version 3).
@@ -349,6 +356,7 @@ impl Router {
         if current.by_id(peer).map(|p| p.public_key) != Some(established.peer.public_key) {
             context.audit.record(Record::link("link_rejected", "not_in_cluster", Some(peer)));
             let _ = established.socket.shutdown(Shutdown::Both);
+            self.no_link(peer);
             return self.tell_setup(peer, Duration::ZERO);
         }
         if let Some(&old) = self.by_node.get(&peer) {
@@ -359,6 +367,7 @@ impl Router {
         let Ok(link) = Link::new(established, stats, context.config.backlog) else {
             log::error!("link to node {peer}: no secret memory for its buffers");
             context.book.failed(peer, "no_secret_memory", LinkState::Backoff);
+            self.no_link(peer);
             return self.tell_setup(peer, Duration::ZERO);
         };
         let token = self.links.iter().position(Option::is_none).unwrap_or_else(|| {
@@ -379,6 +388,14 @@ impl Router {
         self.links[token] = Some(link);
         self.wanted.remove(&peer);
         self.ups.push(peer);
+    }
+
+    /// A link to `peer` came and could not be taken: if it was asked for, the asker hears
+    /// that there is none (the setup thread has stopped trying).
+    fn no_link(&mut self, peer: u32) {
+        if self.wanted.remove(&peer) {
+            self.unreachable.push(peer);
+        }
     }
 
     /// Ends link `token` for `reason`: audited, its channels gone, the setup thread told.
@@ -716,18 +733,21 @@ impl Router {
     /// Says goodbye on every link and closes them (the node is stopping).
     pub fn shut_down(&mut self) {
         for token in 0..self.links.len() {
-            self.say_goodbye(token);
+            self.say_goodbye(token, Some(Duration::from_millis(500)));
             self.end(token, "shutdown");
         }
     }
 
-    /// Sends GOODBYE on link `token`, after what is staged, waiting a little for a slow socket.
-    fn say_goodbye(&mut self, token: usize) {
+    /// Sends GOODBYE on link `token`, after what is staged, waiting up to `wait` for a slow
+    /// socket to take it (not at all without one).
+    fn say_goodbye(&mut self, token: usize, wait: Option<Duration>) {
         let Some(Some(link)) = self.links.get_mut(token) else { return };
         if link.make_room(1, 0).is_ok() {
             link.push_frame(&Frame::Goodbye);
             let _ = link.flush();
-            let _ = link.write_backlog_blocking(Duration::from_millis(500));
+            if let Some(wait) = wait {
+                let _ = link.write_backlog_blocking(wait);
+            }
         }
     }
 }

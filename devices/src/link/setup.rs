@@ -144,8 +144,8 @@ enum DialState {
         have: usize,
         deadline: Instant,
     },
-    /// Handed to the router; waiting to hear that it ended.
-    Linked,
+    /// Handed to the router (dialed by this node if `own`); waiting to hear that it ended.
+    Linked { own: bool },
 }
 
 struct Dial {
@@ -322,6 +322,10 @@ impl Setup {
             if let Some(dial) = self.dials.get_mut(&ended.peer) {
                 // The peer may have been upgraded meanwhile.
                 dial.version = super::wire::VERSION;
+                // A want that came while the link was on its way to the router was met by it;
+                // one that comes after the router saw it end arrives after this (links on
+                // demand).
+                dial.wanted = false;
                 // A link that lived a while earns a quick reconnect.
                 if ended.lived > backoff_max {
                     dial.backoff = backoff_min;
@@ -384,7 +388,7 @@ impl Setup {
                 Some(dial) if dial.peer != *p => {
                     let rekeyed = dial.peer.public_key != p.public_key;
                     dial.peer = p.clone();
-                    if rekeyed && !matches!(dial.state, DialState::Linked) {
+                    if rekeyed && !matches!(dial.state, DialState::Linked { .. }) {
                         dial.state = DialState::Idle(now);
                         dial.backoff = self.times.backoff_min;
                     }
@@ -402,7 +406,7 @@ impl Setup {
             DialState::Connecting { deadline, .. } | DialState::Awaiting { deadline, .. } => {
                 Some(*deadline)
             }
-            DialState::Linked => None,
+            DialState::Linked { .. } => None,
         });
         pending.chain(dials).min()
     }
@@ -626,7 +630,7 @@ impl Setup {
 
     /// Whether a confirmed link from `peer` is taken. Links on demand may be dialled by both
     /// sides at once; then the link dialled by the node with the lower ID is the one kept,
-    /// on both nodes, whichever finishes first (docs/PROTOCOL.md, section 2).
+    /// on both nodes, whichever finishes first (docs/PROTOCOL.md, section 1).
     fn take_incoming(&mut self, peer: u32) -> bool {
         let own = self.shared.own_id;
         let Some(dial) = self.dials.get_mut(&peer) else {
@@ -634,13 +638,15 @@ impl Setup {
                 let p = self.shared.directory.get().by_id(peer).cloned();
                 if let Some(p) = p {
                     let mut dial = Dial::new(p, Instant::now(), self.times.backoff_min);
-                    dial.state = DialState::Linked;
+                    dial.state = DialState::Linked { own: false };
                     self.dials.insert(peer, dial);
                 }
             }
             return true;
         };
-        let own_link = dial.in_progress() || matches!(dial.state, DialState::Linked);
+        // Only this node's own dial, or a link it dialed, wins: a link the peer dialed before
+        // is replaced (the peer started again, or saw that link die first).
+        let own_link = dial.in_progress() || matches!(dial.state, DialState::Linked { own: true });
         if own < peer && own_link {
             return false;
         }
@@ -650,7 +656,7 @@ impl Setup {
             let _ =
                 self.epoll.ctl(ControlOperation::Delete, socket.as_raw_fd(), EpollEvent::default());
         }
-        dial.state = DialState::Linked;
+        dial.state = DialState::Linked { own: false };
         dial.wanted = false;
         true
     }
@@ -698,7 +704,7 @@ impl Setup {
 
     fn dial_event(&mut self, peer: u32, events: EventSet) {
         let Some(dial) = self.dials.get_mut(&peer) else { return };
-        match std::mem::replace(&mut dial.state, DialState::Linked) {
+        match std::mem::replace(&mut dial.state, DialState::Linked { own: false }) {
             DialState::Connecting { socket, deadline } => {
                 let failure = match socket.take_error() {
                     Ok(Some(e)) | Err(e) => Some(io_reason(&e)),
@@ -809,7 +815,7 @@ impl Setup {
             return self.dial_failed(peer, "connection_lost");
         }
         let Some(dial) = self.dials.get_mut(&peer) else { return };
-        dial.state = DialState::Linked;
+        dial.state = DialState::Linked { own: true };
         dial.wanted = false;
         let remote = dial.peer.address;
         let peer = dial.peer.clone();

@@ -20,9 +20,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const PAGE: u64 = 16;
 /// Largest answer read from one request.
 const MAX_ANSWER: u64 = 40 << 20;
-/// Most keys a prefix read takes: far more nodes than a fleet has, and a bound on what an etcd
-/// that answers `more` without end can make the node hold.
-const MAX_KEYS: usize = 100_000;
+/// Most keys a prefix read looks at: far more than a fleet has, and a bound on how long an
+/// etcd that answers `more` without end can hold the membership thread.
+const MAX_KEYS: usize = 1_000_000;
 /// Longest answer a watch may send at once (one line of its stream): room for thousands of
 /// registrations. An etcd that sends more is not believed: the node reads afresh.
 const MAX_WATCH_LINE: u64 = 16 << 20;
@@ -79,15 +79,6 @@ impl Kv {
             created: int(&kv["create_revision"]).unwrap_or(i64::MAX),
         }
     }
-}
-
-/// Every key under a prefix, at a revision.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    /// The store's revision the read saw.
-    pub revision: i64,
-    /// The keys, in key order.
-    pub kvs: Vec<Kv>,
 }
 
 /// How to reach etcd.
@@ -206,43 +197,49 @@ impl Etcd {
     }
 
     /// Every key under `prefix`, read a page at a time, every page at the revision of the
-    /// first (so the whole is one consistent view, however many keys there are).
-    pub fn read(&mut self, prefix: &[u8]) -> Result<Snapshot, EtcdError> {
+    /// first (so the whole is one consistent view, however many keys there are). Each key
+    /// goes to `each` as its page arrives, so that the caller keeps only what it believes:
+    /// nothing here holds more than a page. Returns the revision read.
+    pub fn read(&mut self, prefix: &[u8], each: &mut dyn FnMut(Kv)) -> Result<i64, EtcdError> {
         let end = STANDARD.encode(prefix_end(prefix));
         let mut from = prefix.to_vec();
-        let mut snapshot = Snapshot { revision: 0, kvs: Vec::new() };
+        let (mut revision, mut seen) = (0, 0);
         loop {
             let mut range = json!({ "key": STANDARD.encode(&from), "range_end": end,
                                     "limit": PAGE.to_string() });
-            if snapshot.revision > 0 {
-                range["revision"] = json!(snapshot.revision.to_string());
+            if revision > 0 {
+                range["revision"] = json!(revision.to_string());
             }
             let answer = self.call("/v3/kv/range", &range)?;
-            let revision = int(&answer["header"]["revision"])
+            let at = int(&answer["header"]["revision"])
                 .ok_or_else(|| EtcdError::Answer(format!("range: {answer}")))?;
-            if snapshot.revision == 0 {
-                snapshot.revision = revision;
+            if revision == 0 {
+                revision = at;
             }
             let page = answer["kvs"].as_array().map(Vec::as_slice).unwrap_or_default();
-            snapshot.kvs.extend(page.iter().map(Kv::from_json));
             let more = answer["more"].as_bool() == Some(true);
-            match snapshot.kvs.last() {
-                // The next page starts just after the last key read. Keys come in order, so
-                // an answer that does not move past the last page is not believed (an etcd
-                // that said `more` for ever would hold the node here).
-                Some(last) if more && !page.is_empty() => {
-                    if last.key < from {
-                        return Err(EtcdError::Answer("range: a page went backwards".into()));
-                    }
-                    if snapshot.kvs.len() > MAX_KEYS {
-                        return Err(EtcdError::Answer(format!(
-                            "range: more than {MAX_KEYS} keys under the prefix"
-                        )));
-                    }
-                    from = last.key.clone();
+            let last = page.last().map(|kv| bytes(&kv["key"]));
+            seen += page.len();
+            for kv in page {
+                each(Kv::from_json(kv));
+            }
+            if !more {
+                return Ok(revision);
+            }
+            // The next page starts just after the last key read. Keys come in order, so an
+            // answer that does not move forward is not believed, nor one past MAX_KEYS (an
+            // etcd that said `more` for ever would hold the node here).
+            match last {
+                Some(last) if last >= from && seen <= MAX_KEYS => {
+                    from = last;
                     from.push(0);
                 }
-                _ => return Ok(snapshot),
+                Some(_) if seen > MAX_KEYS => {
+                    return Err(EtcdError::Answer(format!(
+                        "range: more than {MAX_KEYS} keys under the prefix"
+                    )))
+                }
+                _ => return Err(EtcdError::Answer("range: a page that does not go on".into())),
             }
         }
     }

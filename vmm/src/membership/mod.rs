@@ -28,7 +28,7 @@ use keyhold_devices::cmm::audit::{Audit, Record};
 use keyhold_devices::link::{Directory, Peer, Reloader};
 
 use crate::seccomp::{Containment, ThreadKind};
-use etcd::{Change, Claim, Etcd, EtcdError, Kv, Snapshot};
+use etcd::{Change, Claim, Etcd, EtcdError, Kv};
 use registration::{Registration, RegistrationError};
 
 /// Shortest and longest wait before etcd is tried again after a failure.
@@ -241,12 +241,7 @@ impl Worker {
         // Without a watch, read first: whoever then sees this node's registration and dials
         // it is in its directory already (or comes in the watch, from just after the read).
         let read = match self.watching {
-            None => {
-                let snapshot = self.etcd.read(self.config.prefix.as_bytes())?;
-                let revision = snapshot.revision;
-                self.replace_view(snapshot);
-                Some(revision)
-            }
+            None => Some(self.read_view()?),
             Some(_) => None,
         };
         match self.lease {
@@ -331,14 +326,20 @@ impl Worker {
         format!("{}{id}", self.config.prefix).into_bytes()
     }
 
-    /// A fresh read: the view is what it holds.
-    fn replace_view(&mut self, snapshot: Snapshot) {
-        self.view.clear();
-        for kv in snapshot.kvs {
-            self.put(kv);
-        }
+    /// A fresh read: the view is what it holds (the registrations that verify; the others
+    /// are audited and dropped as each page arrives). Returns the revision read.
+    fn read_view(&mut self) -> Result<i64, EtcdError> {
+        let mut view = BTreeMap::new();
+        let Self { etcd, config, audit, .. } = self;
+        let revision = etcd.read(config.prefix.as_bytes(), &mut |kv| {
+            if let Some((key, registration)) = checked(config, audit, kv) {
+                view.insert(key, registration);
+            }
+        })?;
+        self.view = view;
         self.check_own();
-        self.publish(snapshot.revision);
+        self.publish(revision);
+        Ok(revision)
     }
 
     /// If this node's registration is gone from etcd (deleted) or replaced while its lease
@@ -364,26 +365,16 @@ impl Worker {
         self.publish(revision);
     }
 
-    /// Takes the registration at `key` into the view if it is valid; else audits it and
-    /// drops any earlier one there.
+    /// Takes the registration at `kv` into the view if it is valid; else audits it and drops
+    /// any earlier one there.
     fn put(&mut self, kv: Kv) {
-        let Kv { key, value, created } = kv;
-        let checked = Registration::verified(&value, &self.config.operator_key).and_then(|r| {
-            if key != self.key_of(r.id) {
-                return Err(RegistrationError::Malformed("its key names another node ID".into()));
+        let key = kv.key.clone();
+        match checked(&self.config, &self.audit, kv) {
+            Some((key, registration)) => {
+                self.view.insert(key, registration);
             }
-            Ok(r)
-        });
-        match checked {
-            Ok(registration) => {
-                self.view.insert(key, (created, registration));
-            }
-            Err(why) => {
+            None => {
                 self.view.remove(&key);
-                let claimed = String::from_utf8_lossy(&key);
-                let id = claimed.strip_prefix(&self.config.prefix).and_then(|s| s.parse().ok());
-                log::warn!("etcd registration {claimed} ignored: {why}");
-                self.audit.record(Record::link("registration_rejected", why.reason(), id));
             }
         }
     }
@@ -474,5 +465,27 @@ impl Worker {
             status.last_error = Some(error.to_owned());
         }
         status.endpoint = self.etcd.endpoint().to_owned();
+    }
+}
+
+/// The registration `kv` holds, with its key and creation revision, if it verifies against
+/// the operator key and sits under its own node ID; otherwise `None`, logged and audited.
+fn checked(config: &EtcdConfig, audit: &Audit, kv: Kv) -> Option<(Vec<u8>, (i64, Registration))> {
+    let Kv { key, value, created } = kv;
+    let checked = Registration::verified(&value, &config.operator_key).and_then(|r| {
+        if key != format!("{}{}", config.prefix, r.id).into_bytes() {
+            return Err(RegistrationError::Malformed("its key names another node ID".into()));
+        }
+        Ok(r)
+    });
+    match checked {
+        Ok(registration) => Some((key, (created, registration))),
+        Err(why) => {
+            let claimed = String::from_utf8_lossy(&key[..key.len().min(256)]);
+            let id = claimed.strip_prefix(&config.prefix).and_then(|s| s.parse().ok());
+            log::warn!("etcd registration {claimed} ignored: {why}");
+            audit.record(Record::link("registration_rejected", why.reason(), id));
+            None
+        }
     }
 }

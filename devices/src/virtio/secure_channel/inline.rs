@@ -161,8 +161,9 @@ impl ChannelNode {
     fn after_inline(&mut self) {
         self.complete_answers();
         self.signal_touched();
-        if self.cmm.has_fd_changes() {
-            // A link ended: the device thread must forget its socket.
+        if self.cmm.has_fd_changes() || self.cmm.needs_timer() != self.timer_running {
+            // A link ended (the device thread must forget its socket), or an OPEN now waits
+            // for a link or an answer (the device thread must run the timer that ends it).
             let _ = self.poke.write(1);
         }
     }
