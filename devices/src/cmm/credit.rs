@@ -154,11 +154,15 @@ impl Core {
             let floor = FLOOR.saturating_sub(outstanding).min(hard.saturating_sub(promised));
             let grant = want.min(floor.max(BUDGET.saturating_sub(promised)));
             if grant > 0 && entry.state == ChannelState::Open {
+                // A sender with a quarter of a window still to use by what came in needs no
+                // record of its own for this: the grant rides with the next one.
+                let urgent = credit.rx_granted.saturating_sub(entry.rx_seq) < WINDOW / 4;
                 credit.rx_granted += grant;
                 *self.promised.entry(partition).or_default() += grant;
                 let (source, destination) = (entry.local, entry.remote);
                 let limit = credit.rx_granted;
-                self.replies.push((destination.node, Reply::Credit { source, destination, limit }));
+                let reply = Reply::Credit { source, destination, limit, urgent };
+                self.replies.push((destination.node, reply));
             }
             grant < want
         });

@@ -186,8 +186,9 @@ pub type ImplicitListen = Box<dyn Fn(&Endpoint, &Endpoint) -> bool + Send>;
 pub(super) enum Reply {
     /// OFFER_REPLY.
     Offer { id: u32, result: super::frames::OfferResult },
-    /// CREDIT.
-    Credit { source: Endpoint, destination: Endpoint, limit: u64 },
+    /// CREDIT; `urgent` if its sender is about to run out (else it rides with the next
+    /// record to that node).
+    Credit { source: Endpoint, destination: Endpoint, limit: u64, urgent: bool },
 }
 
 impl Core {
@@ -573,14 +574,20 @@ impl Cmm {
 
     fn stage_replies(&mut self) {
         for (node, reply) in std::mem::take(&mut self.core.replies) {
-            let frame = match reply {
-                Reply::Offer { id, result } => Frame::OfferReply { id, result },
-                Reply::Credit { source, destination, limit } => {
-                    Frame::Credit { source, destination, limit }
+            // A link that broke meanwhile takes its channels with it (below).
+            let _ = match reply {
+                Reply::Offer { id, result } => {
+                    self.router.stage(node, &Frame::OfferReply { id, result })
+                }
+                Reply::Credit { source, destination, limit, urgent } => {
+                    let frame = Frame::Credit { source, destination, limit };
+                    if urgent {
+                        self.router.stage(node, &frame)
+                    } else {
+                        self.router.stage_lazy(node, &frame)
+                    }
                 }
             };
-            // A link that broke meanwhile takes its channels with it (below).
-            let _ = self.router.stage(node, &frame);
         }
     }
 

@@ -213,6 +213,12 @@ struct Link {
     /// Since when the backlog has been waiting without progress.
     stalled: Option<Instant>,
     writable: bool,
+    /// Whether what is staged must go at the next flush. Lazy frames alone (grants of credit
+    /// the sender does not need yet) wait for other frames, for the peer's next messages, or
+    /// for the link timer, so that they ride in a record that goes anyway.
+    urgent: bool,
+    /// Whether a DATA frame came in the records read in this call.
+    data_in: bool,
 }
 
 impl Router {
@@ -302,6 +308,13 @@ impl Router {
         let Some(&token) = self.by_node.get(&node) else { return };
         self.say_goodbye(token, None);
         self.end(token, "idle");
+    }
+
+    /// Frames sent to `node` on its current link (for tests of what goes when).
+    #[cfg(test)]
+    pub fn frames_sent(&self, node: u32) -> u64 {
+        let link = self.by_node.get(&node).and_then(|&t| self.links.get(t)?.as_ref());
+        link.map_or(0, |l| l.stats.frames_out.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The static public key the directory names for `node` now.
@@ -445,9 +458,24 @@ impl Router {
 
     /// Stages `frame` (not DATA) for `node`.
     pub fn stage(&mut self, node: u32, frame: &Frame<'_>) -> Result<(), SendError> {
+        self.stage_as(node, frame, Link::push_frame)
+    }
+
+    /// Stages `frame` (not DATA) for `node` to go with the next record that goes anyway: with
+    /// other frames, once the peer sends more messages, or with the link timer.
+    pub fn stage_lazy(&mut self, node: u32, frame: &Frame<'_>) -> Result<(), SendError> {
+        self.stage_as(node, frame, Link::push_lazy)
+    }
+
+    fn stage_as(
+        &mut self,
+        node: u32,
+        frame: &Frame<'_>,
+        push: fn(&mut Link, &Frame<'_>),
+    ) -> Result<(), SendError> {
         let outcome = {
             let link = self.link_mut(node).ok_or(SendError::NoLink)?;
-            link.make_room(frame.size(), 0).map(|()| link.push_frame(frame))
+            link.make_room(frame.size(), 0).map(|()| push(link, frame))
         };
         outcome.or_else(|reason| self.fail_node(node, reason))
     }
@@ -509,7 +537,7 @@ impl Router {
             return self.end(token, reason);
         }
         let Some(Some(link)) = self.links.get_mut(token) else { return };
-        if link.block_len == 0 {
+        if link.block_len == 0 || !link.urgent {
             return;
         }
         let was_writable = link.writable;
@@ -542,8 +570,8 @@ impl Router {
     /// The socket of link `token` is readable: reads what it holds and hands every whole
     /// record's frames to `handler`.
     pub fn readable(&mut self, token: usize, handler: &mut Handler<'_>) {
-        let result = match self.links.get_mut(token) {
-            Some(Some(link)) => link.fill(),
+        let (result, lazy_waiting) = match self.links.get_mut(token) {
+            Some(Some(link)) => (link.fill(), link.block_len > 0 && !link.urgent),
             _ => return,
         };
         if let Err(reason) = result {
@@ -555,6 +583,12 @@ impl Router {
                 Ok(false) => break,
                 Err(Failure::Protocol(reason)) => return self.reject(token, reason),
                 Err(Failure::Ended(reason)) => return self.end(token, reason),
+            }
+        }
+        // A peer that sends more messages may soon need the credit staged lazily for it.
+        if let Some(Some(link)) = self.links.get_mut(token) {
+            if std::mem::take(&mut link.data_in) && lazy_waiting {
+                link.urgent = true;
             }
         }
         // Rekey answers and the like go out at once.
@@ -573,7 +607,7 @@ impl Router {
         let mut actions = Vec::new();
         let mut frames = 0;
         {
-            let Link { plain, rx, rx_start, .. } = link;
+            let Link { plain, rx, rx_start, data_in, .. } = link;
             let mut payloads = &mut rx[*rx_start..*rx_start + payload];
             for frame in wire::frames(&plain[..block_len]) {
                 let frame = frame.map_err(|e| Failure::Protocol(e.reason()))?;
@@ -584,6 +618,7 @@ impl Router {
                             std::mem::take(&mut payloads).split_at_mut(head.len as usize);
                         payloads = rest;
                         handler(peer, frame, this);
+                        *data_in = true;
                     }
                     Frame::Keepalive => {}
                     Frame::Goodbye => actions.push(Action::Goodbye),
@@ -818,6 +853,8 @@ impl Link {
             backlog_start: 0,
             stalled: None,
             writable: false,
+            urgent: false,
+            data_in: false,
         })
     }
 
@@ -835,6 +872,14 @@ impl Link {
         self.block_len += frame.size();
         self.block_has_key |= matches!(frame, Frame::Offer { .. });
         self.frames += 1;
+        self.urgent = true;
+    }
+
+    /// Stages `frame` without making the record urgent.
+    fn push_lazy(&mut self, frame: &Frame<'_>) {
+        let urgent = self.urgent;
+        self.push_frame(frame);
+        self.urgent = urgent;
     }
 
     /// Stages `frame` as the last of its record and sends the record at once.
@@ -865,6 +910,7 @@ impl Link {
         self.block_len = 0;
         self.payload_len = 0;
         self.frames = 0;
+        self.urgent = false;
         self.last_tx = Instant::now();
         let mut written = 0;
         if self.backlog_start == self.backlog.len() {
