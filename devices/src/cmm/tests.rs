@@ -465,54 +465,54 @@ fn a_sender_across_nodes_stops_at_its_credit_and_goes_on_as_the_receiver_takes()
     assert_eq!(send(&mut two), Err(status::NO_ROOM));
 }
 
-#[test]
-fn a_grant_the_sender_does_not_need_yet_rides_with_the_next_record() {
+/// Node 1 sends half a window on a new channel and node 2's guest takes it as it comes:
+/// the two nodes, the channel's ends, what node 2 received, and what node 2 had sent before.
+fn half_a_window_taken() -> (Two, ChannelId, ChannelId, Inbox, u64) {
     let mut two = Two::new(1 << 30);
     let (listener, opener) = two.open([3; 32]);
-    let window = super::credit::WINDOW;
-    let send = |two: &mut Two| two.a.send(1, &tx(opener, ep(1, 1, 20), 4), &mut Bytes(b"four"));
-    // Half a window, taken as it comes: the sender still has half a window of credit.
-    for _ in 0..window / 2 {
-        assert_eq!(send(&mut two), Ok(Sent::Remote));
+    for _ in 0..super::credit::WINDOW / 2 {
+        assert_eq!(send_four(&mut two, opener), Ok(Sent::Remote));
     }
     let mut inbox = Inbox::default();
     let before = two.b.router.frames_sent(1);
-    two.deliver(&mut inbox, |inbox| inbox.0.len() as u64 == window / 2);
-    assert_eq!(inbox.0.len() as u64, window / 2);
-    two.b.flush();
-    assert_eq!(two.b.router.frames_sent(1), before, "nothing sent for the grant alone");
-    assert_eq!(send(&mut two), Ok(Sent::Remote), "the sender goes on meanwhile");
-    // The receiver's next message to that node carries it.
-    two.b.send(1, &tx(listener, ep(2, 1, 10), 4), &mut Bytes(b"back")).unwrap();
-    two.deliver(&mut inbox, |inbox| inbox.0.len() as u64 > window / 2);
-    let mut sent = window / 2 + 1;
-    while send(&mut two).is_ok() {
+    two.deliver(&mut inbox, |inbox| inbox.0.len() as u64 == super::credit::WINDOW / 2);
+    (two, listener, opener, inbox, before)
+}
+
+fn send_four(two: &mut Two, opener: ChannelId) -> Result<Sent, Status> {
+    two.a.send(1, &tx(opener, ep(1, 1, 20), 4), &mut Bytes(b"four"))
+}
+
+/// What node 1 may still send, after the `sent` it sent: a window beyond what was taken.
+fn assert_a_window_beyond(two: &mut Two, opener: ChannelId, mut sent: u64) {
+    while send_four(two, opener).is_ok() {
         sent += 1;
     }
+    let window = super::credit::WINDOW;
     assert_eq!(sent, window / 2 + window, "a window beyond what the guest took");
 }
 
 #[test]
+fn a_grant_the_sender_does_not_need_yet_rides_with_the_next_record() {
+    let (mut two, listener, opener, mut inbox, before) = half_a_window_taken();
+    two.b.flush();
+    assert_eq!(two.b.router.frames_sent(1), before, "nothing sent for the grant alone");
+    assert_eq!(send_four(&mut two, opener), Ok(Sent::Remote), "the sender goes on meanwhile");
+    // The receiver's next message to that node carries it.
+    two.b.send(1, &tx(listener, ep(2, 1, 10), 4), &mut Bytes(b"back")).unwrap();
+    two.deliver(&mut inbox, |inbox| inbox.0.len() as u64 > super::credit::WINDOW / 2);
+    assert_a_window_beyond(&mut two, opener, super::credit::WINDOW / 2 + 1);
+}
+
+#[test]
 fn a_grant_waiting_for_a_record_goes_once_its_sender_sends_more() {
-    let mut two = Two::new(1 << 30);
-    let (_, opener) = two.open([3; 32]);
-    let window = super::credit::WINDOW;
-    let send = |two: &mut Two| two.a.send(1, &tx(opener, ep(1, 1, 20), 4), &mut Bytes(b"four"));
-    for _ in 0..window / 2 {
-        assert_eq!(send(&mut two), Ok(Sent::Remote));
-    }
-    let mut inbox = Inbox::default();
-    two.deliver(&mut inbox, |inbox| inbox.0.len() as u64 == window / 2);
+    let (mut two, _, opener, mut inbox, _) = half_a_window_taken();
     let before = two.b.router.frames_sent(1);
     // A one-way stream: the receiver has nothing to send back, the sender sends on.
-    assert_eq!(send(&mut two), Ok(Sent::Remote));
-    two.deliver(&mut inbox, |inbox| inbox.0.len() as u64 > window / 2);
+    assert_eq!(send_four(&mut two, opener), Ok(Sent::Remote));
+    two.deliver(&mut inbox, |inbox| inbox.0.len() as u64 > super::credit::WINDOW / 2);
     assert!(two.b.router.frames_sent(1) > before, "the waiting grant went");
-    let mut sent = window / 2 + 1;
-    while send(&mut two).is_ok() {
-        sent += 1;
-    }
-    assert_eq!(sent, window / 2 + window, "a window beyond what the guest took");
+    assert_a_window_beyond(&mut two, opener, super::credit::WINDOW / 2 + 1);
 }
 
 #[test]
