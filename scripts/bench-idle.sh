@@ -9,6 +9,7 @@
 # KEYHOLD_BENCH_PREBUILT=1 skips the release build and uses target/release and target/fixtures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 n=${1:-100}
 secs=${2:-10}
 [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 500 ] || { echo "N: 1 to 500" >&2; exit 2; }
@@ -42,17 +43,7 @@ for _ in $(seq 600); do
     sleep 0.1
 done
 sleep 2
-ticks() { awk '{print $14 + $15}' "/proc/$node/stat"; }
-before=$(ticks)
-sleep "$secs"
-after=$(ticks)
-threads=$(awk '/^Threads:/ {print $2}' "/proc/$node/status")
-rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$node/status")
-python3 - "$n" "$secs" "$before" "$after" "$threads" "$rss" <<'PY'
-import os, sys
-n, secs, before, after, threads, rss = (int(a) for a in sys.argv[1:])
-hz = os.sysconf("SC_CLK_TCK")
-share = 100 * (after - before) / hz / secs
-print(f"{n} parked partitions on one node, {secs} s: {share:.2f} % of one core in all "
-      f"({share / n:.4f} % each); {threads} threads, RSS {rss / 1024:.0f} MiB")
-PY
+read -r share threads rss < <(process_cost "$node" "$secs")
+awk -v n="$n" -v secs="$secs" -v share="$share" -v threads="$threads" -v rss="$rss" 'BEGIN {
+    printf "%d parked partitions on one node, %d s: %.2f %% of one core in all (%.4f %% each); %d threads, RSS %.0f MiB\n",
+        n, secs, share, share / n, threads, rss / 1024 }'

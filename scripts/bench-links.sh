@@ -17,6 +17,7 @@
 # KEYHOLD_BENCH_PREBUILT=1 skips the release build and uses target/release and target/fixtures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 links=${1:-50}
 peers=${2:-1000}
 secs=${3:-10}
@@ -92,25 +93,13 @@ for _ in $(seq 1200); do
 done
 [ "$(up)" -ge "$links" ] || { echo "only $(up) of $links links came up" >&2; exit 1; }
 sleep 2
-ticks() { awk '{print $14 + $15}' "/proc/$node1/stat"; }
-before=$(ticks)
-sleep "$secs"
-after=$(ticks)
-threads=$(awk '/^Threads:/ {print $2}' "/proc/$node1/status")
-rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$node1/status")
+read -r share threads rss < <(process_cost "$node1" "$secs")
 names=$(ls "/proc/$node1/task" | while read -r t; do cat "/proc/$node1/task/$t/comm"; done | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}')
 states=$("$bin" ctl --socket "$work/1.sock" links | python3 -c '
 import collections, json, sys
 print(", ".join(f"{n} {s}" for s, n in sorted(collections.Counter(l["state"] for l in json.load(sys.stdin)).items())))')
-python3 - "$links" "$peers" "$secs" "$before" "$after" "$threads" "$rss" "$names" "$states" <<'PY'
-import os, sys
-links, peers, secs, before, after, threads, rss = (int(a) for a in sys.argv[1:8])
-names, states = sys.argv[8], sys.argv[9]
-hz = os.sysconf("SC_CLK_TCK")
-share = 100 * (after - before) / hz / secs
-print(f"node 1: {peers - 1} peers in its directory, {links} links in use (one message a second each)")
-print(f"| threads | {threads} ({names}) |")
-print(f"| link table | {states} |")
-print(f"| RSS | {rss / 1024:.1f} MiB |")
-print(f"| CPU over {secs} s | {share:.2f} % of one core |")
-PY
+echo "node 1: $((peers - 1)) peers in its directory, $links links in use (one message a second each)"
+echo "| threads | $threads ($names) |"
+echo "| link table | $states |"
+awk -v rss="$rss" 'BEGIN { printf "| RSS | %.1f MiB |\n", rss / 1024 }'
+echo "| CPU over $secs s | $share % of one core |"

@@ -7,12 +7,13 @@
 //! moment the offer left, is made again on the next link with a fresh salt: the peer may have
 //! accepted the first and sealed messages under its keys, which must never be used twice.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use guest_agent::channel::abi::status;
 
 use super::connection_table::{ChannelId, ChannelState};
+use super::key_table::HeldKey;
 use super::manager::Core;
 use crate::crypto::channel::SALT_SIZE;
 use crate::link::router::Router;
@@ -27,12 +28,12 @@ pub(super) struct Demand {
     /// How long a link may go unused; `None`: links are a full mesh, not on demand.
     pub(super) idle_after: Option<Duration>,
     /// Offers waiting for a link, per node.
-    waiting: std::collections::HashMap<u32, Vec<ChannelId>>,
+    waiting: HashMap<u32, Vec<ChannelId>>,
     /// Keys of offers not answered yet, with the peer's static key when the OPEN was made:
     /// an offer is never made to a node that has since changed its key.
-    held: std::collections::HashMap<ChannelId, (super::key_table::HeldKey, Option<[u8; 32]>)>,
+    held: HashMap<ChannelId, (HeldKey, Option<[u8; 32]>)>,
     /// When each linked node last had a channel.
-    last_used: std::collections::HashMap<u32, Instant>,
+    last_used: HashMap<u32, Instant>,
     last_scan: Option<Instant>,
 }
 
