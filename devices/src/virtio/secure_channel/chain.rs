@@ -7,7 +7,9 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, DescriptorChainRwIter};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::memcopy;
 
 /// A buffer the driver described lies outside guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,9 +72,12 @@ impl<'m> Cursor<'m> {
         while done < out.len() {
             let Some((addr, len)) = self.segment()? else { return Ok(false) };
             let n = len.min(out.len() - done);
-            self.mem.read_slice(&mut out[done..done + n], addr).map_err(|_| OutOfRam)?;
+            for slice in self.mem.get_slices(addr, n) {
+                let slice = slice.map_err(|_| OutOfRam)?;
+                memcopy::from_guest(&mut out[done..], &slice);
+                done += slice.len();
+            }
             self.advance(n);
-            done += n;
         }
         Ok(true)
     }
@@ -83,9 +88,12 @@ impl<'m> Cursor<'m> {
         while done < data.len() {
             let Some((addr, len)) = self.segment()? else { return Ok(false) };
             let n = len.min(data.len() - done);
-            self.mem.write_slice(&data[done..done + n], addr).map_err(|_| OutOfRam)?;
+            for slice in self.mem.get_slices(addr, n) {
+                let slice = slice.map_err(|_| OutOfRam)?;
+                memcopy::to_guest(&slice, &data[done..]);
+                done += slice.len();
+            }
             self.advance(n);
-            done += n;
         }
         Ok(true)
     }
@@ -101,7 +109,7 @@ impl<'m> Cursor<'m> {
             let n = a.min(b).min(left);
             let source = self.mem.get_slice(from, n).map_err(|_| OutOfRam)?;
             let target = to.mem.get_slice(into, n).map_err(|_| OutOfRam)?;
-            source.copy_to_volatile_slice(target);
+            memcopy::guest_to_guest(&target, &source);
             self.advance(n);
             to.advance(n);
             left -= n;

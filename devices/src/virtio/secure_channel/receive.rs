@@ -50,7 +50,7 @@ impl Source<'_, '_, '_> {
     fn copy(&mut self, buffer: &mut [u8]) -> bool {
         match self {
             Source::Bytes(bytes) => {
-                buffer.copy_from_slice(&bytes[..buffer.len()]);
+                crate::memcopy::copy(buffer, &bytes[..buffer.len()]);
                 true
             }
             Source::Guest(cursor) => cursor.read(buffer).unwrap_or(false),
