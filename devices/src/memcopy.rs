@@ -1,19 +1,24 @@
 //! Copying payloads at the speed of the memory, whatever the two buffers' alignment.
 //!
-//! glibc's `memcpy` moves 4 KiB and more with `rep movsb`. On the AMD EPYC hosts this project
-//! runs on, that instruction drops from 30-40 GB/s to about 2 GB/s when the destination lies 1
-//! to 31 bytes (modulo 64) past the source. The data path meets that case all the time: a
-//! 64 KiB payload goes from a guest's page-aligned buffer to its place in a link record, which
-//! follows the previous payload's 16-byte tag, and back out of the receive buffer into a
-//! guest's buffer. Those two copies took three times as long as sealing and opening the same
-//! bytes (`perf record` of two-node 64 KiB ping/echo). A loop of 16-byte vector moves runs at
-//! full speed at every alignment (docs/PERFORMANCE.md has the figures), so payload copies of
-//! [`LARGE`] bytes and more go through [`copy`] and its guest-memory forms instead.
+//! glibc's `memcpy` moves 4 KiB and more (on hosts with AVX2) with `rep movsb`. On the AMD EPYC
+//! hosts this project runs on, that instruction drops from 30-40 GB/s to about 2 GB/s when the
+//! destination lies 1 to 31 bytes (modulo 64) past the source. The data path meets that case
+//! all the time: a 64 KiB payload goes from a guest's page-aligned buffer to its place in a
+//! link record, which follows the previous payload's 16-byte tag, and back out of the receive
+//! buffer into a guest's buffer. Those two copies took three times as long as sealing and
+//! opening the same bytes (`perf record` of two-node 64 KiB ping/echo). A loop of 16-byte
+//! vector moves runs at full speed at every alignment (docs/PERFORMANCE.md, "Copies"), so
+//! payload copies go through [`copy`] and its guest-memory forms instead.
+//!
+//! The kernel copies socket data with `rep movsb` too; [`LineAligned`] gives it a receive
+//! buffer that starts on a cache line.
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
-/// From this size glibc's `memcpy` switches to `rep movsb`; below it, it is as fast as a loop.
+/// From this size the vector loop copies; below it `memcpy` does, which moves up to 4 KiB with
+/// vector instructions too (glibc's threshold is 2 KiB per 16 bytes of vector: 4 KiB with AVX2,
+/// 2 KiB without, hence the lower bound).
 pub const LARGE: usize = 2048;
 
 /// Copies `src` into the start of `dst`; `dst` must be at least as long (the caller's
@@ -26,24 +31,28 @@ pub fn copy(dst: &mut [u8], src: &[u8]) {
     unsafe { copy_raw(dst.as_mut_ptr(), src.as_ptr(), n) }
 }
 
-/// Copies guest memory into `dst` (the slice's length, at most `dst.len()`).
-pub fn from_guest<B: BitmapSlice>(dst: &mut [u8], src: &VolatileSlice<'_, B>) {
+/// Copies guest memory into the start of `dst`, as much as both hold; returns how much.
+pub fn from_guest<B: BitmapSlice>(dst: &mut [u8], src: &VolatileSlice<'_, B>) -> usize {
     let n = src.len().min(dst.len());
     let guard = src.ptr_guard();
-    // SAFETY: the guard keeps the guest mapping valid for its `src.len()` bytes, `dst` is valid
-    // for `n`, and host memory the VMM owns is never part of guest memory. The guest may write
-    // these bytes meanwhile, as it may during vm-memory's own copies: the loads are plain
-    // moves, and whatever they read is validated (opened or checked) afterwards.
+    // SAFETY: the guard keeps the guest mapping valid for its `src.len()` bytes and `dst` is
+    // valid for `n`; host buffers are never guest memory, so the two do not overlap. The guest
+    // may write these bytes meanwhile, as it may during vm-memory's own copies (which use
+    // `copy_nonoverlapping` the same way): each byte is read once, and any value is a valid
+    // `u8`.
     unsafe { copy_raw(dst.as_mut_ptr(), guard.as_ptr(), n) }
+    n
 }
 
-/// Copies `src` into guest memory (at most the slice's length), marking what it wrote dirty.
-pub fn to_guest<B: BitmapSlice>(dst: &VolatileSlice<'_, B>, src: &[u8]) {
+/// Copies the start of `src` into guest memory, as much as both hold, marking what it wrote
+/// dirty; returns how much.
+pub fn to_guest<B: BitmapSlice>(dst: &VolatileSlice<'_, B>, src: &[u8]) -> usize {
     let n = src.len().min(dst.len());
     let guard = dst.ptr_guard_mut();
-    // SAFETY: as in `from_guest`, with the roles swapped.
+    // SAFETY: as in `from_guest`, with the roles swapped: each byte is written once.
     unsafe { copy_raw(guard.as_ptr(), src.as_ptr(), n) }
     dst.bitmap().mark_dirty(0, n);
+    n
 }
 
 /// Copies one guest's memory into another's (or within one guest), marking the target dirty.
@@ -66,6 +75,43 @@ pub fn guest_to_guest<A: BitmapSlice, B: BitmapSlice>(
     }
     dst.bitmap().mark_dirty(0, n);
 }
+
+/// A zeroed byte buffer that starts on a cache line, for the kernel to copy socket data into.
+///
+/// `Vec<u8>`'s large allocations start 16 bytes past a line, and the kernel's `rep movsb` from
+/// socket buffers (which start on a line) into such a buffer is the slow case above: a
+/// two-node unbatched 64 KiB round trip measured 405-442 us with the receive buffer 16 bytes
+/// past a line and 345-359 us with it on a line (or 32 or 48 bytes past one).
+pub struct LineAligned {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl LineAligned {
+    /// `len` zeroed bytes.
+    pub fn new(len: usize) -> Self {
+        let bytes = vec![0; len + LINE];
+        let start = bytes.as_ptr().align_offset(LINE).min(LINE);
+        Self { bytes, start, len }
+    }
+}
+
+impl std::ops::Deref for LineAligned {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for LineAligned {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + self.len]
+    }
+}
+
+/// A cache line.
+const LINE: usize = 64;
 
 /// Copies `len` bytes with 16-byte vector moves (SSE2, part of every x86-64), the tail and
 /// short copies with `memcpy`.
@@ -137,18 +183,33 @@ mod tests {
     }
 
     #[test]
+    fn a_line_aligned_buffer_starts_on_a_line_and_is_as_long_as_asked() {
+        for len in [0, 1, 4096, 100_000] {
+            let buffer = LineAligned::new(len);
+            assert_eq!(buffer.len(), len);
+            assert_eq!(buffer.as_ptr() as usize % LINE, 0);
+            assert!(buffer.iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
     fn guest_forms_copy_both_ways_and_between_overlapping_buffers() {
         let mut guest = vec![0u8; 3 * LARGE];
         let data: Vec<u8> = (0..LARGE + 9).map(|i| i as u8).collect();
         let slice = VolatileSlice::from(&mut guest[..]);
-        to_guest(&slice.subslice(3, data.len()).unwrap(), &data);
-        let mut back = vec![0u8; data.len()];
-        from_guest(&mut back, &slice.subslice(3, data.len()).unwrap());
-        assert_eq!(back, data);
+        assert_eq!(to_guest(&slice.subslice(3, data.len()).unwrap(), &data), data.len());
+        let mut back = vec![0u8; data.len() + 5];
+        assert_eq!(from_guest(&mut back, &slice.subslice(3, data.len()).unwrap()), data.len());
+        assert_eq!(&back[..data.len()], &data[..]);
+
+        // Apart: the vector loop, from one place in guest memory to another.
+        let far = slice.subslice(2 * LARGE - 7, LARGE).unwrap();
+        guest_to_guest(&far, &slice.subslice(3, LARGE).unwrap());
 
         // Moving the bytes 16 forward within one guest overlaps source and target.
         let (src, dst) = (slice.subslice(3, data.len()).unwrap(), slice.subslice(19, data.len()));
         guest_to_guest(&dst.unwrap(), &src);
         assert_eq!(&guest[19..19 + data.len()], &data[..]);
+        assert_eq!(&guest[2 * LARGE - 7..3 * LARGE - 7], &data[..LARGE]);
     }
 }

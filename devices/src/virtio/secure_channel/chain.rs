@@ -74,8 +74,7 @@ impl<'m> Cursor<'m> {
             let n = len.min(out.len() - done);
             for slice in self.mem.get_slices(addr, n) {
                 let slice = slice.map_err(|_| OutOfRam)?;
-                memcopy::from_guest(&mut out[done..], &slice);
-                done += slice.len();
+                done += memcopy::from_guest(&mut out[done..], &slice);
             }
             self.advance(n);
         }
@@ -90,8 +89,7 @@ impl<'m> Cursor<'m> {
             let n = len.min(data.len() - done);
             for slice in self.mem.get_slices(addr, n) {
                 let slice = slice.map_err(|_| OutOfRam)?;
-                memcopy::to_guest(&slice, &data[done..]);
-                done += slice.len();
+                done += memcopy::to_guest(&slice, &data[done..]);
             }
             self.advance(n);
         }

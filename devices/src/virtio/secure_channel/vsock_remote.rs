@@ -219,7 +219,7 @@ impl Vsock {
             return Some(Delivered::Dropped);
         }
         let mut copy = buffers.take(data.len());
-        copy.copy_from_slice(data);
+        crate::memcopy::copy(&mut copy, data);
         self.post(device, header, copy, (op == op::RW).then_some(channel));
         if op == op::RST {
             self.remote_end(key);
