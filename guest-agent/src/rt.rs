@@ -50,13 +50,23 @@ fn panic(info: &PanicInfo) -> ! {
 // the compiler cannot recognise them as the very functions they define and call themselves.
 
 /// # Safety
-/// As C's `memcpy`: `dst` and `src` valid for `n` bytes and not overlapping.
+/// As C's `memcpy`: `dst` and `src` valid for `n` bytes and not overlapping (or `dst` below
+/// `src`: the copy runs forwards, as `memmove` relies on).
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges; the direction flag is clear (System V ABI).
+    // Long copies go eight bytes at a time: on AMD EPYC processors `rep movsb` runs at a
+    // twentieth of its speed when `dst` lies 1 to 31 bytes (mod 64) past `src`, which a payload
+    // copied to or from behind a 24- or 32-byte channel header often does, while `rep movsq`
+    // keeps about half its speed there (docs/PERFORMANCE.md, "Copies"). No SSE: this may run
+    // at CPL 0.
+    let (words, rest) = if n >= 64 { (n / 8, n % 8) } else { (0, n) };
+    // SAFETY: the caller guarantees both ranges (`8 * words + rest == n`); the direction flag
+    // is clear (System V ABI), so both instructions copy forwards, and the first leaves rdi and
+    // rsi where the second goes on.
     unsafe {
-        core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _,
-            inout("rsi") src => _, options(nostack, preserves_flags));
+        core::arch::asm!("rep movsq", "mov rcx, {rest}", "rep movsb", rest = in(reg) rest,
+            inout("rcx") words => _, inout("rdi") dst => _, inout("rsi") src => _,
+            options(nostack, preserves_flags));
     }
     dst
 }
