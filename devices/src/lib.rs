@@ -12,7 +12,7 @@ pub mod entropy;
 pub mod exit_port;
 pub mod idle;
 pub mod link;
-pub(crate) mod memcopy;
+pub mod memcopy;
 pub mod secret;
 pub mod timer;
 pub mod token_bucket;

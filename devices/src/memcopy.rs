@@ -2,23 +2,23 @@
 //!
 //! glibc's `memcpy` moves 4 KiB and more (on hosts with AVX2) with `rep movsb`. On the AMD EPYC
 //! hosts this project runs on, that instruction drops from 30-40 GB/s to about 2 GB/s when the
-//! destination lies 1 to 31 bytes (modulo 64) past the source. The data path meets that case
-//! all the time: a 64 KiB payload goes from a guest's page-aligned buffer to its place in a
-//! link record, which follows the previous payload's 16-byte tag, and back out of the receive
-//! buffer into a guest's buffer. Those two copies took three times as long as sealing and
-//! opening the same bytes (`perf record` of two-node 64 KiB ping/echo). A loop of 16-byte
-//! vector moves runs at full speed at every alignment (docs/PERFORMANCE.md, "Copies"), so
-//! payload copies go through [`copy`] and its guest-memory forms instead.
+//! destination lies 1 to 31 bytes past the source modulo 4 KiB (a page). The data path met
+//! that case all the time: a 64 KiB payload goes from a guest's page-aligned buffer to its
+//! place in a link record (16 bytes into a page, where `Vec` puts a large allocation's start,
+//! or just past the previous payload's 16-byte tag), and back out of the receive buffer into a
+//! guest's buffer. Those two copies took three times as long as sealing and opening the same
+//! bytes (`perf record` of two-node 64 KiB ping/echo). A loop of 16-byte vector moves runs at
+//! 20-30 GB/s at every offset (docs/PERFORMANCE.md, "Copies"; `cargo bench -p keyhold-devices
+//! --bench memcopy`), so payload copies go through [`copy`] and its guest-memory forms.
 //!
-//! The kernel copies socket data with `rep movsb` too; [`LineAligned`] gives it a receive
-//! buffer that starts on a cache line.
+//! The kernel copies socket data with `rep movsb` too; [`PageAligned`] gives it a receive
+//! buffer that starts on a page.
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
-/// From this size the vector loop copies; below it `memcpy` does, which moves up to 4 KiB with
-/// vector instructions too (glibc's threshold is 2 KiB per 16 bytes of vector: 4 KiB with AVX2,
-/// 2 KiB without, hence the lower bound).
+/// From this size `memcpy` may use `rep movsb` (glibc's threshold is 2 KiB per 16 bytes of
+/// vector register: 4 KiB with AVX2, 2 KiB without); below it, it moves vectors and is fast.
 pub const LARGE: usize = 2048;
 
 /// Copies `src` into the start of `dst`; `dst` must be at least as long (the caller's
@@ -76,45 +76,48 @@ pub fn guest_to_guest<A: BitmapSlice, B: BitmapSlice>(
     dst.bitmap().mark_dirty(0, n);
 }
 
-/// A zeroed byte buffer that starts on a cache line, for the kernel to copy socket data into.
+/// A zeroed byte buffer that starts on a page, for the kernel to copy socket data into.
 ///
-/// `Vec<u8>`'s large allocations start 16 bytes past a line, and the kernel's `rep movsb` from
-/// socket buffers (which start on a line) into such a buffer is the slow case above: a
-/// two-node unbatched 64 KiB round trip measured 405-442 us with the receive buffer 16 bytes
-/// past a line and 345-359 us with it on a line (or 32 or 48 bytes past one).
-pub struct LineAligned {
+/// `Vec<u8>`'s large allocations start 16 bytes into a page, and the kernel's `rep movsb` from
+/// the pages of its socket buffers into such a buffer meets the slow case above: a two-node
+/// unbatched 64 KiB round trip measured 405-442 us with the receive buffer 16 bytes into a
+/// page and 343-354 us with it at the start of one (or 64, 96 or 112 bytes into one).
+pub struct PageAligned {
     bytes: Vec<u8>,
     start: usize,
     len: usize,
 }
 
-impl LineAligned {
+impl PageAligned {
     /// `len` zeroed bytes.
     pub fn new(len: usize) -> Self {
-        let bytes = vec![0; len + LINE];
-        let start = bytes.as_ptr().align_offset(LINE).min(LINE);
+        let bytes = vec![0; len + PAGE];
+        let start = bytes.as_ptr().align_offset(PAGE).min(PAGE);
         Self { bytes, start, len }
     }
 }
 
-impl std::ops::Deref for LineAligned {
+impl std::ops::Deref for PageAligned {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         &self.bytes[self.start..self.start + self.len]
     }
 }
 
-impl std::ops::DerefMut for LineAligned {
+impl std::ops::DerefMut for PageAligned {
     fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.bytes[self.start..self.start + self.len]
     }
 }
 
-/// A cache line.
-const LINE: usize = 64;
+/// A page.
+const PAGE: usize = 4096;
 
-/// Copies `len` bytes with 16-byte vector moves (SSE2, part of every x86-64), the tail and
-/// short copies with `memcpy`.
+/// Copies `len` bytes: from [`LARGE`] up with 16-byte vector moves (SSE2, part of every
+/// x86-64), the tail and short copies with `memcpy`. The loop runs also where `memcpy` would
+/// be fast: taking `memcpy` there measured slower on the data path (two-node 64 KiB ping/echo
+/// 362-422 MB/s against 417-456 MB/s, alternating), though it wins in a tight loop over hot
+/// buffers.
 ///
 /// # Safety
 ///
@@ -166,28 +169,38 @@ unsafe fn copy_raw(dst: *mut u8, src: *const u8, len: usize) {
 mod tests {
     use super::*;
 
-    /// Every length around the block and threshold sizes, at every relative alignment that
-    /// matters, copies exactly its bytes and nothing past them.
+    /// Every length around the block and threshold sizes, with the target at every offset
+    /// past the source within a line (modulo a page), copies exactly its bytes and nothing
+    /// past them.
     #[test]
-    fn copies_every_length_at_every_alignment() {
-        let src: Vec<u8> = (0..LARGE * 4).map(|i| (i * 7 + 3) as u8).collect();
-        for len in [0, 1, 63, 64, 65, LARGE - 1, LARGE, LARGE + 1, LARGE + 63, LARGE * 3 + 17] {
-            for shift in [0, 1, 8, 15, 16, 17, 31, 32, 33, 63] {
-                let mut dst = vec![0xAAu8; len + 128];
-                copy(&mut dst[shift..shift + len], &src[5..5 + len]);
-                assert_eq!(&dst[shift..shift + len], &src[5..5 + len], "len {len} shift {shift}");
-                assert!(dst[..shift].iter().all(|&b| b == 0xAA), "wrote before, len {len}");
-                assert!(dst[shift + len..].iter().all(|&b| b == 0xAA), "wrote past, len {len}");
+    fn copies_every_length_at_every_offset() {
+        const MAX: usize = LARGE * 3 + 17;
+        let pattern = |i: usize| (i * 7 + i / 251 + 3) as u8;
+        let whole_pages = MAX.div_ceil(PAGE) * PAGE;
+        let mut buffer = PageAligned::new(whole_pages + MAX + 64);
+        let (src, rest) = buffer.split_at_mut(whole_pages);
+        for (i, b) in src.iter_mut().enumerate() {
+            *b = pattern(i);
+        }
+        for len in [0, 1, 63, 64, 65, LARGE - 1, LARGE, LARGE + 1, LARGE + 63, MAX] {
+            for shift in 0..64 {
+                rest.fill(0xAA);
+                // `rest` starts whole pages after `src`, so the target lies `shift` past it.
+                let target = &mut rest[shift..shift + len];
+                copy(target, &src[..len]);
+                assert!((0..len).all(|i| rest[shift + i] == pattern(i)), "len {len} shift {shift}");
+                assert!(rest[..shift].iter().all(|&b| b == 0xAA), "wrote before, len {len}");
+                assert!(rest[shift + len..].iter().all(|&b| b == 0xAA), "wrote past, len {len}");
             }
         }
     }
 
     #[test]
-    fn a_line_aligned_buffer_starts_on_a_line_and_is_as_long_as_asked() {
+    fn a_page_aligned_buffer_starts_on_a_page_and_is_as_long_as_asked() {
         for len in [0, 1, 4096, 100_000] {
-            let buffer = LineAligned::new(len);
+            let buffer = PageAligned::new(len);
             assert_eq!(buffer.len(), len);
-            assert_eq!(buffer.as_ptr() as usize % LINE, 0);
+            assert_eq!(buffer.as_ptr() as usize % PAGE, 0);
             assert!(buffer.iter().all(|&b| b == 0));
         }
     }

@@ -55,10 +55,10 @@ fn panic(info: &PanicInfo) -> ! {
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     // Long copies go eight bytes at a time: on AMD EPYC processors `rep movsb` runs at a
-    // twentieth of its speed when `dst` lies 1 to 31 bytes (mod 64) past `src`, which a payload
-    // copied to or from behind a 24- or 32-byte channel header often does, while `rep movsq`
-    // keeps about half its speed there (docs/PERFORMANCE.md, "Copies"). No SSE: this may run
-    // at CPL 0.
+    // twentieth of its speed when `dst` lies 1 to 31 bytes past `src` modulo 4 KiB, which a
+    // payload copied from a page-aligned buffer to behind a 24-byte channel header does, while
+    // `rep movsq` keeps about half its speed there (docs/PERFORMANCE.md, "Copies"). No SSE:
+    // this may run at CPL 0.
     let (words, rest) = if n >= 64 { (n / 8, n % 8) } else { (0, n) };
     // SAFETY: the caller guarantees both ranges (`8 * words + rest == n`); the direction flag
     // is clear (System V ABI), so both instructions copy forwards, and the first leaves rdi and

@@ -190,7 +190,7 @@ struct Link {
     stats: Arc<Counters>,
     backlog_limit: usize,
     /// Received bytes not yet processed: `rx[rx_start..rx_end]`.
-    rx: memcopy::LineAligned,
+    rx: memcopy::PageAligned,
     rx_start: usize,
     rx_end: usize,
     /// The header block of the record being received, decrypted, while its payloads arrive:
@@ -838,7 +838,7 @@ impl Link {
             last_tx: now,
             stats,
             backlog_limit,
-            rx: memcopy::LineAligned::new(RX_BUFFER),
+            rx: memcopy::PageAligned::new(RX_BUFFER),
             rx_start: 0,
             rx_end: 0,
             open_block: None,
