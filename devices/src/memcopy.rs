@@ -1,14 +1,14 @@
 //! Copying payloads at the speed of the memory, whatever the two buffers' alignment.
 //!
-//! glibc's `memcpy` moves 4 KiB and more (on hosts with AVX2) with `rep movsb`. On the AMD EPYC
-//! hosts this project runs on, that instruction drops from 30-40 GB/s to about 2 GB/s when the
-//! destination lies 1 to 31 bytes past the source modulo 4 KiB (a page). The data path met
-//! that case all the time: a 64 KiB payload goes from a guest's page-aligned buffer to its
-//! place in a link record (16 bytes into a page, where `Vec` puts a large allocation's start,
+//! glibc's `memcpy` (2.36 measured) moves 4 KiB and more (on hosts with AVX2) with `rep movsb`.
+//! On the AMD EPYC hosts this project runs on, that instruction drops from 30-40 GB/s to about
+//! 2 GB/s when the destination lies 1 to 31 bytes past the source modulo 4 KiB (a page). The
+//! data path met that case all the time: a 64 KiB payload goes from a guest's page-aligned
+//! buffer to its place in a link record (in a buffer that malloc maps, so 16 bytes into a page,
 //! or just past the previous payload's 16-byte tag), and back out of the receive buffer into a
-//! guest's buffer. Those two copies took three times as long as sealing and opening the same
-//! bytes (`perf record` of two-node 64 KiB ping/echo). A loop of 16-byte vector moves runs at
-//! 20-30 GB/s at every offset (docs/PERFORMANCE.md, "Copies"; `cargo bench -p keyhold-devices
+//! guest's buffer. Those two copies took twice as long as sealing and opening the same bytes
+//! (`perf record` of two-node 64 KiB ping/echo). A loop of 16-byte vector moves runs at 20-45
+//! GB/s at every offset (docs/PERFORMANCE.md, "Copies"; `cargo bench -p keyhold-devices
 //! --bench memcopy`), so payload copies go through [`copy`] and its guest-memory forms.
 //!
 //! The kernel copies socket data with `rep movsb` too; [`PageAligned`] gives it a receive
@@ -78,10 +78,11 @@ pub fn guest_to_guest<A: BitmapSlice, B: BitmapSlice>(
 
 /// A zeroed byte buffer that starts on a page, for the kernel to copy socket data into.
 ///
-/// `Vec<u8>`'s large allocations start 16 bytes into a page, and the kernel's `rep movsb` from
-/// the pages of its socket buffers into such a buffer meets the slow case above: a two-node
-/// unbatched 64 KiB round trip measured 405-442 us with the receive buffer 16 bytes into a
-/// page and 343-354 us with it at the start of one (or 64, 96 or 112 bytes into one).
+/// A `Vec<u8>` that malloc maps (128 KiB and more, as the link's buffers are) starts 16 bytes
+/// into a page, and the kernel's `rep movsb` from the pages of its socket buffers into such a
+/// buffer meets the slow case above: a two-node unbatched 64 KiB round trip measured 405-442 us
+/// with the receive buffer 16 bytes into a page and 343-359 us with it at the start of one (or
+/// 64, 96 or 112 bytes into one).
 pub struct PageAligned {
     bytes: Vec<u8>,
     start: usize,

@@ -46,19 +46,33 @@ fn panic(info: &PanicInfo) -> ! {
     exit(PANIC_EXIT_STATUS)
 }
 
-// The memory functions below are written with `rep movsb`/`rep stosb` and volatile reads so that
-// the compiler cannot recognise them as the very functions they define and call themselves.
+// The memory functions below are written with `rep movsq`/`rep movsb`/`rep stosb` and volatile
+// reads so that the compiler cannot recognise them as the very functions they define and call
+// themselves.
 
 /// # Safety
-/// As C's `memcpy`: `dst` and `src` valid for `n` bytes and not overlapping (or `dst` below
-/// `src`: the copy runs forwards, as `memmove` relies on).
+/// As C's `memcpy`: `dst` and `src` valid for `n` bytes and not overlapping.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // Long copies go eight bytes at a time: on AMD EPYC processors `rep movsb` runs at a
-    // twentieth of its speed when `dst` lies 1 to 31 bytes past `src` modulo 4 KiB, which a
-    // payload copied from a page-aligned buffer to behind a 24-byte channel header does, while
-    // `rep movsq` keeps about half its speed there (docs/PERFORMANCE.md, "Copies"). No SSE:
-    // this may run at CPL 0.
+    // SAFETY: the caller's contract, stricter than `copy_forward`'s.
+    unsafe { copy_forward(dst, src, n) };
+    dst
+}
+
+/// Copies `n` bytes from `src` to `dst`, lowest address first.
+///
+/// Long copies go eight bytes at a time: on AMD EPYC processors `rep movsb` runs at a
+/// twentieth of its speed when `dst` lies 1 to 31 bytes past `src` modulo 4 KiB (a guest meets
+/// that whenever its buffers sit so: a payload taken from a receive buffer, 32 bytes past its
+/// start, into a buffer 48 bytes into a page, say), while `rep movsq` keeps about half its
+/// speed there (docs/PERFORMANCE.md, "Copies"). No SSE: this may run at CPL 0.
+///
+/// # Safety
+///
+/// `dst` and `src` valid for `n` bytes, and not overlapping unless `dst` is below `src` (a
+/// forward copy, eight bytes or one at a time, reads each byte before it is overwritten then).
+/// `memmove` calls this rather than `memcpy`, which the compiler may assume does not overlap.
+unsafe fn copy_forward(dst: *mut u8, src: *const u8, n: usize) {
     let (words, rest) = if n >= 64 { (n / 8, n % 8) } else { (0, n) };
     // SAFETY: the caller guarantees both ranges (`8 * words + rest == n`); the direction flag
     // is clear (System V ABI), so both instructions copy forwards, and the first leaves rdi and
@@ -68,7 +82,6 @@ pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut 
             inout("rcx") words => _, inout("rdi") dst => _, inout("rsi") src => _,
             options(nostack, preserves_flags));
     }
-    dst
 }
 
 /// # Safety
@@ -77,8 +90,9 @@ pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut 
 pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dst as usize).wrapping_sub(src as usize) >= n {
         // No harmful overlap: dst is below src, or past its end. A forward copy is safe.
-        // SAFETY: the caller guarantees both ranges.
-        return unsafe { memcpy(dst, src, n) };
+        // SAFETY: the caller guarantees both ranges, and dst is not inside src past its start.
+        unsafe { copy_forward(dst, src, n) };
+        return dst;
     }
     // dst overlaps the tail of src: copy backwards, from the last byte down.
     // SAFETY: the caller guarantees both ranges; `std` is undone by `cld` before returning, as

@@ -8,7 +8,7 @@ use core::hint::black_box;
 
 use guest_agent::{println, BootInfo};
 
-const AREA: usize = 1024;
+const AREA: usize = 2048;
 const LENGTHS: [usize; 14] = [0, 1, 7, 8, 9, 63, 64, 65, 71, 72, 127, 200, 513, 700];
 
 /// A pattern no two nearby bytes share, so a copy from the wrong place shows.
@@ -52,7 +52,8 @@ unsafe fn check_copy(
     fill(area);
     let base = area.as_mut_ptr();
     // SAFETY: the caller's contract.
-    unsafe { (copy.1)(base.add(dst), base.add(src), len) };
+    // black_box: the function under test is called, never inlined as a known-size copy.
+    unsafe { black_box(copy.1)(base.add(dst), base.add(src), black_box(len)) };
     if copied_right(area, src, dst, len) {
         Ok(())
     } else {
@@ -88,15 +89,24 @@ fn check_copies(area: &mut [u8; AREA]) -> Result<(), Wrong> {
 fn check_set(area: &mut [u8; AREA]) -> Result<(), Wrong> {
     for len in LENGTHS {
         for at in 0..64 {
-            fill(area);
-            // SAFETY: `at + len <= 64 + 700 < AREA`.
-            unsafe { guest_agent::rt::memset(area.as_mut_ptr().add(at), 0xA5, len) };
-            let right = (0..AREA).all(|i| {
-                let want = if (at..at + len).contains(&i) { 0xA5 } else { pattern(i) };
-                black_box(area[i]) == want
-            });
-            if !right {
-                return Err(("memset", len, at, at));
+            // Two values: a byte of the pattern next to the range can equal one, not both.
+            for value in [0xA5u8, 0x5A] {
+                fill(area);
+                // SAFETY: `at + len <= 64 + 700 < AREA`.
+                unsafe {
+                    black_box(guest_agent::rt::memset as unsafe extern "C" fn(_, _, _) -> _)(
+                        area.as_mut_ptr().add(at),
+                        i32::from(value),
+                        black_box(len),
+                    )
+                };
+                let right = (0..AREA).all(|i| {
+                    let want = if (at..at + len).contains(&i) { value } else { pattern(i) };
+                    black_box(area[i]) == want
+                });
+                if !right {
+                    return Err(("memset", len, at, at));
+                }
             }
         }
     }
