@@ -31,6 +31,20 @@ pub fn copy(dst: &mut [u8], src: &[u8]) {
     unsafe { copy_raw(dst.as_mut_ptr(), src.as_ptr(), n) }
 }
 
+/// Moves `buf[from..]` to the start of `buf` (as `slice::copy_within`; nothing if `from` lies
+/// past the end): with [`copy`] when the two ranges lie apart, with `copy_within` when they
+/// overlap.
+pub fn move_to_front(buf: &mut [u8], from: usize) {
+    let from = from.min(buf.len());
+    let rest = buf.len() - from;
+    if rest <= from {
+        let (front, back) = buf.split_at_mut(from);
+        copy(&mut front[..rest], back);
+    } else {
+        buf.copy_within(from.., 0);
+    }
+}
+
 /// Copies guest memory into the start of `dst`, as much as both hold; returns how much.
 pub fn from_guest<B: BitmapSlice>(dst: &mut [u8], src: &VolatileSlice<'_, B>) -> usize {
     let n = src.len().min(dst.len());
@@ -193,6 +207,19 @@ mod tests {
                 assert!(rest[..shift].iter().all(|&b| b == 0xAA), "wrote before, len {len}");
                 assert!(rest[shift + len..].iter().all(|&b| b == 0xAA), "wrote past, len {len}");
             }
+        }
+    }
+
+    #[test]
+    fn moving_to_the_front_works_apart_and_overlapping() {
+        for (len, from) in
+            [(10, 0), (10, 10), (LARGE * 3, LARGE * 2), (LARGE * 3, 5), (LARGE * 3, LARGE + 1)]
+        {
+            let original: Vec<u8> = (0..len).map(|i| (i * 13 + 1) as u8).collect();
+            let mut buf = original.clone();
+            move_to_front(&mut buf, from);
+            assert_eq!(&buf[..len - from], &original[from..], "len {len} from {from}");
+            assert_eq!(&buf[len - from..], &original[len - from..], "len {len} from {from}");
         }
     }
 

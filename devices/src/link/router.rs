@@ -991,14 +991,7 @@ impl Link {
             self.rx_start = 0;
             self.rx_end = 0;
         } else if self.rx_end == self.rx.len() || self.rx_start > self.rx.len() / 2 {
-            let rest = self.rx_end - self.rx_start;
-            if rest <= self.rx_start {
-                // Apart, as they mostly are: the copy that is fast at every alignment.
-                let (front, back) = self.rx.split_at_mut(self.rx_start);
-                memcopy::copy(&mut front[..rest], &back[..rest]);
-            } else {
-                self.rx.copy_within(self.rx_start..self.rx_end, 0);
-            }
+            memcopy::move_to_front(&mut self.rx[..self.rx_end], self.rx_start);
             self.rx_end -= self.rx_start;
             self.rx_start = 0;
         }
