@@ -6,7 +6,6 @@ use guest_agent::channel::abi::{status, Endpoint};
 use super::audit::Record;
 use super::connection_table::{ChannelId, ChannelState, Closure, Entry, InsertError};
 use super::frames::{CloseReason, OfferResult, Rejection};
-use super::key_table::KeySlot;
 use super::manager::{Core, KeySource, Opening, Reply, Status};
 use crate::crypto::channel::{KEY_SIZE, SALT_SIZE};
 use crate::link::router::Router;
@@ -389,10 +388,11 @@ impl Core {
 
     fn forget_key(&mut self, id: ChannelId) {
         self.release_credit(id);
-        if let Some(node) = self.table.get(id).map(|e| e.remote.node) {
-            self.release_offer_key(id, node);
-        }
-        let slot: Option<KeySlot> = self.table.get_mut(id).and_then(|e| e.key.take());
+        let Some((node, slot)) = self.table.get_mut(id).map(|e| (e.remote.node, e.key.take()))
+        else {
+            return;
+        };
+        self.release_offer_key(id, node);
         if let Some(slot) = slot {
             self.keys.remove(slot);
         }

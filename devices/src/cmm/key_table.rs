@@ -101,9 +101,7 @@ impl KeyTable {
         local: &Endpoint,
         remote: &Endpoint,
     ) -> Result<KeySlot, SlabError> {
-        self.remote
-            .insert_with(|slot| ChannelCiphers::init(slot, key, salt, local, remote))
-            .map(KeySlot::Remote)
+        insert_ciphers(&mut self.remote, key, salt, local, remote)
     }
 
     /// As [`KeyTable::insert_remote`], from the scratch key.
@@ -113,10 +111,7 @@ impl KeyTable {
         local: &Endpoint,
         remote: &Endpoint,
     ) -> Result<KeySlot, SlabError> {
-        let key = &self.scratch.key;
-        self.remote
-            .insert_with(|slot| ChannelCiphers::init(slot, key, salt, local, remote))
-            .map(KeySlot::Remote)
+        insert_ciphers(&mut self.remote, &self.scratch.key, salt, local, remote)
     }
 
     /// Keeps the scratch key for an offer until it is answered.
@@ -152,9 +147,7 @@ impl KeyTable {
     ) -> Option<KeySlot> {
         self.remove(slot);
         let key = self.held.get(held.0)?;
-        let index =
-            self.remote.insert_with(|slot| ChannelCiphers::init(slot, key, salt, local, remote));
-        index.ok().map(KeySlot::Remote)
+        insert_ciphers(&mut self.remote, key, salt, local, remote).ok()
     }
 
     /// Whether two on-node slots hold the same key (in constant time).
@@ -251,6 +244,20 @@ unsafe fn wipe<T>(value: &mut MaybeUninit<T>) {
 fn constant_time_eq(a: &[u8; KEY_SIZE], b: &[u8; KEY_SIZE]) -> bool {
     let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(difference) == 0
+}
+
+/// Builds a cross-node channel's ciphers from `key` and `salt` in a slot of `table` (a free
+/// function, so that `key` may borrow another part of the key table).
+fn insert_ciphers(
+    table: &mut Slab<ChannelCiphers>,
+    key: &[u8; KEY_SIZE],
+    salt: &[u8; SALT_SIZE],
+    local: &Endpoint,
+    remote: &Endpoint,
+) -> Result<KeySlot, SlabError> {
+    table
+        .insert_with(|slot| ChannelCiphers::init(slot, key, salt, local, remote))
+        .map(KeySlot::Remote)
 }
 
 #[cfg(test)]
