@@ -229,15 +229,15 @@ impl Etcd {
             // The next page starts just after the last key read. Keys come in order, so an
             // answer that does not move forward is not believed, nor one past MAX_KEYS (an
             // etcd that said `more` for ever would hold the node here).
+            if seen > MAX_KEYS {
+                return Err(EtcdError::Answer(format!(
+                    "range: more than {MAX_KEYS} keys under the prefix"
+                )));
+            }
             match last {
-                Some(last) if last >= from && seen <= MAX_KEYS => {
+                Some(last) if last >= from => {
                     from = last;
                     from.push(0);
-                }
-                Some(_) if seen > MAX_KEYS => {
-                    return Err(EtcdError::Answer(format!(
-                        "range: more than {MAX_KEYS} keys under the prefix"
-                    )))
                 }
                 _ => return Err(EtcdError::Answer("range: a page that does not go on".into())),
             }

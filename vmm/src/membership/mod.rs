@@ -169,7 +169,6 @@ struct Worker {
     events: SyncSender<Event>,
     /// Our registration's lease, once registered.
     lease: Option<i64>,
-    /// Verified registrations, by key.
     /// Valid registrations by etcd key, each with the revision that created it.
     view: BTreeMap<Vec<u8>, (i64, Registration)>,
     /// The directory last handed to the links.
@@ -287,7 +286,7 @@ impl Worker {
     fn register(&mut self) -> Result<(), EtcdError> {
         self.lease = None;
         let lease = self.etcd.grant(self.config.lease_ttl_secs)?;
-        let key = self.key_of(self.own.id);
+        let key = registration_key(&self.config.prefix, self.own.id);
         let (own_id, own_key) = (self.own.id, self.own.public_key);
         let operator = self.config.operator_key;
         // Ours from before a restart, or no valid registration of this ID at all.
@@ -322,10 +321,6 @@ impl Worker {
         Ok(())
     }
 
-    fn key_of(&self, id: u32) -> Vec<u8> {
-        format!("{}{id}", self.config.prefix).into_bytes()
-    }
-
     /// A fresh read: the view is what it holds (the registrations that verify; the others
     /// are audited and dropped as each page arrives). Returns the revision read.
     fn read_view(&mut self) -> Result<i64, EtcdError> {
@@ -345,7 +340,7 @@ impl Worker {
     /// If this node's registration is gone from etcd (deleted) or replaced while its lease
     /// lives, it registers again at the next tick; the old lease is left to expire.
     fn check_own(&mut self) {
-        let own = self.view.get(&self.key_of(self.own.id));
+        let own = self.view.get(&registration_key(&self.config.prefix, self.own.id));
         if self.lease.is_some() && own.is_none_or(|(_, r)| *r != self.config.own) {
             log::warn!("this node's registration in etcd is gone or replaced; registering again");
             self.lease = None;
@@ -473,7 +468,7 @@ impl Worker {
 fn checked(config: &EtcdConfig, audit: &Audit, kv: Kv) -> Option<(Vec<u8>, (i64, Registration))> {
     let Kv { key, value, created } = kv;
     let checked = Registration::verified(&value, &config.operator_key).and_then(|r| {
-        if key != format!("{}{}", config.prefix, r.id).into_bytes() {
+        if key != registration_key(&config.prefix, r.id) {
             return Err(RegistrationError::Malformed("its key names another node ID".into()));
         }
         Ok(r)
@@ -488,4 +483,9 @@ fn checked(config: &EtcdConfig, audit: &Audit, kv: Kv) -> Option<(Vec<u8>, (i64,
             None
         }
     }
+}
+
+/// The etcd key of node `id`'s registration under `prefix`.
+fn registration_key(prefix: &str, id: u32) -> Vec<u8> {
+    format!("{prefix}{id}").into_bytes()
 }
