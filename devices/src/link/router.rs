@@ -258,6 +258,12 @@ impl Router {
         !self.fd_changes.is_empty()
     }
 
+    /// Whether links went down or came up, or peers proved unreachable, since the last
+    /// `take_*` calls: the CMM looks at every message, and most find nothing.
+    pub fn has_link_changes(&self) -> bool {
+        !(self.downs.is_empty() && self.ups.is_empty() && self.unreachable.is_empty())
+    }
+
     /// Peers whose links went down since the last call: their channels are gone.
     pub fn take_downs(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.downs)

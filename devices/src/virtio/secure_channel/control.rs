@@ -46,8 +46,7 @@ impl ChannelNode {
         let partition = self.devices[index].partition;
         let head_index = chain.head_index();
         let response_at = chain.clone().writable().next().map(|d| (d.addr(), d.len() as usize));
-        let mut reader = Cursor::readable(chain.clone(), mem);
-        let mut writer = Cursor::writable(chain, mem);
+        let (mut reader, mut writer) = Cursor::halves(chain, mem);
         let room = writer.remaining()?;
         let mut raw = [0u8; CONTROL_HEAD_SIZE];
         let request = (reader.remaining()? >= CONTROL_REQUEST_SIZE && reader.read(&mut raw)?)

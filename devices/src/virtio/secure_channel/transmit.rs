@@ -29,8 +29,7 @@ impl ChannelNode {
         mem: &GuestMemoryMmap,
     ) -> Result<u32, Malformed> {
         let partition = self.devices[index].partition;
-        let mut reader = Cursor::readable(chain.clone(), mem);
-        let mut writer = Cursor::writable(chain, mem);
+        let (mut reader, mut writer) = Cursor::halves(chain, mem);
         let code = match self.read_header(&mut reader)? {
             // A receiver on this node with no room: nothing is sent, the sender tries again.
             Ok(header) if !self.room_for(partition, header.channel) => status::NO_ROOM,
