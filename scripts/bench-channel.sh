@@ -18,6 +18,7 @@
 # target/fixtures hold (for a machine with no cargo or no registry, given a copy of them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 count=${1:-5000}
 batch=${2:-32}
 
@@ -57,21 +58,11 @@ per_trip() {
 }
 
 # Keys and a two-node cluster on loopback, made once.
-for i in 1 2; do
-    (umask 077 && "$bin" keygen >"$work/n$i.key")
-done
-p1=$(port)
-p2=$(port)
-printf '[[node]]\nid = 1\naddress = "127.0.0.1:%s"\npublic_key = "%s"\n\n[[node]]\nid = 2\naddress = "127.0.0.1:%s"\npublic_key = "%s"\n' \
-    "$p1" "$("$bin" pubkey <"$work/n1.key")" "$p2" "$("$bin" pubkey <"$work/n2.key")" >"$work/cluster.toml"
+two_node_cluster "$bin" "$work"
 
 # cross_node ECHO_ARGS PING_ARGS: runs echo on node 1 and ping on node 2; prints ping's output.
 cross_node() {
-    for i in 1 2; do
-        if [ "$i" = 1 ]; then fw=echo args="peer=2:1:1 $1"; else fw=ping args="peer=1:1:1 $2"; fi
-        printf '[node]\nid = %s\ncluster = "cluster.toml"\nprivate_key_file = "n%s.key"\n\n[[partition]]\nid = 1\nfirmware = "%s/%s.elf"\nargs = "%s"\n' \
-            "$i" "$i" "$fx" "$fw" "$args" >"$work/node$i.toml"
-    done
+    ping_echo_configs "$fx" "$work" "$1" "$2"
     counted node1 "$bin" node --config "$work/node1.toml" --timeout 300 >"$work/node1.out" 2>&1 &
     local first=$!
     counted node2 "$bin" node --config "$work/node2.toml" --timeout 300 2>&1 || true
