@@ -1,4 +1,4 @@
-# Shared by the bench-*.sh scripts and trace-path.sh (sourced, not run).
+# Shared by bench-channel.sh, bench-idle.sh, bench-links.sh and trace-path.sh (sourced, not run).
 
 # process_cost PID SECS: what process PID costs over SECS seconds, all its threads together:
 # prints "CPU THREADS RSS", CPU as a percentage of one core, RSS in KiB.

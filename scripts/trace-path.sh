@@ -20,7 +20,7 @@
 #
 #   scripts/trace-path.sh [SIZE] [BATCH] [SECS]        (defaults: 64, 32, 0.3)
 #
-# Needs perf (Debian's linux-perf) and root. Uses target/release/keyhold and target/fixtures
+# Needs perf (Debian's linux-perf) and root (tracepoints on every CPU). Uses target/release/keyhold and target/fixtures
 # as built (cargo build --release --workspace). Tracing costs a few microseconds per event, so
 # the steps come out longer than untraced: compare steps, and compare runs of this script.
 set -euo pipefail
@@ -34,68 +34,86 @@ if ! command -v perf >/dev/null; then
     echo "trace-path.sh: needs perf (apt-get install linux-perf)" >&2
     exit 2
 fi
-bin=$(realpath target/release/keyhold)
-fx=$(realpath target/fixtures)
-[ -x "$bin" ] && [ -f "$fx/ping.elf" ] || {
+if [ ! -x target/release/keyhold ] || [ ! -f target/fixtures/ping.elf ]; then
     echo "trace-path.sh: build first: cargo build --release --workspace" >&2
     exit 2
-}
+fi
+bin=$(realpath target/release/keyhold)
+fx=$(realpath target/fixtures)
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+first='' second=''
+cleanup() {
+    kill $first $second 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
 
 two_node_cluster "$bin" "$work"
-# Enough messages at any size that the run outlasts the recording by far (it is stopped then).
+# Enough messages at any size that the run outlasts the recording (it is stopped then).
 ping_echo_configs "$fx" "$work" "" "count=100000000 size=$size batch=$batch"
-"$bin" node --config "$work/node1.toml" --timeout 60 >"$work/node1.out" 2>&1 &
+timeout=$((${secs%.*} + 30))
+"$bin" node --config "$work/node1.toml" --timeout "$timeout" >"$work/node1.out" 2>&1 &
 first=$!
-"$bin" node --config "$work/node2.toml" --timeout 60 >"$work/node2.out" 2>&1 &
+"$bin" node --config "$work/node2.toml" --timeout "$timeout" >"$work/node2.out" 2>&1 &
 second=$!
 sleep 2
+for pid in $first $second; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        echo "trace-path.sh: a node stopped before the recording:" >&2
+        tail -n 5 "$work/node1.out" "$work/node2.out" >&2
+        exit 1
+    fi
+done
 events=sched:sched_switch,sched:sched_waking,kvm:kvm_mmio
 events+=,syscalls:sys_enter_writev,syscalls:sys_enter_futex
 events+=,syscalls:sys_enter_epoll_wait,syscalls:sys_exit_epoll_wait
-perf record -q -a -e "$events" -o "$work/trace.data" -- sleep "$secs" 2>/dev/null
-kill "$first" "$second" 2>/dev/null || true
-wait "$first" "$second" 2>/dev/null || true
+perf record -q -a -e "$events" -o "$work/trace.data" -- sleep "$secs"
 
-# Follows one chain of events at a time: a guest's notification, its vCPU thread's writev, the
-# other device thread woken, running, waking its guest (or not), that guest running, its
-# notification.
-perf script -i "$work/trace.data" -F comm,tid,time,event,trace 2>/dev/null | awk '
-    function step(name, t) { d[name, ++n[name]] = t - since; since = t }
+# Follows one chain of events at a time, by thread: a guest's transmit notification (a write
+# of queue 1 to the notify register, offset 0x50), its vCPU thread's writev, the other node's
+# device thread woken and running, waking that node's guest (FUTEX_WAKE) or not (back to
+# epoll_wait), that guest's vCPU thread running, its own transmit notification. Prints each
+# step's durations as "STEP MICROSECONDS".
+perf script -i "$work/trace.data" -F comm,pid,tid,time,event,trace 2>/dev/null | awk '
+    function step(s, t) { print s, t - since; since = t }
     {
-        comm = $1; t = $3 * 1e6; ev = $4
-        if (comm == "p1-vcpu" && ev == "kvm:kvm_mmio:" && $0 ~ /mmio write/) {
-            if (at == "running") step(6, t)
-            if (at == "spinning") step(7, t)
-            at = "exit"; since = t
-        } else if (at == "exit" && comm == "p1-vcpu" && ev == "syscalls:sys_enter_writev:") {
+        comm = $1; split($2, id, "/"); pid = id[1]; tid = id[2]; t = $3 * 1e6; ev = $4
+        process[tid] = pid
+        if (comm == "p1-vcpu" && ev == "kvm:kvm_mmio:" && $0 ~ /mmio write len 4 gpa 0x[0-9a-f]*050 val 0x1$/) {
+            if (at == "running" && tid == vcpu) step(6, t)
+            if (at == "spinning" && pid == receiver) step(7, t)
+            at = "exit"; since = t; sender = pid; notifier = tid
+        } else if (at == "exit" && tid == notifier && ev == "syscalls:sys_enter_writev:") {
             step(1, t); at = "writev"
-        } else if (at == "writev" && ev == "sched:sched_waking:" && $0 ~ /comm=devices/) {
-            step(2, t); at = "woken"
-        } else if (at == "woken" && comm == "devices" && ev == "syscalls:sys_exit_epoll_wait:") {
-            step(3, t); at = "receiving"
-        } else if (at == "receiving" && comm == "devices" && ev == "syscalls:sys_enter_futex:") {
+        } else if (at == "writev" && ev == "sched:sched_waking:" && $0 ~ /comm=devices /) {
+            match($0, /pid=[0-9]+/); woken = substr($0, RSTART + 4, RLENGTH - 4)
+            if (process[woken] != sender) { step(2, t); at = "woken" }
+        } else if (at == "woken" && tid == woken && ev == "syscalls:sys_exit_epoll_wait:") {
+            step(3, t); at = "receiving"; receiver = pid
+        } else if (at == "receiving" && tid == woken && ev == "syscalls:sys_enter_futex:" && $0 ~ /op: 0x0*81,/) {
             step(4, t); at = "waking"
-        } else if (at == "receiving" && comm == "devices" && ev == "syscalls:sys_enter_epoll_wait:") {
+        } else if (at == "receiving" && tid == woken && ev == "syscalls:sys_enter_epoll_wait:") {
             step(4, t); at = "spinning"
-        } else if (at == "waking" && ev == "sched:sched_switch:" && $0 ~ /next_comm=p1-vcpu/) {
-            step(5, t); at = "running"
+        } else if (at == "waking" && ev == "sched:sched_switch:" && $0 ~ /next_comm=p1-vcpu /) {
+            match($0, /next_pid=[0-9]+/); next_tid = substr($0, RSTART + 9, RLENGTH - 9)
+            if (process[next_tid] == receiver) { step(5, t); at = "running"; vcpu = next_tid }
         }
-    }
-    function median(name,   i, j, k, v, m) {
-        m = n[name]
-        for (i = 1; i <= m; i++) v[i] = d[name, i]
-        for (i = 2; i <= m; i++) { k = v[i]; for (j = i - 1; j >= 1 && v[j] > k; j--) v[j + 1] = v[j]; v[j + 1] = k }
-        return m % 2 ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
-    }
+    }' | sort -k1,1n -k2,2n | awk '
+    { d[$1, ++n[$1]] = $2 }
+    function median(s,   m) { m = n[s]; return m % 2 ? d[s, (m + 1) / 2] : (d[s, m / 2] + d[s, m / 2 + 1]) / 2 }
     END {
         split("exit -> writev (transmit work),writev -> wake-up (loopback TCP),wake-up -> running,receive work (device thread),guest wake -> running,running -> notify (guest),delivered -> notify (spinning guest)", names, ",")
         for (s = 1; s <= 7; s++) {
             if (n[s] == 0) { printf "%-38s not seen\n", names[s]; continue }
             printf "%-38s median %6.1f us  (%d seen)\n", names[s], median(s), n[s]
         }
+        parked = n[6] >= n[7]
+        if (!n[1] || !n[2] || !n[3] || !n[4] || (parked ? !n[5] || !n[6] : !n[7])) {
+            print "no whole half round trip was seen: is the run up, and were the tracepoints recorded?"
+            exit 1
+        }
         total = median(1) + median(2) + median(3) + median(4)
-        total += n[6] >= n[7] ? median(5) + median(6) : median(7)
+        total += parked ? median(5) + median(6) : median(7)
         printf "%-38s %6.1f us (by the path most chains took)\n", "half a round trip", total
     }'

@@ -150,12 +150,16 @@ struct Slot {
     entry: Option<Entry>,
 }
 
-/// The by-pair index's key: both endpoints' six numbers in one array, which SipHash takes in
-/// one write where the two structs took six (the lookup runs for every message received).
+/// The by-pair index's key: both endpoints' six numbers as one array, which SipHash takes as
+/// one slice where the two structs took six fields (the lookup runs for every message
+/// received).
 type PairKey = [u32; 6];
 
 fn pair_key(local: &Endpoint, remote: &Endpoint) -> PairKey {
-    [local.node, local.partition, local.process, remote.node, remote.partition, remote.process]
+    // Destructured, so that a field added to `Endpoint` cannot be left out of the key.
+    let Endpoint { node, partition, process } = *local;
+    let Endpoint { node: rnode, partition: rpartition, process: rprocess } = *remote;
+    [node, partition, process, rnode, rpartition, rprocess]
 }
 
 /// The table.

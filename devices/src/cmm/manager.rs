@@ -617,15 +617,20 @@ impl Cmm {
 /// Key lifetimes are counted in seconds and checked on every message sent to another node;
 /// the precise clock's read (the TSC through the vDSO) was 1 % of a node's time at 64 B.
 fn coarse_secs() -> u64 {
+    // Both clocks count from the same start, so the precise one can stand in. Linux has had
+    // the coarse one since 2.6.32: neither fails there (std's `Instant` would panic if the
+    // precise one did); were both to fail, key lifetimes would count messages only.
+    read_clock(libc::CLOCK_MONOTONIC_COARSE)
+        .or_else(|| read_clock(libc::CLOCK_MONOTONIC))
+        .unwrap_or(0)
+}
+
+fn read_clock(clock: libc::clockid_t) -> Option<u64> {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `now` is a live, writable timespec for the call to fill, and the clock ID is
-    // one every Linux kernel since 2.6.32 knows; nothing else is touched.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    if rc == 0 {
-        u64::try_from(now.tv_sec).unwrap_or(0)
-    } else {
-        0
-    }
+    // SAFETY: `now` is a valid timespec, borrowed exclusively for the call to fill; the call
+    // touches nothing else.
+    let rc = unsafe { libc::clock_gettime(clock, &mut now) };
+    (rc == 0).then(|| u64::try_from(now.tv_sec).unwrap_or(0))
 }
 
 /// A connection-table entry as the control API shows it.

@@ -29,9 +29,12 @@ pub(super) struct Cursor<'m> {
 /// Buffers a half of a chain holds without allocating; a longer half spills to the heap.
 const INLINE: usize = 4;
 
-/// One half's buffers (address and length), in chain order. The chain is walked once, where
-/// walking each half (and again to count what is left) read every descriptor from guest
-/// memory two or three times: a tenth of the transmit path's time at 64 B.
+/// One half's buffers (address and length), in chain order, empty ones included. The chain is
+/// walked once, where walking each half (and again to count what is left) read every
+/// descriptor from guest memory two or three times (descriptor walks were 6-8 % of the
+/// transmit work at 64 B: docs/PERFORMANCE.md). A chain is at most the queue's size, or an
+/// indirect table's 65,535 entries (virtio-queue follows one whatever was negotiated), so a
+/// spill holds at most about 1 MiB, for as long as its message is handled.
 #[derive(Default)]
 struct Buffers {
     inline: [(GuestAddress, usize); INLINE],
@@ -74,20 +77,37 @@ impl<'m> Cursor<'m> {
         (Self::new(mem, readable), Self::new(mem, writable))
     }
 
-    /// The chain's device-readable buffers.
+    /// The chain's device-readable buffers (one walk of the whole chain, keeping those).
     pub(super) fn readable(
         chain: DescriptorChain<&'m GuestMemoryMmap>,
         mem: &'m GuestMemoryMmap,
     ) -> Self {
-        Self::halves(chain, mem).0
+        Self::half(chain, mem, false)
     }
 
-    /// The chain's device-writable buffers.
+    /// The chain's device-writable buffers (one walk of the whole chain, keeping those).
     pub(super) fn writable(
         chain: DescriptorChain<&'m GuestMemoryMmap>,
         mem: &'m GuestMemoryMmap,
     ) -> Self {
-        Self::halves(chain, mem).1
+        Self::half(chain, mem, true)
+    }
+
+    fn half(
+        chain: DescriptorChain<&'m GuestMemoryMmap>,
+        mem: &'m GuestMemoryMmap,
+        writable: bool,
+    ) -> Self {
+        let mut buffers = Buffers::default();
+        for desc in chain.filter(|desc| desc.is_write_only() == writable) {
+            buffers.push(&desc);
+        }
+        Self::new(mem, buffers)
+    }
+
+    /// This half's first buffer as the driver described it (not checked against RAM), if any.
+    pub(super) fn first_buffer(&self) -> Option<(GuestAddress, usize)> {
+        self.buffers.get(0)
     }
 
     /// The current buffer's rest, moving on to the next buffer when it is used up; `None` at
@@ -241,6 +261,10 @@ mod tests {
 
         assert_eq!(reader.remaining(), Ok(68));
         assert_eq!(writer.remaining(), Ok(14));
+        assert_eq!(writer.first_buffer(), Some((GuestAddress(at(8)), 5)));
+        let chain = || queue_with(&mem, &buffers).iter(&mem).unwrap().next().unwrap();
+        assert_eq!(Cursor::readable(chain(), &mem).remaining(), Ok(68), "one half alone");
+        assert_eq!(Cursor::writable(chain(), &mem).first_buffer(), writer.first_buffer());
         let mut read = vec![0u8; 68];
         assert_eq!(reader.read(&mut read[..12]), Ok(true));
         assert_eq!(reader.remaining(), Ok(56), "counts from inside a buffer");

@@ -45,8 +45,8 @@ impl ChannelNode {
     ) -> Result<Option<u32>, Malformed> {
         let partition = self.devices[index].partition;
         let head_index = chain.head_index();
-        let response_at = chain.clone().writable().next().map(|d| (d.addr(), d.len() as usize));
         let (mut reader, mut writer) = Cursor::halves(chain, mem);
+        let response_at = writer.first_buffer();
         let room = writer.remaining()?;
         let mut raw = [0u8; CONTROL_HEAD_SIZE];
         let request = (reader.remaining()? >= CONTROL_REQUEST_SIZE && reader.read(&mut raw)?)
