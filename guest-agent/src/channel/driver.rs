@@ -486,25 +486,36 @@ impl SecureChannel {
     /// Takes one received message, copying its payload into `out`, and re-posts the buffer
     /// (the device is notified only if it asked to be). `None` if nothing has arrived.
     pub fn recv(&mut self, out: &mut [u8]) -> Result<Option<Received>, ChannelError> {
+        self.recv_with(|header, payload| {
+            let copied = payload.len().min(out.len());
+            out[..copied].copy_from_slice(&payload[..copied]);
+            Received { header, copied }
+        })
+    }
+
+    /// Takes one received message and hands its header and payload to `f` where the device
+    /// wrote them, in the receive buffer, with no copy; then re-posts the buffer. For large
+    /// messages this saves [`Self::recv`]'s copy. `None` if nothing has arrived (or the device
+    /// dropped a message too large for its buffer: `f` is not called then).
+    pub fn recv_with<R>(
+        &mut self,
+        f: impl FnOnce(RxHeader, &[u8]) -> R,
+    ) -> Result<Option<R>, ChannelError> {
         let Some((head, len)) = self.rx.poll()? else {
             return Ok(None);
         };
         let slot = usize::from(self.rx_slot_of[usize::from(head)]);
         let len = len as usize;
         let result = if len < RX_HEADER_SIZE {
-            // The device dropped a message too large for the buffer: nothing to return.
             None
         } else {
-            // SAFETY: the device returned the buffer; `len` bytes of it are written and no
-            // more than rx_buf_len were offered.
+            // SAFETY: the device returned the buffer, so it no longer writes it until it is
+            // posted again below; `len` bytes of it are written and no more than rx_buf_len
+            // were offered. The slice does not outlive `f`.
             let buf = unsafe {
                 core::slice::from_raw_parts(self.rx_bufs[slot], len.min(self.rx_buf_len as usize))
             };
-            let header = RxHeader::from_bytes(&buf[..RX_HEADER_SIZE]);
-            let payload = &buf[RX_HEADER_SIZE..];
-            let copied = payload.len().min(out.len());
-            out[..copied].copy_from_slice(&payload[..copied]);
-            Some(Received { header, copied })
+            Some(f(RxHeader::from_bytes(&buf[..RX_HEADER_SIZE]), &buf[RX_HEADER_SIZE..]))
         };
         self.post_rx(slot)?;
         self.rx.kick();

@@ -1,6 +1,6 @@
-//! Checks the runtime's `memcpy`, `memmove` and `memset` (guest-agent `rt`) at every length up
-//! to a few hundred bytes and at every relative offset within a cache line, against byte-wise
-//! loops: prints `memfns: ok` and exits 0, or names the first wrong case and exits 1.
+//! Checks the runtime's `memcpy`, `memmove`, `memset` and `memcmp` (guest-agent `rt`) at
+//! lengths up to a few hundred bytes and at every relative offset within a cache line, against
+//! byte-wise loops: prints `memfns: ok` and exits 0, or names the first wrong case and exits 1.
 #![no_std]
 #![no_main]
 
@@ -113,9 +113,46 @@ fn check_set(area: &mut [u8; AREA]) -> Result<(), Wrong> {
     Ok(())
 }
 
+/// `memcmp` of two equal ranges, then of the same ranges with one byte of the second raised or
+/// lowered at the start, the middle, the end and every place of the first 40 bytes: zero for
+/// equal, and otherwise the sign of the first differing byte's difference.
+fn check_compare(area: &mut [u8; AREA]) -> Result<(), Wrong> {
+    type CompareFn = unsafe extern "C" fn(*const u8, *const u8, usize) -> i32;
+    let memcmp = black_box(guest_agent::rt::memcmp as CompareFn);
+    for len in LENGTHS {
+        for a in 0..64 {
+            let b = AREA / 2 + (a * 5) % 64;
+            fill(area);
+            area.copy_within(a..a + len, b);
+            // SAFETY: `a + len` and `b + len` lie within the area (`len` ≤ 700 < AREA / 2 - 64).
+            let compare = |base: *const u8| unsafe { memcmp(base.add(a), base.add(b), len) };
+            if compare(area.as_ptr()) != 0 {
+                return Err(("memcmp of equal bytes", len, a, b));
+            }
+            let places = [0, len / 2, len.wrapping_sub(1)].into_iter().chain(0..40);
+            for at in places.filter(|&at| at < len) {
+                for delta in [1u8, 255] {
+                    let original = area[b + at];
+                    area[b + at] = original.wrapping_add(delta);
+                    let want = i32::from(area[a + at]) - i32::from(area[b + at]);
+                    let got = compare(area.as_ptr());
+                    area[b + at] = original;
+                    if got.signum() != want.signum() {
+                        return Err(("memcmp", len, a + at, b + at));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main(_: &'static BootInfo) -> u32 {
     let mut area = [0u8; AREA];
-    match check_copies(&mut area).and_then(|()| check_set(&mut area)) {
+    let checks = check_copies(&mut area)
+        .and_then(|()| check_set(&mut area))
+        .and_then(|()| check_compare(&mut area));
+    match checks {
         Ok(()) => {
             println!("memfns: ok");
             0
