@@ -9,7 +9,7 @@
 //! let channel = ch.connect(1, peer, None)?;        // OPEN with a device-made key
 //! ch.send(channel, 1, b"hello")?;
 //! let mut buf = [0u8; 64];
-//! if let Some(msg) = ch.recv(&mut buf)? { /* msg.source is verified by the CMM */ }
+//! if let Some(msg) = ch.recv(&mut buf)? { /* msg.header.source is verified by the CMM */ }
 //! ```
 
 use super::abi::{
@@ -496,7 +496,8 @@ impl SecureChannel {
     /// Takes one received message and hands its header and payload to `f` where the device
     /// wrote them, in the receive buffer, with no copy; then re-posts the buffer. For large
     /// messages this saves [`Self::recv`]'s copy. `None` if nothing has arrived (or the device
-    /// dropped a message too large for its buffer: `f` is not called then).
+    /// dropped a message too large for its buffer: `f` is not called then). If posting the
+    /// buffer again fails, the error comes back after `f` ran, and what `f` returned is lost.
     pub fn recv_with<R>(
         &mut self,
         f: impl FnOnce(RxHeader, &[u8]) -> R,

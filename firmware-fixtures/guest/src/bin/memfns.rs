@@ -113,23 +113,29 @@ fn check_set(area: &mut [u8; AREA]) -> Result<(), Wrong> {
     Ok(())
 }
 
-/// `memcmp` of two equal ranges, then of the same ranges with one byte of the second raised or
-/// lowered at the start, the middle, the end and every place of the first 40 bytes: zero for
-/// equal, and otherwise the sign of the first differing byte's difference.
+/// `memcmp` of two equal ranges at every relative offset within a cache line, then of the same
+/// ranges with one byte of the second raised or lowered (at each of the first 40 places, every
+/// third place after, the middle and the end): zero for equal, and otherwise the sign of the
+/// first differing byte's difference.
 fn check_compare(area: &mut [u8; AREA]) -> Result<(), Wrong> {
     type CompareFn = unsafe extern "C" fn(*const u8, *const u8, usize) -> i32;
     let memcmp = black_box(guest_agent::rt::memcmp as CompareFn);
     for len in LENGTHS {
         for a in 0..64 {
-            let b = AREA / 2 + (a * 5) % 64;
+            // `b - a` runs through every residue modulo 64 as `a` does (5 is odd).
+            let b = AREA / 2 + a + (a * 5) % 64;
             fill(area);
             area.copy_within(a..a + len, b);
-            // SAFETY: `a + len` and `b + len` lie within the area (`len` ≤ 700 < AREA / 2 - 64).
+            // SAFETY: `a + len` and `b + len` lie within the area (`a`, `(a * 5) % 64` < 64 and
+            // `len` ≤ 700 < AREA / 2 - 128).
             let compare = |base: *const u8| unsafe { memcmp(base.add(a), base.add(b), len) };
             if compare(area.as_ptr()) != 0 {
                 return Err(("memcmp of equal bytes", len, a, b));
             }
-            let places = [0, len / 2, len.wrapping_sub(1)].into_iter().chain(0..40);
+            // Every byte of the first step and into the second, then every third byte (all
+            // words of every later step, at moving places within them).
+            let places = [len / 2, len.wrapping_sub(1)].into_iter().chain(0..40);
+            let places = places.chain((40..len).step_by(3));
             for at in places.filter(|&at| at < len) {
                 for delta in [1u8, 255] {
                     let original = area[b + at];

@@ -91,16 +91,14 @@ fn run(info: &'static BootInfo) -> Result<(), &'static str> {
                 continue;
             };
             backoff.reset();
-            {
-                if !intact {
-                    return Err("an echo did not match what was sent");
-                }
-                // Round trips are sampled into a bounded table (the first MAX_SAMPLES).
-                if let Some(slot) = rtts.get_mut((sent + echoed) as usize) {
-                    *slot = ticks() - t0;
-                }
-                echoed += 1;
+            if !intact {
+                return Err("an echo did not match what was sent");
             }
+            // Round trips are sampled into a bounded table (the first MAX_SAMPLES).
+            if let Some(slot) = rtts.get_mut((sent + echoed) as usize) {
+                *slot = ticks() - t0;
+            }
+            echoed += 1;
         }
         sent += n;
         if interval_ms > 0 {
