@@ -71,6 +71,10 @@ fn a_deaf_receiver_stalls_its_sender_and_nothing_is_dropped() {
     let line = out.stdout.lines().find(|l| l.contains("flood: sent")).expect("sender's count");
     let [_, sent, stalls] = numbers(line)[..] else { panic!("{line}") };
     assert!(sent == 2000 && stalls > 0, "the deaf sink stalled its sender: {line}");
+    assert!(
+        out.stdout.contains("[p2] flood: a forged send to the full receiver was refused as forged"),
+        "a forgery is refused as one even when the receiver has no room: {out:#?}"
+    );
     assert!(out.stdout.contains("[p1] flood: the channel works after the flood"), "{out:#?}");
     assert!(out.stdout.contains("[p2] flood: the sink got the message sent after"), "{out:#?}");
 }
@@ -88,7 +92,7 @@ fn every_forgery_is_refused_with_its_status() {
     require_kvm!();
     let out = pair("echo", "forge", "", &["-v"]);
     assert_eq!(out.code(), 0, "{out:#?}");
-    assert_eq!(out.stdout.matches("refused as expected").count(), 10, "{out:#?}");
+    assert_eq!(out.stdout.matches("refused as expected").count(), 11, "{out:#?}");
     assert!(out.stdout.contains("forge: genuine message echoed: true"), "{out:#?}");
     assert!(out.stdout.contains("forge: device counted 3 forged sends"), "{out:#?}");
     // Each forgery and the rejected offer is in the audit log.

@@ -328,15 +328,16 @@ impl Cmm {
         self.core.table.find(local, remote)
     }
 
-    /// The receiving end on this node of `partition`'s channel `channel`: its partition and
-    /// entry; `None` if the channel is not `partition`'s or not between partitions of this
-    /// node (SEND then decides).
-    pub fn local_receiver(&self, partition: u32, channel: u32) -> Option<(u32, ChannelId)> {
-        let entry = self
-            .core
-            .table
-            .get(ChannelId(channel))
-            .filter(|e| e.local.partition == partition && e.remote.node == self.core.node)?;
+    /// The receiving end on this node of the channel `header` names, sent by `partition`: its
+    /// partition and entry; `None` if the channel is not `partition`'s, `header.source` is not
+    /// its local endpoint, or it is not between partitions of this node (SEND then decides, and
+    /// refuses a forgery as one).
+    pub fn local_receiver(&self, partition: u32, header: &TxHeader) -> Option<(u32, ChannelId)> {
+        let entry = self.core.table.get(ChannelId(header.channel)).filter(|e| {
+            e.local.partition == partition
+                && e.local == header.source
+                && e.remote.node == self.core.node
+        })?;
         let peer = self.core.table.find(&entry.remote, &entry.local)?;
         Some((entry.remote.partition, peer))
     }

@@ -226,6 +226,11 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // A device that needs a reset takes nothing else (virtio 1.2, 2.1.2): a DRIVER_OK now
+        // must not bring it back without one.
+        if self.shared.needs_reset() {
+            return;
+        }
         // The driver only ever adds bits (virtio 1.2, 3.1.1); anything else is a driver bug.
         if value & self.status != self.status {
             self.shared.fail("driver cleared device status bits without a reset");
@@ -451,6 +456,23 @@ mod tests {
         let (mut t, shared) = transport();
         write(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
         assert!(matches!(*lock(&shared.activation), Activation::NeedsReset));
+    }
+
+    #[test]
+    fn a_device_that_needs_a_reset_takes_no_status_but_zero() {
+        let (mut t, shared) = transport();
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, 0x1000);
+        // Clearing a bit without a reset breaks the device before DRIVER_OK...
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        assert!(shared.needs_reset());
+        // ...and a DRIVER_OK on top of the bits it still holds does not bring it back.
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert!(shared.needs_reset(), "only a reset ends it");
+        assert_eq!(read(&mut t, reg::STATUS) & status::DRIVER_OK, 0);
+        write(&mut t, reg::STATUS, 0);
+        assert!(!shared.needs_reset());
+        assert_eq!(read(&mut t, reg::STATUS), 0);
     }
 
     const ALL_OK: u32 =

@@ -105,9 +105,10 @@ impl<'m> Cursor<'m> {
         Self::new(mem, buffers)
     }
 
-    /// This half's first buffer as the driver described it (not checked against RAM), if any.
+    /// This half's first non-empty buffer as the driver described it (not checked against
+    /// RAM), if any: empty buffers count for nothing here either.
     pub(super) fn first_buffer(&self) -> Option<(GuestAddress, usize)> {
-        self.buffers.get(0)
+        (0..self.buffers.len).filter_map(|i| self.buffers.get(i)).find(|&(_, len)| len > 0)
     }
 
     /// The current buffer's rest, moving on to the next buffer when it is used up; `None` at
@@ -243,11 +244,13 @@ mod tests {
         let pattern: Vec<u8> = (0..=255u8).cycle().take(0x1000).collect();
         mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
         // Six readable buffers (more than a half holds inline) with two writable ones among
-        // them, and one empty readable buffer.
+        // them, and an empty buffer in each half (the writable half's first: the first buffer
+        // that counts is the next).
         let at = |i: u64| DATA + 0x100 * i;
         let buffers = [
             (at(0), 10, false),
             (at(1), 7, false),
+            (at(7), 0, true),
             (at(8), 5, true),
             (at(2), 0, false),
             (at(3), 30, false),

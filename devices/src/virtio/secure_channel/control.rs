@@ -162,7 +162,7 @@ impl ChannelNode {
                 };
                 (ControlResponse { status, ..Default::default() }, Vec::new())
             }
-            op::LIST => {
+            op::LIST if req.flags == 0 => {
                 let entries = self.cmm.list(partition);
                 let head =
                     ControlResponse { status: status::OK, channel: 0, count: entries.len() as u32 };
@@ -172,7 +172,7 @@ impl ChannelNode {
                     (head, entries.iter().flat_map(|e| e.to_bytes()).collect())
                 }
             }
-            op::STATS => {
+            op::STATS if req.flags == 0 => {
                 let body = self.cmm.stats(partition).to_bytes();
                 if body.len() > room {
                     (self.refused(partition, status::BUFFER_TOO_SMALL), Vec::new())
@@ -180,7 +180,8 @@ impl ChannelNode {
                     (ControlResponse { status: status::OK, ..Default::default() }, body.to_vec())
                 }
             }
-            op::LISTEN | op::OPEN | op::CLOSE => {
+            // Flags where none are defined (OPEN's own are checked before it gets here).
+            op::LISTEN | op::OPEN | op::CLOSE | op::LIST | op::STATS => {
                 (self.refused(partition, status::BAD_REQUEST), Vec::new())
             }
             _ => (self.refused(partition, status::UNKNOWN_OP), Vec::new()),

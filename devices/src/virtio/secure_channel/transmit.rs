@@ -32,7 +32,7 @@ impl ChannelNode {
         let (mut reader, mut writer) = Cursor::halves(chain, mem);
         let code = match self.read_header(&mut reader)? {
             // A receiver on this node with no room: nothing is sent, the sender tries again.
-            Ok(header) if !self.room_for(partition, header.channel) => status::NO_ROOM,
+            Ok(header) if !self.room_for(partition, &header) => status::NO_ROOM,
             Ok(header) => {
                 let sent =
                     self.cmm.send(partition, &header, &mut GuestPayload { cursor: &mut reader });
@@ -51,12 +51,13 @@ impl ChannelNode {
         Ok(if writer.write(&code.to_le_bytes())? { 4 } else { 0 })
     }
 
-    /// Whether a message on `partition`'s channel `channel` can be taken now: a receiver on
-    /// another node always (its node holds or drops); one on this node if the device holds
+    /// Whether the message `header` announces, from `partition`, can be taken now: a receiver
+    /// on another node always (its node holds or drops); one on this node if the device holds
     /// fewer than [`CHANNEL_WINDOW`] messages for that channel and [`MAX_PENDING`] in all
-    /// (each goes into a posted buffer, or is held until the guest posts one).
-    fn room_for(&self, partition: u32, channel: u32) -> bool {
-        let Some((to, peer)) = self.cmm.local_receiver(partition, channel) else { return true };
+    /// (each goes into a posted buffer, or is held until the guest posts one). A message that
+    /// is not its sender's to send always "fits": the CMM refuses it for what it is.
+    fn room_for(&self, partition: u32, header: &TxHeader) -> bool {
+        let Some((to, peer)) = self.cmm.local_receiver(partition, header) else { return true };
         let Some(device) = self.device_of(to).map(|i| &self.devices[i]) else { return true };
         device.pending.len() < MAX_PENDING
             && device.pending.iter().filter(|h| h.channel == peer).count() < CHANNEL_WINDOW

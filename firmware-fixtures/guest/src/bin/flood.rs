@@ -4,7 +4,8 @@
 //!
 //! `role=send peer=N:P:Q count=N`: opens a channel to the sink and sends `count` 8-byte
 //! messages numbered 0.. without pause, each tried until the device takes it, counting the
-//! NO_ROOM answers; waits for the sink's "ready", sends message `count`, and waits for the
+//! NO_ROOM answers (at the first, a send claiming another process must still be refused as
+//! forged); waits for the sink's "ready", sends message `count`, and waits for the
 //! sink's acknowledgement.
 //! `role=sink peer=N:P:Q count=N`: listens, takes message 0, then takes nothing until none
 //! has reached its buffers for 100 ms (they are full, and the sender stalls), however slowly
@@ -14,7 +15,7 @@
 #![no_std]
 #![no_main]
 
-use guest_agent::channel::abi::{status, Endpoint};
+use guest_agent::channel::abi::{status, Endpoint, TxHeader};
 use guest_agent::channel::{ChannelError, SecureChannel};
 use guest_agent::time::{nanos, spin_for, ticks};
 use guest_agent::{println, BootInfo};
@@ -61,6 +62,9 @@ fn send(
             match ch.try_send(channel, 1, &i.to_le_bytes()) {
                 Ok(()) => break,
                 Err(ChannelError::Status(status::NO_ROOM)) => {
+                    if stalls == 0 {
+                        forge_while_stalled(ch, channel)?;
+                    }
                     stalls += 1;
                     spin_for(info, 100);
                 }
@@ -75,6 +79,19 @@ fn send(
     ch.recv_wait(&mut buf).map_err(|_| "no acknowledgement from the sink")?;
     println!("flood: the sink got the message sent after the flood");
     Ok(())
+}
+
+/// While the receiver has no room, a send that claims another process of this partition is
+/// still refused as the forgery it is, not told to wait.
+fn forge_while_stalled(ch: &mut SecureChannel, channel: u32) -> Result<(), &'static str> {
+    let header = TxHeader { channel, source: ch.endpoint(2), len: 6 };
+    match ch.send_raw(header.to_bytes(), b"forged").map_err(|_| "the forged send failed")? {
+        status::FORGED_SOURCE => {
+            println!("flood: a forged send to the full receiver was refused as forged");
+            Ok(())
+        }
+        _ => Err("a forged send to the full receiver was not refused as forged"),
+    }
 }
 
 fn sink(

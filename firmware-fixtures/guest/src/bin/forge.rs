@@ -67,6 +67,11 @@ fn main(info: &'static BootInfo) -> u32 {
         ch.control_raw(raw(op::LISTEN, 0x80)).unwrap_or(u32::MAX),
         status::BAD_REQUEST,
     );
+    check(
+        "list with reserved flags",
+        ch.control_raw(raw(op::LIST, 1)).unwrap_or(u32::MAX),
+        status::BAD_REQUEST,
+    );
     let mut reserved = raw(op::LIST, 0);
     reserved[29] = 1;
     check("reserved bytes set", ch.control_raw(reserved).unwrap_or(u32::MAX), status::BAD_REQUEST);
