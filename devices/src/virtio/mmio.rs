@@ -227,8 +227,11 @@ impl MmioTransport {
             return;
         }
         // A device that needs a reset takes nothing else (virtio 1.2, 2.1.2): a DRIVER_OK now
-        // must not bring it back without one.
+        // must not bring it back without one. A driver that gives up says so with FAILED.
         if self.shared.needs_reset() {
+            if value & !self.status == status::FAILED {
+                self.status = value;
+            }
             return;
         }
         // The driver only ever adds bits (virtio 1.2, 3.1.1); anything else is a driver bug.
@@ -459,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn a_device_that_needs_a_reset_takes_no_status_but_zero() {
+    fn a_device_that_needs_a_reset_takes_only_a_reset_or_failed() {
         let (mut t, shared) = transport();
         negotiate(&mut t, F_VERSION_1);
         setup_queue(&mut t, 0x1000);
@@ -470,6 +473,9 @@ mod tests {
         write(&mut t, reg::STATUS, ALL_OK);
         assert!(shared.needs_reset(), "only a reset ends it");
         assert_eq!(read(&mut t, reg::STATUS) & status::DRIVER_OK, 0);
+        let held = read(&mut t, reg::STATUS) & !status::NEEDS_RESET;
+        write(&mut t, reg::STATUS, held | status::FAILED);
+        assert_ne!(read(&mut t, reg::STATUS) & status::FAILED, 0, "a driver may give up");
         write(&mut t, reg::STATUS, 0);
         assert!(!shared.needs_reset());
         assert_eq!(read(&mut t, reg::STATUS), 0);
