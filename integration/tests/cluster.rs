@@ -181,7 +181,7 @@ fn forgeries_across_nodes_are_refused_too() {
     let n2 = node_with(d, "2", 2, &p.cluster, &p.k2, "forge", "peer=1:1:1", "");
     let outs = run_nodes(&[&n1, &n2], "60");
     assert_eq!(outs[1].code(), 0, "{:#?}", outs[1]);
-    assert_eq!(outs[1].stdout.matches("refused as expected").count(), 10, "{:#?}", outs[1]);
+    assert_eq!(outs[1].stdout.matches("refused as expected").count(), 11, "{:#?}", outs[1]);
     assert!(outs[1].stdout.contains("forge: genuine message echoed: true"), "{:#?}", outs[1]);
     // The offer to a process that never listened was refused by node 1's CMM.
     let a1 = audit(d, "1");
@@ -293,7 +293,7 @@ fn the_demo_runs_from_nothing_and_says_everything_held() {
         "{out:#?}"
     );
     assert!(out.stdout.contains("same node") && out.stdout.contains("across nodes"), "{out:#?}");
-    assert!(out.stdout.contains("10 forgeries refused"), "{out:#?}");
+    assert!(out.stdout.contains("11 forgeries refused"), "{out:#?}");
 }
 
 #[test]
