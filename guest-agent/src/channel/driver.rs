@@ -67,6 +67,8 @@ struct TxSlot {
     header: *mut [u8; TX_HEADER_SIZE],
     payload: *mut u8,
     status: *mut u32,
+    /// Payload bytes of the message the slot holds.
+    len: usize,
 }
 
 /// The partition's secure-channel device.
@@ -112,6 +114,7 @@ impl SecureChannel {
             header: core::ptr::null_mut(),
             payload: core::ptr::null_mut(),
             status: core::ptr::null_mut(),
+            len: 0,
         });
         for slot in &mut tx_slots {
             let meta = pages::alloc(64).ok_or_else(oom)?;
@@ -364,22 +367,34 @@ impl SecureChannel {
         header: [u8; TX_HEADER_SIZE],
         data: &[u8],
     ) -> Result<(), ChannelError> {
-        let slot = &self.tx_slots[slot_index];
+        let slot = &mut self.tx_slots[slot_index];
         // SAFETY: the slot is free, so the device is not reading or writing its pages, which
         // hold TX_HEADER_SIZE + 4 bytes of metadata and max_message bytes of payload (the
         // callers bound `data` by max_message).
-        let (hdr, payload, status) = unsafe {
+        unsafe {
             *slot.header = header;
             core::ptr::copy_nonoverlapping(data.as_ptr(), slot.payload, data.len());
-            (&*slot.header, core::slice::from_raw_parts(slot.payload, data.len()), slot.status)
-        };
-        let status_buf = Buffer { addr: status as u64, len: 4, writable: true };
-        let head = if data.is_empty() {
+        }
+        slot.len = data.len();
+        self.offer_slot(slot_index)?;
+        self.tx_free &= !(1 << slot_index);
+        Ok(())
+    }
+
+    /// Offers the message transmit slot `slot_index` holds to the device.
+    fn offer_slot(&mut self, slot_index: usize) -> Result<(), ChannelError> {
+        let slot = &self.tx_slots[slot_index];
+        // SAFETY: the slot's header and its first `len` payload bytes were written (len is at
+        // most max_message, the payload pages' size), and the device reads them only once
+        // they are offered, below.
+        let (hdr, payload) =
+            unsafe { (&*slot.header, core::slice::from_raw_parts(slot.payload, slot.len)) };
+        let status_buf = Buffer { addr: slot.status as u64, len: 4, writable: true };
+        let head = if payload.is_empty() {
             self.tx.add(&[Buffer::readable(hdr), status_buf])?
         } else {
             self.tx.add(&[Buffer::readable(hdr), Buffer::readable(payload), status_buf])?
         };
-        self.tx_free &= !(1 << slot_index);
         self.tx_slot_of[usize::from(head)] = slot_index as u8;
         Ok(())
     }
@@ -401,16 +416,43 @@ impl SecureChannel {
 
     /// Takes one completed send: its status (one of `abi::status`), or `None` if none is done.
     pub fn reap_send(&mut self) -> Result<Option<u32>, ChannelError> {
+        let Some((slot_index, code)) = self.reap_slot()? else { return Ok(None) };
+        self.tx_free |= 1 << slot_index;
+        Ok(Some(code))
+    }
+
+    /// As [`Self::reap_send`], but a send the device answered NO_ROOM (its receiver had no
+    /// room: nothing was sent) is offered again as it is, from its slot, and the device
+    /// notified: it is not done, and its status comes later. A channel's messages stay in
+    /// order as long as the caller posts no new message on it before the earlier ones are
+    /// reaped: the device refuses a channel's messages from the first it has no room for on,
+    /// and completions come back in the order they were offered. For senders that keep several
+    /// messages in flight ([`Self::post_send`]) and must lose none.
+    pub fn reap_send_retrying(&mut self) -> Result<Option<u32>, ChannelError> {
+        let Some((slot_index, code)) = self.reap_slot()? else { return Ok(None) };
+        if code != status::NO_ROOM {
+            self.tx_free |= 1 << slot_index;
+            return Ok(Some(code));
+        }
+        self.offer_slot(slot_index)?;
+        self.tx.kick();
+        Ok(None)
+    }
+
+    /// The slot and status of the next completed send, the slot still taken.
+    fn reap_slot(&mut self) -> Result<Option<(usize, u32)>, ChannelError> {
         let Some((head, len)) = self.tx.poll()? else {
             return Ok(None);
         };
         let slot_index = usize::from(self.tx_slot_of[usize::from(head)]);
-        self.tx_free |= 1 << slot_index;
         if len < 4 {
+            self.tx_free |= 1 << slot_index;
             return Err(ChannelError::Driver(DriverError::BadUsedEntry));
         }
         // SAFETY: the device is done with the slot (it returned the chain).
-        Ok(Some(unsafe { core::ptr::read_volatile(self.tx_slots[slot_index].status) }))
+        Ok(Some((slot_index, unsafe {
+            core::ptr::read_volatile(self.tx_slots[slot_index].status)
+        })))
     }
 
     /// Sends one message and waits for the device's verdict; while the receiver (a partition

@@ -1,7 +1,8 @@
 //! Listens for its peers and echoes every message back on the channel it came in on, until each
 //! peer has said goodbye with an empty message. Arguments: `peer=N:P:Q[,N:P:Q...]` (required),
 //! `process=N` (default 1), `setups=N` to also listen for processes 1000..1000+N of the first
-//! peer's partition (the channel set-up benchmark of `ping setups=N`).
+//! peer's partition (the channel set-up benchmark of `ping setups=N`). An echo its receiver has
+//! no room for yet (NO_ROOM: on this node, or credit from another) is sent again until it goes.
 #![no_std]
 #![no_main]
 
@@ -76,7 +77,7 @@ fn main(info: &'static BootInfo) -> u32 {
         }
         ch.flush();
         while posted > 0 {
-            match ch.reap_send() {
+            match ch.reap_send_retrying() {
                 Ok(Some(0)) => {
                     posted -= 1;
                     echoed += 1;
