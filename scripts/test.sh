@@ -30,6 +30,14 @@ if ! python3 -c 'import prometheus_client' 2>/dev/null; then
         python3 -m pip install --quiet --disable-pip-version-check --user prometheus_client
 fi
 
+# The interop test runs a peer written from docs/PROTOCOL.md alone, in Python, with the
+# noiseprotocol package for Noise and cryptography for the rest.
+if ! python3 -c 'import noise.connection, cryptography' 2>/dev/null; then
+    step "installing noiseprotocol and cryptography (the interop test's peer uses them)"
+    python3 -m pip install --quiet --disable-pip-version-check noiseprotocol cryptography ||
+        python3 -m pip install --quiet --disable-pip-version-check --user noiseprotocol cryptography
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 (cd firmware-fixtures/guest && cargo fmt -- --check)

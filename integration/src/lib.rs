@@ -209,3 +209,22 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Whether python3 can run `import {imports}`. In CI (`CI=true`) it must (scripts/test.sh
+/// installs what the tests use): a missing package fails the test there; elsewhere the caller
+/// skips its check, and this says so on stderr.
+pub fn python_imports(imports: &str) -> bool {
+    let has = Command::new("python3")
+        .args(["-c", &format!("import {imports}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but python3 cannot import {imports} (scripts/test.sh installs it)"
+        );
+        eprintln!("skipped: python3 cannot import {imports}");
+    }
+    has
+}
