@@ -235,7 +235,9 @@ impl LinkBook {
         let repeated = s.state != LinkState::Up
             && s.last_failure.as_ref().is_some_and(|(last, _)| last == reason);
         if !repeated {
-            let addr = record.address;
+            // A link that was up names where it ran (a peer that dialled in comes from a port of
+            // its own); an attempt, the address it dials.
+            let addr = s.remote.unwrap_or(record.address);
             match s.state {
                 LinkState::Up if next == LinkState::Idle => {
                     log::info!("link to node {peer} ({addr}) closed: {reason}")
