@@ -26,8 +26,8 @@ Usage:
 Note on credit: by default this peer grants echo's direction credit for every message before it
 sends that message (the CREDIT rides ahead of the DATA in the same record). With
 --no-grant-ahead it grants only as keyhold does, by its window as echoes arrive; echo then meets
-NO_ROOM whenever this peer pipelines past the window, and must send again (it does: the test
-suite runs this peer so).
+NO_ROOM whenever this peer pipelines past the window, and sends again, in order (the guest
+agent's reap_send_retrying): the test suite runs this peer so.
 
 Only noiseprotocol (Noise) and cryptography (X25519 keys, AES-GCM, HKDF-Expand, HMAC) do crypto.
 Exits 0 on success, 1 with a message naming the failure otherwise.
@@ -901,6 +901,14 @@ def free_port():
     return port
 
 
+def die_with_parent():
+    """In the child, before exec: the kernel kills it if this peer dies (a test's deadline kills
+    the peer with SIGKILL, and its `finally` never runs), so no keyhold node outlives it."""
+    import ctypes
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 class KeyholdNode:
     def __init__(self, binary, fixtures, workdir, my_id, k_id, my_pub_b64, my_port, k_port,
                  rekey_after_secs, key_lifetime_messages):
@@ -938,7 +946,7 @@ class KeyholdNode:
         self.out = open(os.path.join(self.workdir, "keyhold.out"), "wb")
         self.proc = subprocess.Popen([self.binary, "-v", "node", "--config", self.config],
                                      stdout=self.out, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir)
+                                     cwd=self.workdir, preexec_fn=die_with_parent)
         log(f"started keyhold node {self.k_id} (pid {self.proc.pid})")
 
     def alive(self):

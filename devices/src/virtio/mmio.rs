@@ -226,6 +226,9 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is the device's to set: a driver that writes back what it read
+        // (Linux's `virtio_add_status` does) echoes it.
+        let value = value & !status::NEEDS_RESET;
         // A device that needs a reset takes nothing else (virtio 1.2, 2.1.2): a DRIVER_OK now
         // must not bring it back without one. A driver that gives up says so with FAILED.
         if self.shared.needs_reset() {
@@ -473,7 +476,8 @@ mod tests {
         write(&mut t, reg::STATUS, ALL_OK);
         assert!(shared.needs_reset(), "only a reset ends it");
         assert_eq!(read(&mut t, reg::STATUS) & status::DRIVER_OK, 0);
-        let held = read(&mut t, reg::STATUS) & !status::NEEDS_RESET;
+        // As a driver that adds a bit to what it read (NEEDS_RESET included) gives up.
+        let held = read(&mut t, reg::STATUS);
         write(&mut t, reg::STATUS, held | status::FAILED);
         assert_ne!(read(&mut t, reg::STATUS) & status::FAILED, 0, "a driver may give up");
         write(&mut t, reg::STATUS, 0);

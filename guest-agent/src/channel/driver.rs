@@ -71,6 +71,37 @@ struct TxSlot {
     len: usize,
 }
 
+/// Transmit slots whose message the device answered NO_ROOM, oldest first, for
+/// [`SecureChannel::reap_send_retrying`].
+struct Refused {
+    slots: [u8; TX_SLOTS],
+    head: usize,
+    len: usize,
+    /// The oldest is offered again and not yet answered.
+    retrying: bool,
+}
+
+impl Refused {
+    const fn new() -> Self {
+        Self { slots: [0; TX_SLOTS], head: 0, len: 0, retrying: false }
+    }
+
+    fn oldest(&self) -> Option<usize> {
+        (self.len > 0).then(|| usize::from(self.slots[self.head]))
+    }
+
+    fn push(&mut self, slot: usize) {
+        // At most TX_SLOTS slots are taken, so the ring never overflows.
+        self.slots[(self.head + self.len) % TX_SLOTS] = slot as u8;
+        self.len += 1;
+    }
+
+    fn pop(&mut self) {
+        self.head = (self.head + 1) % TX_SLOTS;
+        self.len -= 1;
+    }
+}
+
 /// The partition's secure-channel device.
 pub struct SecureChannel {
     transport: Transport,
@@ -82,6 +113,7 @@ pub struct SecureChannel {
     control_resp: *mut [u8; CONTROL_BUF],
     tx_slots: [TxSlot; TX_SLOTS],
     tx_free: u32,
+    refused: Refused,
     /// Slot of each in-flight transmit chain, by head descriptor.
     tx_slot_of: [u8; TX_QUEUE_SIZE as usize],
     rx_bufs: [*mut u8; RX_SLOTS],
@@ -137,6 +169,7 @@ impl SecureChannel {
             control_resp,
             tx_slots,
             tx_free: if TX_SLOTS == 32 { u32::MAX } else { (1u32 << TX_SLOTS) - 1 },
+            refused: Refused::new(),
             tx_slot_of: [0; TX_QUEUE_SIZE as usize],
             rx_bufs,
             rx_slot_of: [0; RX_QUEUE_SIZE as usize],
@@ -422,21 +455,59 @@ impl SecureChannel {
     }
 
     /// As [`Self::reap_send`], but a send the device answered NO_ROOM (its receiver had no
-    /// room: nothing was sent) is offered again as it is, from its slot, and the device
-    /// notified: it is not done, and its status comes later. A channel's messages stay in
-    /// order as long as the caller posts no new message on it before the earlier ones are
-    /// reaped: the device refuses a channel's messages from the first it has no room for on,
-    /// and completions come back in the order they were offered. For senders that keep several
-    /// messages in flight ([`Self::post_send`]) and must lose none.
+    /// room: nothing was sent) is kept in its slot and offered again, and its status comes
+    /// later. Refused sends go again one at a time, oldest first, once nothing else is in
+    /// flight, each until the device takes it: the device refuses a channel's messages in one
+    /// pass from the first it has no room for on, and room comes back between passes, so
+    /// this keeps each channel's messages in the order they were posted, provided the caller
+    /// posts nothing new meanwhile (and does not mix in [`Self::send`], which reaps too). For
+    /// senders that keep several messages in flight ([`Self::post_send`]) and must lose none.
     pub fn reap_send_retrying(&mut self) -> Result<Option<u32>, ChannelError> {
-        let Some((slot_index, code)) = self.reap_slot()? else { return Ok(None) };
-        if code != status::NO_ROOM {
+        // Refused sends are set aside and the next completion taken at once: `None` only
+        // when none is waiting, so a caller that then parks is woken by the next one.
+        loop {
+            let reaped = self.reap_slot();
+            if reaped.is_err() && self.refused.retrying {
+                // The retried send came back broken (its slot is free again): it is lost.
+                self.refused.retrying = false;
+                self.refused.pop();
+            }
+            let Some((slot_index, code)) = reaped? else { break };
+            // With a retry in flight nothing else is, so this is its answer.
+            let was_retry = core::mem::take(&mut self.refused.retrying);
+            if code == status::NO_ROOM {
+                if !was_retry {
+                    self.refused.push(slot_index);
+                }
+                continue;
+            }
+            if was_retry {
+                self.refused.pop();
+            }
             self.tx_free |= 1 << slot_index;
+            self.retry_oldest()?;
             return Ok(Some(code));
         }
-        self.offer_slot(slot_index)?;
-        self.tx.kick();
+        self.retry_oldest()?;
         Ok(None)
+    }
+
+    /// Offers the oldest refused send again if nothing else is in flight.
+    fn retry_oldest(&mut self) -> Result<(), ChannelError> {
+        let Some(slot_index) = self.refused.oldest() else { return Ok(()) };
+        let taken = TX_SLOTS - self.tx_free.count_ones() as usize;
+        if self.refused.retrying || taken > self.refused.len {
+            return Ok(());
+        }
+        if let Err(e) = self.offer_slot(slot_index) {
+            // The message is lost with its slot: free it rather than leak it.
+            self.refused.pop();
+            self.tx_free |= 1 << slot_index;
+            return Err(e);
+        }
+        self.refused.retrying = true;
+        self.tx.kick();
+        Ok(())
     }
 
     /// The slot and status of the next completed send, the slot still taken.
