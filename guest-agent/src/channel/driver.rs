@@ -62,6 +62,22 @@ pub struct Received {
     pub copied: usize,
 }
 
+/// What [`SecureChannel::recv_reply`]'s closure asks for: the first `len` bytes of the message's
+/// payload, as the closure left them, go out as a message on `channel` from `process`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    /// The channel to send on (for an echo, the one it came in on: `header.channel`).
+    pub channel: u32,
+    /// The sending process (for an echo, the receiving one: `header.process`).
+    pub process: u32,
+    /// Payload bytes to send, at most the received payload's length.
+    pub len: usize,
+}
+
+/// A received message where the device wrote it: its header, and its payload in the receive
+/// buffer.
+type InPlace<'a> = (RxHeader, &'a mut [u8]);
+
 /// A transmit slot: header, payload staging and status, all device-visible.
 struct TxSlot {
     header: *mut [u8; TX_HEADER_SIZE],
@@ -69,6 +85,10 @@ struct TxSlot {
     status: *mut u32,
     /// Payload bytes of the message the slot holds.
     len: usize,
+    /// The receive buffer whose payload the slot sends in place of its own staging
+    /// ([`SecureChannel::recv_reply`]): lent to the transmit queue, and posted for receiving
+    /// again only once the slot is free.
+    lent: Option<u8>,
 }
 
 /// Transmit slots whose message the device answered NO_ROOM, oldest first, for
@@ -119,6 +139,8 @@ pub struct SecureChannel {
     rx_bufs: [*mut u8; RX_SLOTS],
     rx_slot_of: [u8; RX_QUEUE_SIZE as usize],
     rx_buf_len: u32,
+    /// Lent receive buffers were posted again and the device not yet told.
+    rx_unkicked: bool,
 }
 
 impl SecureChannel {
@@ -147,6 +169,7 @@ impl SecureChannel {
             payload: core::ptr::null_mut(),
             status: core::ptr::null_mut(),
             len: 0,
+            lent: None,
         });
         for slot in &mut tx_slots {
             let meta = pages::alloc(64).ok_or_else(oom)?;
@@ -174,6 +197,7 @@ impl SecureChannel {
             rx_bufs,
             rx_slot_of: [0; RX_QUEUE_SIZE as usize],
             rx_buf_len,
+            rx_unkicked: false,
         };
         for slot in 0..RX_SLOTS {
             channel.post_rx(slot)?;
@@ -212,13 +236,16 @@ impl SecureChannel {
 
     /// Replaces the receive queue with a new one while the device runs: stops it (if it is
     /// not already), sets it up on fresh rings, posts every receive buffer again and enables
-    /// it. Buffers the device had not returned are simply posted again.
+    /// it. Buffers the device had not returned are simply posted again; those lent to a send
+    /// ([`Self::recv_reply`]) are posted when the send is reaped, as always.
     pub fn restart_receive(&mut self) -> Result<(), ChannelError> {
         self.transport.stop_queue(abi::RX_QUEUE)?;
         let event_idx = self.rx.event_idx();
         self.rx = self.transport.setup_queue(abi::RX_QUEUE, RX_QUEUE_SIZE, event_idx)?;
         for slot in 0..RX_SLOTS {
-            self.post_rx(slot)?;
+            if !self.tx_slots.iter().any(|tx| tx.lent == Some(slot as u8)) {
+                self.post_rx(slot)?;
+            }
         }
         self.rx.suppress_interrupts();
         self.transport.check()?;
@@ -409,6 +436,7 @@ impl SecureChannel {
             core::ptr::copy_nonoverlapping(data.as_ptr(), slot.payload, data.len());
         }
         slot.len = data.len();
+        slot.lent = None;
         self.offer_slot(slot_index)?;
         self.tx_free &= !(1 << slot_index);
         Ok(())
@@ -417,11 +445,16 @@ impl SecureChannel {
     /// Offers the message transmit slot `slot_index` holds to the device.
     fn offer_slot(&mut self, slot_index: usize) -> Result<(), ChannelError> {
         let slot = &self.tx_slots[slot_index];
-        // SAFETY: the slot's header and its first `len` payload bytes were written (len is at
-        // most max_message, the payload pages' size), and the device reads them only once
-        // they are offered, below.
+        let payload = match slot.lent {
+            // SAFETY: within the receive buffer's rx_buf_len bytes, past its header.
+            Some(rx) => unsafe { self.rx_bufs[usize::from(rx)].add(RX_HEADER_SIZE) },
+            None => slot.payload,
+        };
+        // SAFETY: the slot's header and the first `len` bytes of its payload (its own staging,
+        // or a lent receive buffer's payload: `len` is at most max_message, the size of
+        // either) were written, and the device reads them only once they are offered, below.
         let (hdr, payload) =
-            unsafe { (&*slot.header, core::slice::from_raw_parts(slot.payload, slot.len)) };
+            unsafe { (&*slot.header, core::slice::from_raw_parts(payload, slot.len)) };
         let status_buf = Buffer { addr: slot.status as u64, len: 4, writable: true };
         let head = if payload.is_empty() {
             self.tx.add(&[Buffer::readable(hdr), status_buf])?
@@ -449,9 +482,31 @@ impl SecureChannel {
 
     /// Takes one completed send: its status (one of `abi::status`), or `None` if none is done.
     pub fn reap_send(&mut self) -> Result<Option<u32>, ChannelError> {
-        let Some((slot_index, code)) = self.reap_slot()? else { return Ok(None) };
-        self.tx_free |= 1 << slot_index;
+        let Some((slot_index, code)) = self.reap_slot()? else {
+            self.kick_rx();
+            return Ok(None);
+        };
+        self.free_slot(slot_index)?;
         Ok(Some(code))
+    }
+
+    /// Frees transmit slot `slot_index`, and posts the receive buffer it had on loan (if any)
+    /// for receiving again. The device hears of such buffers at the next receive or when
+    /// nothing more is reaped ([`Self::kick_rx`]): a batch of them costs it one notification,
+    /// not one each.
+    fn free_slot(&mut self, slot_index: usize) -> Result<(), ChannelError> {
+        self.tx_free |= 1 << slot_index;
+        let Some(rx) = self.tx_slots[slot_index].lent.take() else { return Ok(()) };
+        self.post_rx(usize::from(rx))?;
+        self.rx_unkicked = true;
+        Ok(())
+    }
+
+    /// Tells the device of receive buffers [`Self::free_slot`] posted, if it wants to know.
+    fn kick_rx(&mut self) {
+        if core::mem::take(&mut self.rx_unkicked) {
+            self.rx.kick();
+        }
     }
 
     /// As [`Self::reap_send`], but a send the device answered NO_ROOM (its receiver had no
@@ -484,11 +539,12 @@ impl SecureChannel {
             if was_retry {
                 self.refused.pop();
             }
-            self.tx_free |= 1 << slot_index;
+            self.free_slot(slot_index)?;
             self.retry_oldest()?;
             return Ok(Some(code));
         }
         self.retry_oldest()?;
+        self.kick_rx();
         Ok(None)
     }
 
@@ -502,8 +558,7 @@ impl SecureChannel {
         if let Err(e) = self.offer_slot(slot_index) {
             // The message is lost with its slot: free it rather than leak it.
             self.refused.pop();
-            self.tx_free |= 1 << slot_index;
-            return Err(e);
+            return self.free_slot(slot_index).and(Err(e));
         }
         self.refused.retrying = true;
         self.tx.kick();
@@ -517,7 +572,7 @@ impl SecureChannel {
         };
         let slot_index = usize::from(self.tx_slot_of[usize::from(head)]);
         if len < 4 {
-            self.tx_free |= 1 << slot_index;
+            self.free_slot(slot_index)?;
             return Err(ChannelError::Driver(DriverError::BadUsedEntry));
         }
         // SAFETY: the device is done with the slot (it returned the chain).
@@ -615,24 +670,94 @@ impl SecureChannel {
         &mut self,
         f: impl FnOnce(RxHeader, &[u8]) -> R,
     ) -> Result<Option<R>, ChannelError> {
+        let Some((slot, message)) = self.take_rx()? else { return Ok(None) };
+        let result = message.map(|(header, payload)| f(header, payload));
+        self.post_rx(slot)?;
+        self.rx.kick();
+        Ok(result)
+    }
+
+    /// Takes one received message and hands `f` its header and payload, in the receive buffer,
+    /// to read and to rewrite in place; if `f` returns a [`Reply`], that much of the payload
+    /// goes out as a message from where it lies, with no copy at all: an echo, a relay or an
+    /// answer no longer than its question costs the guest no pass over the bytes. The buffer
+    /// is then lent to the send, and posted for receiving again once the send is reaped
+    /// ([`Self::reap_send`] or [`Self::reap_send_retrying`]), so up to [`TX_SLOTS`] of the
+    /// [`RX_SLOTS`] receive buffers can be out at once. Returns the message's header, or
+    /// `None` if nothing has arrived (as [`Self::recv_with`]). Needs a free transmit slot:
+    /// `Busy`, with nothing taken, if none is free; `TooBig` (the message is gone) if the
+    /// reply is longer than the payload.
+    pub fn recv_reply(
+        &mut self,
+        f: impl FnOnce(RxHeader, &mut [u8]) -> Option<Reply>,
+    ) -> Result<Option<RxHeader>, ChannelError> {
+        if self.tx_free == 0 {
+            return Err(ChannelError::Busy);
+        }
+        let Some((slot, message)) = self.take_rx()? else { return Ok(None) };
+        let Some((header, payload)) = message else {
+            self.post_rx(slot)?;
+            self.rx.kick();
+            return Ok(None);
+        };
+        let received = payload.len();
+        match f(header, payload) {
+            Some(reply) if reply.len <= received => {
+                self.lend_rx(slot, reply)?;
+                Ok(Some(header))
+            }
+            answer => {
+                self.post_rx(slot)?;
+                self.rx.kick();
+                match answer {
+                    Some(_) => Err(ChannelError::TooBig),
+                    None => Ok(Some(header)),
+                }
+            }
+        }
+    }
+
+    /// Offers the first `reply.len` payload bytes of receive buffer `rx` as a message from a
+    /// free transmit slot, which holds the buffer until it is freed.
+    fn lend_rx(&mut self, rx: usize, reply: Reply) -> Result<(), ChannelError> {
+        let slot_index = self.tx_free.trailing_zeros() as usize;
+        let header = TxHeader {
+            channel: reply.channel,
+            source: self.endpoint(reply.process),
+            len: reply.len as u32,
+        };
+        let slot = &mut self.tx_slots[slot_index];
+        // SAFETY: the slot is free, so the device does not read its header.
+        unsafe { *slot.header = header.to_bytes() };
+        slot.len = reply.len;
+        slot.lent = Some(rx as u8);
+        self.tx_free &= !(1 << slot_index);
+        if let Err(e) = self.offer_slot(slot_index) {
+            return self.free_slot(slot_index).and(Err(e));
+        }
+        Ok(())
+    }
+
+    /// The receive buffer of the next used receive chain, and the message in it: its header
+    /// and payload, or `None` if the device wrote less than a header (it dropped a message too
+    /// large for the buffer). The buffer stays the caller's until posted again.
+    fn take_rx(&mut self) -> Result<Option<(usize, Option<InPlace<'_>>)>, ChannelError> {
+        self.kick_rx();
         let Some((head, len)) = self.rx.poll()? else {
             return Ok(None);
         };
         let slot = usize::from(self.rx_slot_of[usize::from(head)]);
         let len = len as usize;
-        let result = if len < RX_HEADER_SIZE {
-            None
-        } else {
-            // SAFETY: the device returned the buffer, so it no longer writes it until it is
-            // posted again below; `len` bytes of it are written and no more than rx_buf_len
-            // were offered. The slice does not outlive `f`.
-            let buf = unsafe {
-                core::slice::from_raw_parts(self.rx_bufs[slot], len.min(self.rx_buf_len as usize))
-            };
-            Some(f(RxHeader::from_bytes(&buf[..RX_HEADER_SIZE]), &buf[RX_HEADER_SIZE..]))
+        if len < RX_HEADER_SIZE {
+            return Ok(Some((slot, None)));
+        }
+        // SAFETY: the device returned the buffer, so it no longer writes it until it is posted
+        // again; `len` bytes of it are written and no more than rx_buf_len were offered. The
+        // slice borrows `self` mutably, so it ends before the buffer can be posted again.
+        let buf = unsafe {
+            core::slice::from_raw_parts_mut(self.rx_bufs[slot], len.min(self.rx_buf_len as usize))
         };
-        self.post_rx(slot)?;
-        self.rx.kick();
-        Ok(result)
+        let (header, payload) = buf.split_at_mut(RX_HEADER_SIZE);
+        Ok(Some((slot, Some((RxHeader::from_bytes(header), payload)))))
     }
 }

@@ -3,4 +3,4 @@
 pub mod abi;
 pub mod driver;
 
-pub use driver::{ChannelError, Received, SecureChannel};
+pub use driver::{ChannelError, Received, Reply, SecureChannel};

@@ -1,18 +1,19 @@
 //! Listens for its peers and echoes every message back on the channel it came in on, until each
 //! peer has said goodbye with an empty message. Arguments: `peer=N:P:Q[,N:P:Q...]` (required),
 //! `process=N` (default 1), `setups=N` to also listen for processes 1000..1000+N of the first
-//! peer's partition (the channel set-up benchmark of `ping setups=N`). An echo its receiver has
-//! no room for yet (NO_ROOM: on this node, or credit from another) is sent again until it goes.
+//! peer's partition (the channel set-up benchmark of `ping setups=N`). Each echo is sent from
+//! the receive buffer the message arrived in (`recv_reply`: the guest copies nothing). An echo
+//! its receiver has no room for yet (NO_ROOM: on this node, or credit from another) is sent
+//! again until it goes.
 #![no_std]
 #![no_main]
 
-use guest_agent::channel::abi::Endpoint;
+use guest_agent::channel::abi::{Endpoint, RxHeader};
 use guest_agent::channel::driver::TX_SLOTS;
+use guest_agent::channel::Reply;
 use guest_agent::idle::Backoff;
 use guest_agent::{println, BootInfo};
 use keyhold_fixture_programs::{open_channel, CANNOT_RUN};
-
-const MAX: usize = 64 * 1024;
 
 fn main(info: &'static BootInfo) -> u32 {
     let peers = info.arg("peer").unwrap_or("");
@@ -43,11 +44,6 @@ fn main(info: &'static BootInfo) -> u32 {
             }
         }
     }
-    let buf = match guest_agent::pages::alloc(MAX as u64) {
-        // SAFETY: fresh pages of MAX bytes, used only here.
-        Some(addr) => unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, MAX) },
-        None => return 2,
-    };
     let mut echoed: u64 = 0;
     // Only a message or a send's verdict ends its waits: it parks until one comes.
     let mut backoff = Backoff::patient();
@@ -55,22 +51,22 @@ fn main(info: &'static BootInfo) -> u32 {
         let mut posted = 0;
         let mut bye = false;
         while posted < TX_SLOTS && !bye {
-            match ch.recv(buf) {
-                Ok(Some(msg)) if msg.header.len == 0 => bye = true,
-                Ok(Some(msg)) => {
+            // The payload goes back out from where it arrived; an empty one is a goodbye.
+            let echo = |header: RxHeader, payload: &mut [u8]| {
+                bye = payload.is_empty();
+                let len = payload.len();
+                (!bye).then_some(Reply { channel: header.channel, process: header.process, len })
+            };
+            match ch.recv_reply(echo) {
+                Ok(Some(_)) if bye => {}
+                Ok(Some(_)) => {
                     backoff.reset();
-                    if let Err(e) =
-                        ch.post_send(msg.header.channel, msg.header.process, &buf[..msg.copied])
-                    {
-                        println!("echo: send failed: {e:?}");
-                        return 1;
-                    }
                     posted += 1;
                 }
                 Ok(None) if posted > 0 => break,
                 Ok(None) => backoff.snooze(),
                 Err(e) => {
-                    println!("echo: receive failed: {e:?}");
+                    println!("echo: receive or send failed: {e:?}");
                     return 1;
                 }
             }
