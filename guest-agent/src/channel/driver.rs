@@ -237,7 +237,9 @@ impl SecureChannel {
     /// Replaces the receive queue with a new one while the device runs: stops it (if it is
     /// not already), sets it up on fresh rings, posts every receive buffer again and enables
     /// it. Buffers the device had not returned are simply posted again; those lent to a send
-    /// ([`Self::recv_reply`]) are posted when the send is reaped, as always.
+    /// ([`Self::recv_reply`]) are posted when the send is reaped, as always. Messages the
+    /// device had already written into buffers and the caller had not taken go with the old
+    /// rings: stop the queue and take them first.
     pub fn restart_receive(&mut self) -> Result<(), ChannelError> {
         self.transport.stop_queue(abi::RX_QUEUE)?;
         let event_idx = self.rx.event_idx();

@@ -8,7 +8,9 @@
 #![no_main]
 
 use guest_agent::boot_info::DeviceKind;
-use guest_agent::channel::abi::Endpoint;
+use guest_agent::channel::abi::{self, Endpoint, RxHeader};
+use guest_agent::channel::driver::{RX_SLOTS, TX_SLOTS};
+use guest_agent::channel::{Reply, SecureChannel};
 use guest_agent::idle::Backoff;
 use guest_agent::virtio::queue::{Buffer, Virtqueue};
 use guest_agent::virtio::registers::{reg, status};
@@ -137,7 +139,89 @@ fn channel_cases(cases: &mut Cases, info: &BootInfo, peer: Endpoint) -> bool {
         "an answer that came while the receive queue was stopped arrives once it is back",
         stopped && sent && restarted && held,
     );
+    let lent = lend_across_restart(&mut ch, info, channel);
+    cases.expect(
+        "a receive buffer lent to a reply goes back once, when its send is reaped, across a \
+         restart of the receive queue",
+        lent,
+    );
     let _ = ch.send(channel, 1, &[]);
+    true
+}
+
+/// Answers an echo from its receive buffer (`recv_reply`), stops and restarts the receive
+/// queue while that buffer is lent (stopped first, so that the answer to the answer waits in
+/// the device rather than in the old rings), then reaps the send, which posts the buffer
+/// again: each buffer must now be posted exactly once. Checked by `RX_SLOTS + 1` echoes in a
+/// row: the device fills `RX_SLOTS` buffers and holds the last echo (a buffer posted twice
+/// would take it, over an earlier one), and all arrive intact and in order.
+fn lend_across_restart(ch: &mut SecureChannel, info: &BootInfo, channel: u32) -> bool {
+    let mut back = [0u8; 16];
+    if ch.send(channel, 1, b"lend").is_err() {
+        return false;
+    }
+    let reply = |h: RxHeader, p: &mut [u8]| {
+        Some(Reply { channel: h.channel, process: h.process, len: p.len() })
+    };
+    let mut backoff = Backoff::patient();
+    let answered = loop {
+        match ch.recv_reply(reply) {
+            Ok(Some(header)) => break header.len == 4,
+            Ok(None) => backoff.snooze(),
+            Err(_) => return false,
+        }
+    };
+    if !answered || ch.stop_receive().is_err() {
+        return false;
+    }
+    ch.flush();
+    if ch.restart_receive().is_err() || !reap(ch, 1) {
+        return false;
+    }
+    if !ch.recv_wait(&mut back).is_ok_and(|m| m.copied == 4 && &back[..4] == b"lend") {
+        return false;
+    }
+    let Ok(before) = ch.stats() else { return false };
+    let total = RX_SLOTS as u32 + 1;
+    // The transmit queue takes TX_SLOTS at a time.
+    for first in (0..total).step_by(TX_SLOTS) {
+        let batch = first..total.min(first + TX_SLOTS as u32);
+        let count = batch.len();
+        if batch.into_iter().any(|i| ch.post_send(channel, 1, &i.to_le_bytes()).is_err()) {
+            return false;
+        }
+        ch.flush();
+        if !reap(ch, count) {
+            return false;
+        }
+    }
+    let delivered =
+        |ch: &mut SecureChannel| ch.stats().map_or(u64::MAX, |s| s.received - before.received);
+    let mut backoff = Backoff::patient();
+    while delivered(ch) < RX_SLOTS as u64 {
+        backoff.snooze();
+    }
+    // The last echo has had time to arrive (the others did): it must be waiting, not written.
+    guest_agent::time::spin_for(info, 100_000);
+    if delivered(ch) != RX_SLOTS as u64 {
+        return false;
+    }
+    (0..total).all(|i| {
+        ch.recv_wait(&mut back).is_ok_and(|m| m.copied == 4 && back[..4] == i.to_le_bytes())
+    })
+}
+
+/// Reaps `count` sends, each of which must have gone.
+fn reap(ch: &mut SecureChannel, count: usize) -> bool {
+    let mut backoff = Backoff::patient();
+    let mut reaped = 0;
+    while reaped < count {
+        match ch.reap_send() {
+            Ok(Some(abi::status::OK)) => reaped += 1,
+            Ok(Some(_)) | Err(_) => return false,
+            Ok(None) => backoff.snooze(),
+        }
+    }
     true
 }
 
