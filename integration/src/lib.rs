@@ -9,6 +9,7 @@ pub mod nodes;
 
 use std::ffi::OsStr;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -119,19 +120,30 @@ pub fn terminate(child: &Child) {
     assert!(status.success(), "kill {}", child.id());
 }
 
-/// Starts `keyhold` with `args` in the background; collect it with [`finish`].
+/// Starts `keyhold` with `args` in the background; collect it with [`finish`]. It is killed
+/// when the calling thread (the test) ends, even by a panic.
 pub fn spawn_keyhold<I, S>(args: I) -> Child
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    Command::new(keyhold_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keyhold")
+    let mut command = Command::new(keyhold_bin());
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // A test that fails before it stops its node must not leave the node running (its
+    // partitions may spin, and would load every later test and benchmark): the node is killed
+    // when the thread that started it, the test's own, ends.
+    // SAFETY: the closure runs in the forked child before exec and only makes the prctl
+    // system call, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command.spawn().expect("spawn keyhold")
 }
 
 /// Waits for a spawned process, killing it after `deadline`.
