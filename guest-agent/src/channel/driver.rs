@@ -525,9 +525,15 @@ impl SecureChannel {
         loop {
             let reaped = self.reap_slot();
             if reaped.is_err() && self.refused.retrying {
-                // The retried send came back broken (its slot is free again): it is lost.
+                // The retried send came back broken: it is lost, and its slot (and any buffer
+                // it had on loan) is freed, if a short status had not freed it already (a
+                // second free changes nothing).
                 self.refused.retrying = false;
-                self.refused.pop();
+                if let Some(slot_index) = self.refused.oldest() {
+                    self.refused.pop();
+                    // The broken completion is the error reported; this one would add nothing.
+                    let _ = self.free_slot(slot_index);
+                }
             }
             let Some((slot_index, code)) = reaped? else { break };
             // With a retry in flight nothing else is, so this is its answer.
@@ -636,6 +642,9 @@ impl SecureChannel {
         let mut backoff = Backoff::patient();
         loop {
             if let Some(code) = self.reap_send()? {
+                // A buffer lent by `recv_reply` may have come back with this completion: the
+                // caller may wait for nothing else, so the device hears of it now.
+                self.kick_rx();
                 return Ok(code);
             }
             backoff.snooze();
@@ -685,7 +694,10 @@ impl SecureChannel {
     /// answer no longer than its question costs the guest no pass over the bytes. The buffer
     /// is then lent to the send, and posted for receiving again once the send is reaped
     /// ([`Self::reap_send`] or [`Self::reap_send_retrying`]), so up to [`TX_SLOTS`] of the
-    /// [`RX_SLOTS`] receive buffers can be out at once. Returns the message's header, or
+    /// [`RX_SLOTS`] receive buffers can be out at once. The reply counts as a posted send:
+    /// reap it (and post nothing new meanwhile, if you use [`Self::reap_send_retrying`])
+    /// before [`Self::send`] or [`Self::try_send`], which reap too and would take its
+    /// completion for their own. Returns the message's header, or
     /// `None` if nothing has arrived (as [`Self::recv_with`]). Needs a free transmit slot:
     /// `Busy`, with nothing taken, if none is free; `TooBig` (the message is gone) if the
     /// reply is longer than the payload.
