@@ -697,10 +697,10 @@ impl SecureChannel {
     /// [`RX_SLOTS`] receive buffers can be out at once. The reply counts as a posted send:
     /// reap it (and post nothing new meanwhile, if you use [`Self::reap_send_retrying`])
     /// before [`Self::send`] or [`Self::try_send`], which reap too and would take its
-    /// completion for their own. Returns the message's header, or
-    /// `None` if nothing has arrived (as [`Self::recv_with`]). Needs a free transmit slot:
-    /// `Busy`, with nothing taken, if none is free; `TooBig` (the message is gone) if the
-    /// reply is longer than the payload.
+    /// completion for their own. Returns the message's header, or `None` if nothing has
+    /// arrived (as [`Self::recv_with`]). Needs a free transmit slot: `Busy`, with nothing
+    /// taken, if none is free; `TooBig` (the message is gone) if the reply is longer than the
+    /// payload.
     pub fn recv_reply(
         &mut self,
         f: impl FnOnce(RxHeader, &mut [u8]) -> Option<Reply>,
