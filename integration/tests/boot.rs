@@ -161,6 +161,7 @@ fn every_fixture_boots_and_stops_as_designed() {
         "lifecycle",
         "hog",
         "vsock",
+        "indie",
     ];
     let names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     for name in firmware_fixtures::NAMES {

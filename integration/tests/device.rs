@@ -93,6 +93,22 @@ fn a_driver_may_stop_and_reprogram_queues_and_bad_configurations_need_reset() {
 }
 
 #[test]
+fn an_independent_driver_written_from_device_md_alone_talks_to_the_device() {
+    require_kvm!();
+    // `indie` has its own transport, split queues and request encoding, written from
+    // docs/DEVICE.md alone: it checks the document as much as the device.
+    let node = Node::start(&[("echo", "peer=0:2:1", ""), ("indie", "peer=0:1:1", "")], "");
+    let indie = node.stopped(2);
+    let echo = node.stopped(1);
+    let (out, _) = node.stop();
+    assert_eq!(indie["exit_status"], 0, "{out:#?}");
+    assert!(out.stdout.contains("[p2] indie: all checks passed"), "{out:#?}");
+    assert!(!out.stdout.contains("indie: FAILED"), "{out:#?}");
+    assert_eq!(echo["exit_status"], 0, "the echo heard the goodbye: {out:#?}");
+    assert_eq!(counter(&indie, "secure-channel", "needs_reset"), 0, "{indie:#}");
+}
+
+#[test]
 fn a_partition_that_stops_or_crashes_closes_its_channels_and_its_peer_learns_why() {
     require_kvm!();
     let lifecycle = fixture("lifecycle").display().to_string();

@@ -167,7 +167,9 @@ impl ChannelNode {
                 let head =
                     ControlResponse { status: status::OK, channel: 0, count: entries.len() as u32 };
                 if entries.len() * CHANNEL_INFO_SIZE > room {
-                    (ControlResponse { status: status::BUFFER_TOO_SMALL, ..head }, Vec::new())
+                    // Refused like any request (counted and audited), the count still told.
+                    let status = self.cmm.refuse(partition, status::BUFFER_TOO_SMALL);
+                    (ControlResponse { status, ..head }, Vec::new())
                 } else {
                     (head, entries.iter().flat_map(|e| e.to_bytes()).collect())
                 }
