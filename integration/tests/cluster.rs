@@ -189,6 +189,22 @@ fn forgeries_across_nodes_are_refused_too() {
 }
 
 #[test]
+fn the_independent_driver_works_across_nodes_too() {
+    require_kvm!();
+    // `indie` (tests/device.rs) against an echo on another node: OPEN answered by the other
+    // node's CMM (into the first non-empty buffer, after the round trip), refusals from there,
+    // every message sealed, sent, opened and checked.
+    let dir = tempfile::tempdir().unwrap();
+    let (d, p) = (dir.path(), pair(dir.path()));
+    let n1 = node_with(d, "1", 1, &p.cluster, &p.k1, "echo", "peer=2:1:1", "");
+    let n2 = node_with(d, "2", 2, &p.cluster, &p.k2, "indie", "peer=1:1:1", "");
+    let outs = run_nodes(&[&n1, &n2], "60");
+    assert_eq!(outs[1].code(), 0, "{:#?}", outs[1]);
+    assert!(outs[1].stdout.contains("indie: all checks passed"), "{:#?}", outs[1]);
+    assert_eq!(outs[0].code(), 0, "the echo heard the goodbye: {:#?}", outs[0]);
+}
+
+#[test]
 fn garbage_from_a_raw_client_is_refused_and_the_node_serves_on() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();

@@ -82,6 +82,7 @@ const TOO_BIG: u32 = 8;
 const NOT_OPEN: u32 = 9;
 const NOT_OWNER: u32 = 10;
 const BUFFER_TOO_SMALL: u32 = 11;
+const UNREACHABLE: u32 = 12;
 const NO_ROOM: u32 = 13;
 
 const STATE_LISTENING: u32 = 1;
@@ -818,8 +819,8 @@ fn run(info: &'static BootInfo) -> Check {
     goodbye(&mut d, channel, listener, tally.messages)
 }
 
-/// OPEN, retried every 10 ms while the echo does not listen yet (NO_LISTENER): partitions
-/// start together.
+/// OPEN, retried every 10 ms while the echo does not listen yet (NO_LISTENER) or its node is
+/// not linked yet (UNREACHABLE): partitions and nodes start together.
 fn open_patiently(d: &mut Driver, info: &BootInfo, peer: Endpoint, t: &mut Tally) -> Check<u32> {
     let start = time::ticks();
     let mut tries = 0u32;
@@ -831,7 +832,7 @@ fn open_patiently(d: &mut Driver, info: &BootInfo, peer: Endpoint, t: &mut Tally
                 ensure!(a.used_len == HEAD_LEN as u32, "OPEN used length {}", a.used_len);
                 break a.channel;
             }
-            NO_LISTENER if d.within(start, 10) => time::sleep_for(info, 10_000),
+            NO_LISTENER | UNREACHABLE if d.within(start, 10) => time::sleep_for(info, 10_000),
             s => fail!("OPEN to {peer:?}: status {s} after {tries} tries"),
         }
     };
