@@ -172,14 +172,21 @@ fn a_deaf_receiver_on_another_node_stalls_its_sender_and_nothing_is_dropped() {
     assert!(outs[0].stdout.contains("flood: the channel works after the flood"), "{outs:#?}");
 }
 
+/// Runs node 1 with an echo for partition 1 of node 2, and node 2 with `firmware` talking to
+/// it (`peer=1:1:1`), in `dir`; returns both outcomes.
+fn against_an_echo_on_node_1(dir: &Path, firmware: &str) -> Vec<Outcome> {
+    let p = pair(dir);
+    let n1 = node_with(dir, "1", 1, &p.cluster, &p.k1, "echo", "peer=2:1:1", "");
+    let n2 = node_with(dir, "2", 2, &p.cluster, &p.k2, firmware, "peer=1:1:1", "");
+    run_nodes(&[&n1, &n2], "60")
+}
+
 #[test]
 fn forgeries_across_nodes_are_refused_too() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
-    let (d, p) = (dir.path(), pair(dir.path()));
-    let n1 = node_with(d, "1", 1, &p.cluster, &p.k1, "echo", "peer=2:1:1", "");
-    let n2 = node_with(d, "2", 2, &p.cluster, &p.k2, "forge", "peer=1:1:1", "");
-    let outs = run_nodes(&[&n1, &n2], "60");
+    let d = dir.path();
+    let outs = against_an_echo_on_node_1(d, "forge");
     assert_eq!(outs[1].code(), 0, "{:#?}", outs[1]);
     assert_eq!(outs[1].stdout.matches("refused as expected").count(), 11, "{:#?}", outs[1]);
     assert!(outs[1].stdout.contains("forge: genuine message echoed: true"), "{:#?}", outs[1]);
@@ -195,10 +202,7 @@ fn the_independent_driver_works_across_nodes_too() {
     // node's CMM (into the first non-empty buffer, after the round trip), refusals from there,
     // every message sealed, sent, opened and checked.
     let dir = tempfile::tempdir().unwrap();
-    let (d, p) = (dir.path(), pair(dir.path()));
-    let n1 = node_with(d, "1", 1, &p.cluster, &p.k1, "echo", "peer=2:1:1", "");
-    let n2 = node_with(d, "2", 2, &p.cluster, &p.k2, "indie", "peer=1:1:1", "");
-    let outs = run_nodes(&[&n1, &n2], "60");
+    let outs = against_an_echo_on_node_1(dir.path(), "indie");
     assert_eq!(outs[1].code(), 0, "{:#?}", outs[1]);
     assert!(outs[1].stdout.contains("indie: all checks passed"), "{:#?}", outs[1]);
     assert_eq!(outs[0].code(), 0, "the echo heard the goodbye: {:#?}", outs[0]);
