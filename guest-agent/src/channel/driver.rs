@@ -683,8 +683,7 @@ impl SecureChannel {
     ) -> Result<Option<R>, ChannelError> {
         let Some((slot, message)) = self.take_rx()? else { return Ok(None) };
         let result = message.map(|(header, payload)| f(header, payload));
-        self.post_rx(slot)?;
-        self.rx.kick();
+        self.repost_rx(slot)?;
         Ok(result)
     }
 
@@ -710,25 +709,27 @@ impl SecureChannel {
         }
         let Some((slot, message)) = self.take_rx()? else { return Ok(None) };
         let Some((header, payload)) = message else {
-            self.post_rx(slot)?;
-            self.rx.kick();
+            self.repost_rx(slot)?;
             return Ok(None);
         };
         let received = payload.len();
-        match f(header, payload) {
-            Some(reply) if reply.len <= received => {
-                self.lend_rx(slot, reply)?;
-                Ok(Some(header))
-            }
-            answer => {
-                self.post_rx(slot)?;
-                self.rx.kick();
-                match answer {
-                    Some(_) => Err(ChannelError::TooBig),
-                    None => Ok(Some(header)),
-                }
-            }
+        let reply = f(header, payload);
+        if let Some(reply) = reply.filter(|r| r.len <= received) {
+            self.lend_rx(slot, reply)?;
+            return Ok(Some(header));
         }
+        self.repost_rx(slot)?;
+        match reply {
+            Some(_) => Err(ChannelError::TooBig),
+            None => Ok(Some(header)),
+        }
+    }
+
+    /// Posts receive buffer `slot` again at once, telling the device if it wants to know.
+    fn repost_rx(&mut self, slot: usize) -> Result<(), ChannelError> {
+        self.post_rx(slot)?;
+        self.rx.kick();
+        Ok(())
     }
 
     /// Offers the first `reply.len` payload bytes of receive buffer `rx` as a message from a

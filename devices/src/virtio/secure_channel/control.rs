@@ -168,8 +168,8 @@ impl ChannelNode {
                     ControlResponse { status: status::OK, channel: 0, count: entries.len() as u32 };
                 if entries.len() * CHANNEL_INFO_SIZE > room {
                     // Refused like any request (counted and audited), the count still told.
-                    let status = self.cmm.refuse(partition, status::BUFFER_TOO_SMALL);
-                    (ControlResponse { status, ..head }, Vec::new())
+                    let refused = self.refused(partition, status::BUFFER_TOO_SMALL);
+                    (ControlResponse { count: head.count, ..refused }, Vec::new())
                 } else {
                     (head, entries.iter().flat_map(|e| e.to_bytes()).collect())
                 }
